@@ -1,0 +1,52 @@
+"""Reference interpreter: runs a Function on numpy arrays with each op's reference."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from .module import Function, Module
+from .ops import weight
+from .types import TensorType, substitute_dims
+
+
+def bind_dims(fn: Function, inputs: list[np.ndarray]) -> dict[str, int]:
+    """Symbolic dim -> size, read off the argument arrays."""
+    bindings: dict[str, int] = {}
+    for a, x in zip(fn.args, inputs):
+        if a.type.rank != np.ndim(x):
+            raise ValueError(f"argument %{a.hint}: rank {np.ndim(x)} != {a.type}")
+        for d, n in zip(a.type.shape, np.shape(x)):
+            if isinstance(d, str):
+                if bindings.setdefault(d, n) != n:
+                    raise ValueError(f"dim {d} bound to {bindings[d]} and {n}")
+            elif d != n:
+                raise ValueError(f"argument %{a.hint}: shape {np.shape(x)} != {a.type}")
+    return bindings
+
+
+def run_function(fn: Function, inputs: list[np.ndarray],
+                 weights: Mapping[str, np.ndarray] | None = None) -> list[np.ndarray]:
+    if len(inputs) != len(fn.args):
+        raise ValueError(f"@{fn.name} takes {len(fn.args)} arguments, got {len(inputs)}")
+    bindings = bind_dims(fn, inputs)
+    env = {a: np.asarray(x) for a, x in zip(fn.args, inputs)}
+    for op in fn.ops:
+        out_types = [substitute_dims(r.type, bindings) for r in op.results]
+        if op.opdef is weight:
+            outs = [np.asarray((weights or {})[op.attrs.name])]
+        else:
+            if op.opdef.reference is None:
+                raise NotImplementedError(f"{op.opdef.name} has no reference semantics")
+            outs = op.opdef.reference(*[env[v] for v in op.operands], attrs=op.attrs,
+                                      out_types=out_types)
+            if not isinstance(outs, (tuple, list)):
+                outs = [outs]
+        for r, x in zip(op.results, outs):
+            env[r] = np.asarray(x)
+    return [env[v] for v in fn.results]
+
+
+def run(module: Module, name: str, inputs: list[np.ndarray],
+        weights: Mapping[str, np.ndarray] | None = None) -> list[np.ndarray]:
+    return run_function(module.functions[name], inputs, weights)
