@@ -1,0 +1,71 @@
+"""`jaxrt` command line: one module per subcommand, errors as one line and exit code 2."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# subcommand -> module in jaxrt.cli (each defines add_arguments(parser) and run(args) -> int)
+SUBCOMMANDS = {
+    "opt": "Run a pass pipeline over IR text (the mlir-opt of jaxrt).",
+    "inspect": "Summarize IR text, a model or an engine directory.",
+    "dump": "Print the IR of a model (optionally after a pipeline).",
+    "generate": "Generate text with a model.",
+    "compile": "Compile a model into an engine directory.",
+    "bench": "Run an offline serving benchmark.",
+}
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean bad input (not a bug): printed without a traceback."""
+    errors: list[type[BaseException]] = [CliError, ValueError, FileNotFoundError,
+                                         IsADirectoryError, PermissionError, UnicodeDecodeError]
+    for mod, name in (("jaxrt.ir.opdef", "VerifyError"), ("jaxrt.ir.parser", "ParseError"),
+                      ("jaxrt.passes.manager", "PipelineError"),
+                      ("jaxrt.passes.rewrite", "RewriteError"),
+                      ("jaxrt.frontends.errors", "ModelFormatError")):
+        try:
+            errors.append(getattr(importlib.import_module(mod), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxrt", description="LLM inference compiler on JAX")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, help_text in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(f"jaxrt.cli.{name}").add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse itself exits 2 with a one-line usage error
+    module = importlib.import_module(f"jaxrt.cli.{args.command}")
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("jaxrt: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # stdout closed early (`jaxrt opt ... | head`): not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except _user_errors() as e:
+        if os.environ.get("JAXRT_TRACEBACK"):
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"jaxrt {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

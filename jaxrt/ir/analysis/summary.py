@@ -1,0 +1,108 @@
+"""A JSON-able summary of a module: what `jaxrt inspect` reports."""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from ..module import Module
+from ..types import TensorType
+from .graph import peak_memory
+
+
+def symbolic_dims(module: Module) -> list[str]:
+    dims = set()
+    for fn in module.functions.values():
+        for v in list(fn.args) + [r for op in fn.ops for r in op.results]:
+            dims.update(d for d in v.type.shape if isinstance(d, str))
+    return sorted(dims)
+
+
+def module_summary(module: Module, bindings: dict[str, int] | None = None) -> dict[str, Any]:
+    """Op histograms, values and peak activations per function; weights by dtype.
+
+    Symbolic dims not in `bindings` are sized 1 for the activation estimate; the summary
+    lists which dims were assumed.
+    """
+    bindings = dict(bindings or {})
+    assumed = [d for d in symbolic_dims(module) if d not in bindings]
+    sizes = {**{d: 1 for d in assumed}, **bindings}
+    by_dtype: dict[str, dict[str, int]] = {}
+    for t in module.weights.values():
+        entry = by_dtype.setdefault(t.dtype.value, {"count": 0, "bytes": 0, "params": 0})
+        entry["count"] += 1
+        entry["bytes"] += t.nbytes()
+        entry["params"] += t.num_elements()
+    functions = {}
+    for name, fn in module.functions.items():
+        hist = Counter(op.opdef.name for op in fn.ops)
+        peak = peak_memory(fn, sizes)
+        functions[name] = {
+            "ops": len(fn.ops),
+            "values": len(fn.args) + sum(len(op.results) for op in fn.ops),
+            "op_histogram": dict(sorted(hist.items(), key=lambda kv: (-kv[1], kv[0]))),
+            "peak_activation_bytes": peak.peak_bytes,
+            "peak_at_op": peak.op_index,
+            "signature": {"args": {a: str(v.type) for a, v in zip(fn.arg_names, fn.args)},
+                          "results": [str(v.type) for v in fn.results]},
+        }
+    out: dict[str, Any] = {
+        "module": module.name,
+        "weights": {"count": len(module.weights),
+                    "bytes": sum(e["bytes"] for e in by_dtype.values()),
+                    "params": sum(e["params"] for e in by_dtype.values()),
+                    "by_dtype": by_dtype},
+        "functions": functions,
+        "dim_bindings": sizes,
+        "assumed_dims": assumed,
+    }
+    for key in ("config", "kv_cache", "pass_stats", "float_dtype"):
+        if key in module.attributes:
+            out[key] = module.attributes[key]
+    return out
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    lines = [f"module @{s['module']}"]
+    if "config" in s:
+        c = s["config"]
+        lines.append(f"  architecture: {c.get('arch')} ({c.get('model_type') or '?'}), "
+                     f"{c.get('num_layers')} layers, hidden {c.get('hidden_size')}, heads "
+                     f"{c.get('num_heads')}/{c.get('num_kv_heads')} kv, head_dim "
+                     f"{c.get('head_dim')}, ffn {c.get('intermediate_size')}, vocab "
+                     f"{c.get('vocab_size')}, context {c.get('max_position')}")
+    w = s["weights"]
+    lines.append(f"  weights: {w['count']} tensors, {w['params']:,} parameters, "
+                 f"{_human(w['bytes'])}")
+    for dt, e in sorted(w["by_dtype"].items()):
+        lines.append(f"    {dt:<9} {e['count']:>5} tensors  {_human(e['bytes']):>12}")
+    if "kv_cache" in s:
+        kv = s["kv_cache"]
+        lines.append(f"  kv cache: {kv['layout']}, page size {kv['page_size']}, "
+                     f"{kv['num_pages']} pages, {kv['dtype']}, {kv['bytes_per_token']:,} "
+                     f"bytes/token, max concurrent tokens {kv['max_concurrent_tokens']:,} "
+                     f"({_human(kv['cache_bytes'])})")
+    for name, f in s["functions"].items():
+        lines.append(f"  func @{name}: {f['ops']} ops, {f['values']} values, peak activations "
+                     f"{_human(f['peak_activation_bytes'])}")
+        for op, n in f["op_histogram"].items():
+            lines.append(f"    {op:<24} {n:>6}")
+    if s["assumed_dims"]:
+        lines.append(f"  (activation estimate with symbolic dims {', '.join(s['assumed_dims'])}"
+                     f" = 1; bind them with --bind NAME=N)")
+    for run in s.get("pass_stats", []):
+        lines.append(f"  passes: {run['pipeline']} ({run['seconds'] * 1e3:.1f} ms)")
+        for p in run["passes"]:
+            rules = p.get("rules", {})
+            fired = {r: st.get("matches", 0) for r, st in rules.items()
+                     if isinstance(st, dict) and st.get("matches")}
+            extra = "  " + ", ".join(f"{r}x{n}" for r, n in fired.items()) if fired else ""
+            lines.append(f"    {p['pass']:<28} {p['seconds'] * 1e3:>8.2f} ms{extra}")
+    return "\n".join(lines)

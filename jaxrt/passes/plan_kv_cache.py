@@ -1,0 +1,144 @@
+"""plan-kv-cache: choose the paged KV-cache layout and size it from a memory budget.
+
+The frontend emits the cache argument `%kv : f32[layers, 2, pages, page_size, kv_heads,
+head_dim]` with symbolic `pages` and `page_size`. This pass binds both, sets the cache
+dtype, and records the plan in `module.attributes["kv_cache"]`:
+
+    pages = (device_memory * fraction - weight_bytes - peak_activation_bytes)
+            // (page_size * bytes_per_token)
+
+capped at what `max_num_seqs` full-length sequences can use. The device memory comes from
+the `memory-gib` option or, when that is 0, from `module.attributes["target"]
+["device_memory_bytes"]`, which the driver (CLI, Engine) fills from the device it runs on.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from jaxrt.ir.analysis.graph import peak_memory
+from jaxrt.ir.module import Module
+from jaxrt.ir.substitute import _rebuild, bind_dims
+from jaxrt.ir.types import DType, TensorType
+
+from .manager import Pass, PassContext, register_pass
+
+KV_ARG = "kv"
+_GIB = 1 << 30
+
+
+class KVPlanError(ValueError):
+    """The cache cannot be planned (budget too small, bad option, no cache argument)."""
+
+
+def _cache_type(module: Module) -> TensorType:
+    types = {a.type for fn in module.functions.values() for a in fn.args if a.hint == KV_ARG}
+    if not types:
+        raise KVPlanError("plan-kv-cache: no function has a %kv cache argument")
+    if len(types) > 1:
+        raise KVPlanError(f"plan-kv-cache: functions disagree on the cache type: "
+                          f"{sorted(map(str, types))}")
+    (t,) = types
+    if t.rank != 6 or t.shape[1] != 2 or not all(isinstance(d, int) for d in
+                                                   (t.shape[0], t.shape[4], t.shape[5])):
+        raise KVPlanError(f"plan-kv-cache: %kv must be [layers, 2, pages, page_size, kv_heads, "
+                          f"head_dim] with static layers/heads/head_dim, got {t}")
+    return t
+
+
+def _fmt(nbytes: float) -> str:
+    return f"{nbytes / _GIB:.2f} GiB" if abs(nbytes) >= _GIB else f"{nbytes / 2**20:.1f} MiB"
+
+
+@register_pass
+@dataclass(frozen=True)
+class PlanKVCache(Pass):
+    name = "plan-kv-cache"
+    page_size: int = 16
+    dtype: str = "auto"  # auto = the model's float compute dtype
+    memory_gib: float = 0.0  # device memory; 0 = module.attributes["target"]
+    memory_fraction: float = 0.9
+    max_model_len: int = 0  # 0 = the model's context length
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    num_pages: int = 0  # explicit page count; 0 = size from the budget
+
+    def __post_init__(self):
+        if self.page_size < 2 or self.page_size > 256 or self.page_size & (self.page_size - 1):
+            raise ValueError(f"page-size must be a power of two in [2, 256], got {self.page_size}")
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ValueError(f"memory-fraction must be in (0, 1], got {self.memory_fraction}")
+        if self.dtype != "auto":
+            DType.parse(self.dtype)
+        for opt in ("memory_gib", "max_model_len", "num_pages"):
+            if getattr(self, opt) < 0:
+                raise ValueError(f"{opt.replace('_', '-')} must be >= 0")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max-num-seqs and max-num-batched-tokens must be >= 1")
+
+    def run(self, module: Module, ctx: PassContext) -> None:
+        cache = _cache_type(module)
+        if not isinstance(cache.shape[2], str) or not isinstance(cache.shape[3], str):
+            raise KVPlanError(f"plan-kv-cache: the cache is already planned ({cache})")
+        layers, _, pages_dim, ps_dim, kv_heads, head_dim = cache.shape
+        dtype = (DType.parse(module.attributes.get("float_dtype", "f32"))
+                 if self.dtype == "auto" else DType.parse(self.dtype))
+        ps = self.page_size
+        bytes_per_token = layers * 2 * kv_heads * head_dim * dtype.itemsize
+        max_len = self.max_model_len or int(
+            module.attributes.get("config", {}).get("max_position", 0))
+        if max_len <= 0:
+            raise KVPlanError("plan-kv-cache: max-model-len is unknown; pass max-model-len=N")
+        pages_per_seq = math.ceil(max_len / ps)
+        weight_bytes = sum(t.nbytes() for t in module.weights.values())
+        activation = self._peak_activations(module, pages_dim, ps_dim, pages_per_seq)
+
+        budget = {"weight_bytes": weight_bytes, "activation_bytes": activation}
+        if self.num_pages:
+            pages = self.num_pages
+        else:
+            device = (self.memory_gib * _GIB if self.memory_gib else
+                      module.attributes.get("target", {}).get("device_memory_bytes", 0))
+            if not device:
+                raise KVPlanError("plan-kv-cache: device memory is unknown; pass memory-gib=N "
+                                  "or set module.attributes['target']['device_memory_bytes']")
+            free = device * self.memory_fraction - weight_bytes - activation
+            pages = max(0, int(free // (ps * bytes_per_token)))
+            budget.update(device_bytes=int(device), memory_fraction=self.memory_fraction,
+                          cache_budget_bytes=int(max(free, 0)))
+            if pages < pages_per_seq:
+                raise KVPlanError(
+                    f"plan-kv-cache: one sequence of {max_len} tokens needs {pages_per_seq} "
+                    f"pages of {ps} ({_fmt(pages_per_seq * ps * bytes_per_token)}) but the "
+                    f"budget leaves {pages}: {_fmt(device)} x {self.memory_fraction} - weights "
+                    f"{_fmt(weight_bytes)} - activations {_fmt(activation)} = {_fmt(free)}")
+            pages = min(pages, pages_per_seq * self.max_num_seqs)
+        if pages < pages_per_seq:
+            raise KVPlanError(f"plan-kv-cache: num-pages={pages} holds {pages * ps} tokens, "
+                              f"fewer than one sequence of max-model-len {max_len}")
+
+        bound = bind_dims(module, {pages_dim: pages, ps_dim: ps})
+        if dtype != cache.dtype:
+            new_type = TensorType((layers, 2, pages, ps, kv_heads, head_dim), dtype)
+            bound = _rebuild(
+                bound, weight_type=lambda n, t: t,
+                arg_type=lambda a: new_type if a.hint == KV_ARG else a.type,
+                attrs_of=lambda op: op.attrs, given_type=lambda op, t: t)
+        module.functions, module.weights = bound.functions, bound.weights
+        module.attributes["kv_cache"] = {
+            "layout": "paged", "page_size": ps, "num_pages": pages, "dtype": dtype.value,
+            "bytes_per_token": bytes_per_token, "max_concurrent_tokens": pages * ps,
+            "max_model_len": max_len, "cache_bytes": pages * ps * bytes_per_token,
+            "budget": budget}
+        ctx.count("pages", pages)
+
+    def _peak_activations(self, module: Module, pages_dim: str, ps_dim: str,
+                          pages_per_seq: int) -> int:
+        """Peak live bytes of each function at the largest batch the runtime will form."""
+        tokens, seqs = self.max_num_batched_tokens, self.max_num_seqs
+        bindings = {pages_dim: 0, ps_dim: self.page_size, "T": tokens, "S": seqs,
+                    "Q": tokens, "MP": pages_per_seq, "N": seqs}
+        peak = 0
+        for fn in module.functions.values():
+            peak = max(peak, peak_memory(fn, bindings).peak_bytes)
+        return peak
