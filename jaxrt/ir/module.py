@@ -147,8 +147,9 @@ class Function:
                             op.attrs, tuple(r.type for r in op.results)))
             for r in op.results:
                 ids[r] = len(ids)
-        return (self.name, tuple((a.hint, a.type) for a in self.args), tuple(key_ops),
-                tuple(ids.get(v, -1) for v in self.results))
+        # arg_names, not hints: an unnamed argument prints (and parses back) as %arg<i>
+        args = tuple(zip(self.arg_names, (a.type for a in self.args)))
+        return (self.name, args, tuple(key_ops), tuple(ids.get(v, -1) for v in self.results))
 
 
 @dataclass(eq=False)
@@ -169,7 +170,7 @@ class Module:
         if not isinstance(other, Module):
             return NotImplemented
         return (self.name == other.name and self.weights == other.weights
-                and self.attributes == other.attributes
+                and _as_tuples(self.attributes) == _as_tuples(other.attributes)
                 and list(self.functions) == list(other.functions)
                 and all(f.structural_key() == other.functions[n].structural_key()
                         for n, f in self.functions.items()))
@@ -179,6 +180,15 @@ class Module:
     def __str__(self) -> str:
         from .printer import print_module
         return print_module(self)
+
+
+def _as_tuples(v: Any) -> Any:
+    """Lists and tuples print alike (and parse as tuples), so equality does not tell them apart."""
+    if isinstance(v, (list, tuple)):
+        return tuple(_as_tuples(x) for x in v)
+    if isinstance(v, dict):
+        return {k: _as_tuples(x) for k, x in v.items()}
+    return v
 
 
 class Builder:

@@ -22,11 +22,13 @@ from .module import Function, Module
 from .ops import weight
 from .types import DType, TensorType
 
-_BARE_SYMBOL = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
+# Used with fullmatch: "$" would also match before a trailing newline.
+_BARE_SYMBOL = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
+_BARE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 
 
 def format_symbol(name: str) -> str:
-    return "@" + (name if _BARE_SYMBOL.match(name) else json.dumps(name))
+    return "@" + (name if _BARE_SYMBOL.fullmatch(name) else json.dumps(name))
 
 
 def format_type(t: TensorType) -> str:
@@ -63,11 +65,11 @@ def format_attr_value(v: Any) -> str:
 
 
 def format_attr_dict(attrs: dict) -> str:
-    return "{" + ", ".join(f"{k} = {format_attr_value(v)}" for k, v in attrs.items()) + "}"
+    return "{" + ", ".join(f"{_key(k)} = {format_attr_value(v)}" for k, v in attrs.items()) + "}"
 
 
 def _key(k: str) -> str:
-    return k if re.match(r"^[A-Za-z_][A-Za-z0-9_.]*$", k) else json.dumps(k)
+    return k if _BARE_KEY.fullmatch(k) else json.dumps(k)
 
 
 def print_function(fn: Function, indent: str = "  ") -> str:
@@ -92,8 +94,7 @@ def print_function(fn: Function, indent: str = "  ") -> str:
             lines.append(f"{body}{lhs}weight {format_symbol(op.attrs.name)} : {ty}")
             continue
         operands = ", ".join(names.get(v, "%<undefined>") for v in op.operands)
-        attrs = (" " + format_attr_dict({_key(k): v for k, v in op.attrs.items()})
-                 if op.attrs else "")
+        attrs = " " + format_attr_dict(dict(op.attrs)) if op.attrs else ""
         lines.append(f"{body}{lhs}{op.opdef.name}({operands}){attrs} : {ty}")
     lines.append(f"{body}return " + ", ".join(names.get(v, "%<undefined>")
                                               for v in fn.results))
@@ -104,7 +105,7 @@ def print_function(fn: Function, indent: str = "  ") -> str:
 def print_module(m: Module) -> str:
     head = f"module {format_symbol(m.name)}"
     if m.attributes:
-        head += " attributes " + format_attr_dict({_key(k): v for k, v in m.attributes.items()})
+        head += " attributes " + format_attr_dict(m.attributes)
     lines = [head + " {"]
     for name, t in m.weights.items():
         lines.append(f"  weight {format_symbol(name)} : {format_type(t)}")

@@ -10,12 +10,12 @@ def verify_function(fn: Function, module: Module | None = None) -> None:
     where = f"@{fn.name}"
     defined = set()
     names = set()
-    for a in fn.args:
+    for a, name in zip(fn.args, fn.arg_names):  # the printed names: unnamed ones are %arg<i>
         if a.owner is not None:
             raise VerifyError("argument owned by an op", where)
-        if a.hint in names:
-            raise VerifyError(f"duplicate argument name %{a.hint}", where)
-        names.add(a.hint)
+        if name in names:
+            raise VerifyError(f"duplicate argument name %{name}", where)
+        names.add(name)
         defined.add(a)
     for i, op in enumerate(fn.ops):
         at = f"{where} op #{i} ({op.opdef.name})"
@@ -44,6 +44,8 @@ def verify_function(fn: Function, module: Module | None = None) -> None:
 
 def _verify_op(opdef: OpDef, op, at: str) -> None:
     try:
+        if len(op.results) != opdef.num_results:  # first: op verifiers unpack the results
+            raise VerifyError(f"expected {opdef.num_results} results, has {len(op.results)}")
         attrs = opdef.make_attrs(dict(op.attrs))
         if attrs != op.attrs:
             raise VerifyError("attributes are not normalized")
@@ -54,8 +56,6 @@ def _verify_op(opdef: OpDef, op, at: str) -> None:
         if got != expected:
             raise VerifyError(f"result types {[str(t) for t in expected]} but inference "
                               f"gives {[str(t) for t in got]}")
-        if len(op.results) != opdef.num_results:
-            raise VerifyError(f"expected {opdef.num_results} results, has {len(op.results)}")
     except VerifyError as e:
         raise VerifyError(str(e), at) from None
 

@@ -11,19 +11,32 @@ from ._util import (as_compute, cast_to, infer_binary, infer_float_unary, infer_
 P, E, C = Trait.PURE, Trait.ELEMENTWISE, Trait.COMMUTATIVE
 
 
-def _binary(name, fn, commutative=False):
+def _no_i1(infer):
+    """Arithmetic on i1 is undefined (XLA has none): use compare/select, or convert first."""
+    def checked(types, attrs):
+        if any(t.dtype == DType.bool_ for t in types):
+            raise VerifyError(f"arithmetic on i1 operands: {[str(t) for t in types]}")
+        return infer(types, attrs)
+    return checked
+
+
+def _binary(name, fn, commutative=False, infer=_no_i1(infer_binary)):
     traits = frozenset({P, E, C} if commutative else {P, E})
-    return register(OpDef(name, 2, traits=traits, infer=infer_binary, reference=ref_binary(fn)))
+    return register(OpDef(name, 2, traits=traits, infer=infer, reference=ref_binary(fn)))
 
 
 def _unary(name, fn, float_only=True):
     return register(OpDef(name, 1, traits=frozenset({P, E}),
-                          infer=infer_float_unary if float_only else infer_same,
+                          infer=infer_float_unary if float_only else _no_i1(infer_same),
                           reference=ref_unary(fn)))
 
 
 def _safe_pow(a, b):
     with np.errstate(all="ignore"):
+        if a.dtype.kind in "iu" and b.dtype.kind in "iu":  # x ** -n truncates, as jnp.power
+            a, b = np.broadcast_arrays(a, b)
+            neg = np.where(a == -1, np.where(b % 2 == 0, 1, -1), (a == 1).astype(a.dtype))
+            return np.where(b < 0, neg, np.power(a, np.maximum(b, 0))).astype(a.dtype)
         return np.power(a, b)
 
 
@@ -38,8 +51,8 @@ add = _binary("add", np.add, commutative=True)
 sub = _binary("sub", np.subtract)
 mul = _binary("mul", np.multiply, commutative=True)
 div = _binary("div", _safe_div)
-maximum = _binary("max", np.maximum, commutative=True)
-minimum = _binary("min", np.minimum, commutative=True)
+maximum = _binary("max", np.maximum, commutative=True, infer=infer_binary)  # i1: or
+minimum = _binary("min", np.minimum, commutative=True, infer=infer_binary)  # i1: and
 pow_ = _binary("pow", _safe_pow)
 
 neg = _unary("neg", np.negative, float_only=False)
@@ -95,7 +108,8 @@ def _convert_ref(x, t):
     x = as_compute(x)
     if t.dtype.is_int:
         info = np.iinfo(t.dtype.to_numpy())
-        x = np.clip(np.trunc(np.nan_to_num(x)), info.min, info.max)
+        # clip in f64: f32 rounds int32's max up to 2**31, which would wrap on the cast
+        x = np.clip(np.trunc(np.nan_to_num(x.astype(np.float64))), info.min, info.max)
     return cast_to(x, t)
 
 
