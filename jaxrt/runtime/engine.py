@@ -1,0 +1,378 @@
+"""Engine: requests in, tokens out, over one `@step` runner.
+
+    engine = Engine("smollm2-135m", max_num_seqs=16)              # loads and warms up
+    engine = Engine(runner, tokenizer=tok)                         # or any runner object
+    outs = engine.generate(["Hello", [1, 2, 3]], SamplingParams(max_tokens=32))
+
+A runner is what `jaxrt.lowering.executable.StepExecutable` is: `run(tokens, positions,
+slot_mapping, page_table, context_lens, q_index, logit_index) -> logits [N, vocab]`,
+`compile_for(T, S, Q, MP, N) -> seconds`, `vocab_size`, `num_pages`, `page_size` (and
+optionally `max_model_len`). The engine may use fewer pages than the runner has
+(`num_pages=`): padding slots point past the runner's whole cache.
+
+Each step: schedule -> pad into a shape bucket -> runner.run -> sample on device ->
+scheduler.update. `warmup()` (run by the constructor unless `warmup=False`) compiles every
+bucket and sampler variant, with a progress line on `log` (stderr; None for quiet); a
+later compilation is counted in `stats().compiles_after_warmup` (and raises with
+`strict_compiles=True`).
+
+`kv_cache_memory_fraction` and `dtype` matter only when the engine loads the model itself;
+a runner object arrives with its cache and dtype already chosen.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator, Sequence as Seq
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .block_manager import BlockManager
+from .request import (BeamOutput, Request, RequestOutput, SamplingParams, StreamDelta,
+                      validate_prompt_ids)
+from .sampler import SampledToken, Sampler, SamplingBatch
+from .scheduler import (BucketPolicy, Scheduler, SchedulerConfig, StepInputs,
+                        build_step_inputs)
+
+Prompt = str | Seq[int]
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    steps: int
+    generated_tokens: int
+    preemptions: int
+    prefix_cache_hit_rate: float
+    evictions: int
+    num_pages: int
+    pages_in_use: int
+    free_pages: int
+    num_buckets: int
+    warmup_seconds: float
+    compile_seconds: float        # runner + sampler, warmup included
+    compiles_after_warmup: int    # should stay 0: a compile on the request path
+
+
+class Engine:
+    def __init__(self, model: Any, *, tokenizer: Any = None,
+                 eos_token_ids: Seq[int] | None = None, page_size: int | None = None,
+                 max_num_seqs: int = 32, max_num_batched_tokens: int | None = None,
+                 enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
+                 kv_cache_memory_fraction: float = 0.9, num_pages: int | None = None,
+                 max_model_len: int | None = None, dtype: Any = None, max_logprobs: int = 20,
+                 seed: int = 0, q_block: int = 16, warmup: bool = True,
+                 strict_compiles: bool = False, log: Any = "stderr"):
+        if isinstance(model, (str, os.PathLike)):
+            model, tok, eos, model_len = _load(
+                os.fspath(model), dtype=dtype, page_size=page_size or 16, num_pages=num_pages,
+                memory_fraction=kv_cache_memory_fraction, max_num_seqs=max_num_seqs,
+                max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens)
+            tokenizer = tokenizer if tokenizer is not None else tok
+            eos_token_ids = eos_token_ids if eos_token_ids is not None else eos
+        else:
+            tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+            model_len = getattr(model, "max_model_len", None)
+            if eos_token_ids is None:
+                eos_token_ids = getattr(model, "eos_token_ids", None) \
+                    or getattr(tokenizer, "eos_ids", ())
+        self.runner, self.tokenizer = model, tokenizer
+        self.eos_token_ids = tuple(int(t) for t in eos_token_ids or ())
+        self.vocab_size = int(model.vocab_size)
+        ps = int(model.page_size)
+        if page_size is not None and page_size != ps:
+            raise ValueError(f"page_size={page_size}, but the runner's cache has pages of {ps}")
+        pages = int(num_pages) if num_pages is not None else int(model.num_pages)
+        if not 1 <= pages <= model.num_pages:
+            raise ValueError(f"num_pages={pages}: the runner's cache has {model.num_pages}")
+        capacity = pages * ps
+        if max_model_len is None:
+            max_model_len = min(capacity, model_len or capacity)
+        if max_model_len > capacity:
+            raise ValueError(f"max_model_len={max_model_len} needs {math.ceil(max_model_len / ps)}"
+                             f" pages; the KV cache has {pages} of {ps} tokens")
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = max(max_num_seqs, 512 if enable_chunked_prefill
+                                         else max_model_len)
+        if max_logprobs < 2:
+            raise ValueError(f"max_logprobs must be >= 2, got {max_logprobs}")
+        self.max_model_len, self.page_size, self.num_pages = max_model_len, ps, pages
+        self.max_logprobs = max_logprobs
+        self.config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len,
+                                      enable_chunked_prefill)
+        self.block_manager = BlockManager(pages, ps, enable_prefix_caching)
+        detok = self._detokenize if tokenizer is not None else None
+        self.scheduler = Scheduler(self.config, self.block_manager, detok)
+        self.policy = BucketPolicy(max_num_seqs, max_num_batched_tokens,
+                                   math.ceil(max_model_len / ps), q_block=q_block)
+        self.sampler = Sampler(self.vocab_size, max_logprobs)
+        self._pad_slot = int(model.num_pages) * ps
+        self._rng = random.Random(seed)
+        self._ids = itertools.count()
+        self._live: dict[str, Request] = {}
+        self._stashed: list[RequestOutput] = []
+        self._log = sys.stderr if log == "stderr" else log   # None: quiet
+        self._strict = strict_compiles
+        self._compiled: set = set()
+        self._warm = False
+        self._warmup_seconds = self._compile_seconds = 0.0
+        self._compiles_after_warmup = self._steps = self._generated = 0
+        if warmup:
+            self.warmup()
+
+    # ---- compile --------------------------------------------------------------------
+
+    def warmup(self) -> float:
+        """Compile every step bucket and sampler variant; returns the seconds spent."""
+        buckets = self.policy.all_buckets()
+        rows = sorted({b.N for b in buckets})
+        total, start = len(buckets) + 2 * len(rows), time.perf_counter()
+        for i, b in enumerate(buckets):
+            self._progress(f"compiling step {i + 1}/{total} (T={b.T} S={b.S} Q={b.Q} "
+                           f"MP={b.MP} N={b.N})")
+            self._compile_seconds += self.runner.compile_for(*b.as_tuple())
+            self._compiled.add(b)
+        for j, (n, penalties) in enumerate(itertools.product(rows, (False, True))):
+            self._progress(f"compiling sampler {len(buckets) + j + 1}/{total} (N={n})")
+            self._compile_seconds += self.sampler.compile_for(n, penalties)
+        self._warmup_seconds = time.perf_counter() - start
+        self._warm = True
+        if self._log is not None:
+            print(f"\rjaxrt: warmup compiled {len(buckets)} step buckets and {2 * len(rows)} "
+                  f"sampler variants in {self._warmup_seconds:.2f} s", file=self._log, flush=True)
+        return self._warmup_seconds
+
+    def _progress(self, line: str) -> None:
+        if self._log is not None:
+            print(f"\rjaxrt: {line}".ljust(72), end="", file=self._log, flush=True)
+
+    def _note_compile(self, what: str) -> None:
+        if self._warm:
+            self._compiles_after_warmup += 1
+            if self._strict:
+                raise RuntimeError(f"{what} was not compiled at warmup")
+
+    # ---- requests -------------------------------------------------------------------
+
+    def _detokenize(self, ids: Seq[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    def _make_request(self, prompt: Prompt, params: SamplingParams | None,
+                      request_id: str | None) -> Request:
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer; pass token ids")
+            prompt = self.tokenizer.encode(prompt)
+        ids = validate_prompt_ids(prompt, self.vocab_size)
+        params.validate(self.vocab_size, self.max_model_len, len(ids),
+                        max_logprobs=self.max_logprobs)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer to detokenize the output")
+        if params.beam_width > self.config.max_num_seqs:
+            raise ValueError(f"beam_width={params.beam_width} exceeds max_num_seqs="
+                             f"{self.config.max_num_seqs}")
+        # the last sampled token is never written to the cache
+        need = params.beam_width * self.block_manager.pages_needed(
+            len(ids) + params.max_tokens - 1)
+        if need > self.num_pages:
+            raise ValueError(f"the request needs up to {need} KV pages; the cache has "
+                             f"{self.num_pages}")
+        rid = str(request_id) if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self._live:
+            raise ValueError(f"request id {rid!r} is already in use")
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        return Request(rid, ids, params, time.perf_counter(), seed, self.eos_token_ids)
+
+    def _enqueue(self, req: Request) -> str:
+        self._live[req.request_id] = req
+        self.scheduler.add(req)
+        return req.request_id
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue one request (ValueError on bad input, nothing queued); returns its id."""
+        return self._enqueue(self._make_request(prompt, params, request_id))
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a queued or running request; its output so far, finish_reason "abort"."""
+        req = self.scheduler.abort(request_id)
+        if req is None:
+            return None
+        self._live.pop(request_id, None)
+        return self._output(req)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- stepping -------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One model step; the outputs of requests that finished (including ones that
+        finished while generate()/stream() were stepping for their own requests)."""
+        outs, self._stashed = self._stashed + self._step(), []
+        return outs
+
+    def _step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            if self.scheduler.has_unfinished():
+                raise AssertionError("scheduler made no progress with requests pending")
+            return []
+        inputs = build_step_inputs(batch, self.block_manager, self.policy, self._pad_slot)
+        if inputs.bucket not in self._compiled:
+            self._note_compile(f"step bucket {inputs.bucket}")
+            self._compiled.add(inputs.bucket)
+        logits = self.runner.run(*inputs.args())
+        sampled = self._sample(logits, inputs)
+        finished = self.scheduler.update(batch, sampled, time.perf_counter())
+        self._steps += 1
+        self._generated += len(inputs.logit_seqs)
+        for req in finished:
+            self._live.pop(req.request_id, None)
+        return [self._output(r) for r in finished]
+
+    def _sample(self, logits, inputs: StepInputs) -> dict[int, SampledToken]:
+        rows = [(s.request.params, s.request.seed, len(s.seq.output_ids),
+                 s.request.prompt_ids, s.seq.output_ids) for s in inputs.logit_seqs]
+        batch = SamplingBatch.build(rows, inputs.bucket.N, self.vocab_size)
+        if not self.sampler.is_compiled(inputs.bucket.N, batch.has_penalties):
+            self._note_compile(f"sampler N={inputs.bucket.N}")
+        before = self.sampler.compile_seconds
+        out = self.sampler(logits, batch)
+        self._compile_seconds += self.sampler.compile_seconds - before
+        return {s.seq.seq_id: out[i] for i, s in enumerate(inputs.logit_seqs)}
+
+    # ---- outputs --------------------------------------------------------------------
+
+    def _text(self, ids: list[int]) -> str:
+        return self._detokenize(ids) if self.tokenizer is not None else ""
+
+    def _is_stop_token(self, req: Request, token: int) -> bool:
+        p = req.params
+        return (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids
+
+    def _visible(self, req: Request, ids: list[int], reason: str | None) -> list[int]:
+        """Ids the text is made of: a final stop token is left out."""
+        return ids[:-1] if reason == "stop" and ids and self._is_stop_token(req, ids[-1]) \
+            else ids
+
+    def _output(self, req: Request) -> RequestOutput:
+        beams = []
+        if req.params.is_beam_search and req.beam_hyps:
+            for ids, cum, reason in req.best_beams()[:req.params.beam_width]:
+                beams.append(BeamOutput(ids, self._text(self._visible(req, ids, reason)), cum,
+                                        req.beam_score(len(ids), cum), reason))
+        ids = beams[0].ids if beams else list(req.output_ids)
+        if beams:
+            text, cum = beams[0].text, beams[0].cumulative_logprob
+        else:
+            text = req.stop_text if req.stop_text is not None else \
+                self._text(self._visible(req, ids, req.finish_reason))
+            cum = req.seqs[0].cum_logprob if req.seqs else 0.0
+        t0 = req.arrival_time
+        return RequestOutput(
+            req.request_id, list(req.prompt_ids), ids, text, req.finish_reason,
+            [dict(d) for d in req.logprobs] if req.logprobs is not None else None, cum,
+            None if req.first_token_time is None else req.first_token_time - t0,
+            [t - t0 for t in req.token_times], beams, req.num_preemptions)
+
+    # ---- high level -----------------------------------------------------------------
+
+    def generate(self, prompts: Prompt | Seq[Prompt],
+                 params: SamplingParams | Seq[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Run prompts (strings or token-id lists) to completion, outputs in prompt order.
+        Every prompt is validated before any is queued."""
+        if _is_one_prompt(prompts):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if params is None or isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        params = list(params)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+        reqs = [self._make_request(p, sp, None) for p, sp in zip(prompts, params)]
+        mine = {self._enqueue(r) for r in reqs}
+        done: dict[str, RequestOutput] = {}
+        while len(done) < len(reqs):
+            for out in self._step():
+                (done.__setitem__(out.request_id, out) if out.request_id in mine
+                 else self._stashed.append(out))
+        return [done[r.request_id] for r in reqs]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None,
+               request_id: str | None = None) -> Iterator[StreamDelta]:
+        """Yield new tokens (and the text they complete) as they are generated. Text that
+        could still turn out to start a stop string is held back until it cannot."""
+        req = self._make_request(prompt, params, request_id)
+        if req.params.is_beam_search:
+            raise ValueError("stream() does not support beam search; use generate()")
+        return self._stream(req)
+
+    def _stream(self, req: Request) -> Iterator[StreamDelta]:
+        rid = self._enqueue(req)
+        holdback = max((len(s) for s in req.params.stop), default=1) - 1
+        sent_ids, sent_text = 0, ""
+        try:
+            while True:
+                if not req.is_finished:  # (it may have finished in someone else's step)
+                    self._stashed += [o for o in self._step() if o.request_id != rid]
+                ids = req.output_ids
+                if req.is_finished:
+                    self._stashed = [o for o in self._stashed if o.request_id != rid]
+                    final = self._output(req)
+                    text = final.text
+                    delta = text[len(sent_text):] if text.startswith(sent_text) else ""
+                    yield StreamDelta(rid, ids[sent_ids:], delta, final.finish_reason, final)
+                    return
+                if len(ids) == sent_ids:
+                    continue
+                text = self._text(ids)
+                safe = text[:len(text) - holdback].rstrip("\ufffd")  # no half characters
+                delta = safe[len(sent_text):] if safe.startswith(sent_text) else ""
+                yield StreamDelta(rid, ids[sent_ids:], delta, None, None)
+                sent_ids, sent_text = len(ids), sent_text + delta
+        finally:
+            if not req.is_finished:
+                self.abort(rid)
+
+    def stats(self) -> EngineStats:
+        b = self.block_manager.stats()
+        return EngineStats(self._steps, self._generated, self.scheduler.num_preemptions,
+                           b.prefix_cache_hit_rate, b.evictions, b.num_pages, b.pages_in_use,
+                           b.free_pages, len(self.policy.all_buckets()), self._warmup_seconds,
+                           self._compile_seconds, self._compiles_after_warmup)
+
+
+def _is_one_prompt(x) -> bool:
+    if isinstance(x, str) or (isinstance(x, np.ndarray) and x.ndim == 1):
+        return True
+    return isinstance(x, Seq) and len(x) > 0 and isinstance(x[0], (int, np.integer))
+
+
+# ---- loading (the one place that knows the compiler) -----------------------------------
+
+def _load(model: str, *, dtype, page_size: int, num_pages: int | None,
+          memory_fraction: float, max_num_seqs: int, max_model_len: int | None,
+          max_num_batched_tokens: int | None):
+    """Path or alias -> (StepExecutable, tokenizer, eos ids, the model's max length).
+    The plan-kv-cache pass sizes the cache (num_pages) from these options."""
+    try:
+        from ..compiler import load
+    except ImportError as e:
+        raise RuntimeError(f"cannot load {model!r}: {e}; pass a runner object instead") from e
+    compiled = load(model, dtype=dtype, page_size=page_size, memory_fraction=memory_fraction,
+                    max_model_len=max_model_len or 0, max_num_seqs=max_num_seqs,
+                    max_num_batched_tokens=max_num_batched_tokens or 2048,
+                    num_pages=num_pages or 0)
+    eos = tuple(compiled.config.eos_token_ids) or tuple(getattr(compiled.tokenizer, "eos_ids",
+                                                                ()))
+    return compiled.executable(), compiled.tokenizer, eos, compiled.config.max_position

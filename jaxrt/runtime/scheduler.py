@@ -1,0 +1,473 @@
+"""In-flight batching scheduler and the step-array builder.
+
+Each step, `Scheduler.schedule` picks, within `max_num_batched_tokens` tokens:
+1. one decode token for every running sequence with exactly one uncomputed token;
+2. prefill chunks of running sequences (whole remainders unless chunked prefill is on);
+3. new requests, first come first served (stopping at the first that does not fit).
+A sequence that needs a page when none is free preempts the newest running request
+(recompute: its pages are freed, it goes back to the front of the queue and later
+re-prefills prompt + generated tokens, mostly from the prefix cache). Steps 1-2 run in
+admission order, so the oldest request is never preempted for a newer one.
+
+`Scheduler.update` applies the sampled tokens: page commits (prefix cache), stop checks
+(EOS unless ignore_eos, stop_token_ids, stop strings via `detokenize`, max_tokens) and
+beam search steps.
+
+`build_step_inputs` lays a `ScheduledBatch` out as the padded int32 arrays of the `@step`
+contract (docs/architecture.md). Shapes come from `BucketPolicy`, two families:
+- decode (every sequence has one token): T = S = N in powers of two up to max_num_seqs,
+  Q = 1;
+- mixed: T in powers of two from 16 up to the token budget, Q = `q_block`, S and N derived
+  from T. A sequence's queries are split over ceil(n / q_block) rows of the batch, each
+  row carrying the sequence's page table and context length (rows are independent in
+  paged attention), so no [S, Q] grid grows with the longest chunk;
+and MP (pages per row) in powers of two from 4 up to ceil(max_model_len / page_size).
+`all_buckets()` lists every shape, (|decode| + |mixed|) x |MP| compilations in all.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+
+from .block_manager import BlockManager
+from .request import Request, RequestState, Sequence
+from .sampler import SampledToken, beam_candidates
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self):
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must "
+                             f"be >= max_num_seqs ({self.max_num_seqs})")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(f"without chunked prefill max_num_batched_tokens "
+                             f"({self.max_num_batched_tokens}) must be >= max_model_len "
+                             f"({self.max_model_len})")
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    request: Request
+    seq: Sequence
+    start: int          # first position computed this step (== seq.num_computed)
+    num_tokens: int
+    needs_logits: bool  # this chunk ends the sequence's known tokens: sample the next
+
+    @classmethod
+    def of(cls, request: Request, seq: Sequence, num_tokens: int) -> "ScheduledSeq":
+        end = seq.num_computed + num_tokens
+        return cls(request, seq, seq.num_computed, num_tokens, end == len(seq.tokens))
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_tokens
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[ScheduledSeq]
+    preempted: list[Request]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.seqs)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(s.num_tokens == 1 for s in self.seqs)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
+                 detokenize: Callable[[list[int]], str] | None = None):
+        self.config = config
+        self.bm = block_manager
+        self.detokenize = detokenize
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []   # admission order = priority order
+        self.num_preemptions = 0
+        self._next_seq_id = 0
+
+    # ---- requests -------------------------------------------------------------------
+
+    def _new_seq(self, tokens: list[int], prompt_len: int) -> Sequence:
+        self._next_seq_id += 1
+        return Sequence(self._next_seq_id, tokens, prompt_len)
+
+    def add(self, request: Request) -> None:
+        request.seqs = [self._new_seq(list(request.prompt_ids), len(request.prompt_ids))]
+        request.state = RequestState.WAITING
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, request_id: str) -> Request | None:
+        for req in list(self.running) + list(self.waiting):
+            if req.request_id == request_id:
+                self._finish(req, "abort")
+                return req
+        return None
+
+    # ---- scheduling -----------------------------------------------------------------
+
+    def schedule(self) -> ScheduledBatch:
+        cfg, bm = self.config, self.bm
+        budget = cfg.max_num_batched_tokens
+        plan: dict[str, list[ScheduledSeq]] = {}
+        preempted: list[Request] = []
+
+        def schedule_seq(req: Request, seq: Sequence, n: int) -> bool:
+            """Reserve pages (preempting newer requests if needed); False if `req` itself
+            had to be preempted."""
+            nonlocal budget
+            while not bm.append_slots(seq.seq_id, seq.num_computed + n):
+                victim = self.running[-1]
+                budget += sum(s.num_tokens for s in plan.pop(victim.request_id, []))
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    return False
+            plan.setdefault(req.request_id, []).append(ScheduledSeq.of(req, seq, n))
+            budget -= n
+            return True
+
+        for decode_pass in (True, False):
+            for req in list(self.running):
+                if req.state is not RequestState.RUNNING:
+                    continue  # preempted earlier in this loop
+                for seq in req.seqs:
+                    pending = seq.num_uncomputed
+                    if budget == 0 or seq.candidates is not None or pending == 0:
+                        continue
+                    if decode_pass != (pending == 1):
+                        continue
+                    n = min(pending, budget) if cfg.enable_chunked_prefill else pending
+                    if n > budget:
+                        continue
+                    if not schedule_seq(req, seq, n):
+                        break
+        if not preempted:  # vLLM: never admit in a step that had to preempt
+            self._admit(plan, budget)
+        entries = [s for req in self.running for s in plan.get(req.request_id, ())]
+        return ScheduledBatch(entries, preempted)
+
+    def _admit(self, plan: dict[str, list[ScheduledSeq]], budget: int) -> None:
+        cfg, bm = self.config, self.bm
+        slots = sum(r.num_seq_slots for r in self.running)
+        while self.waiting and budget > 0:
+            req = self.waiting[0]
+            if slots + req.num_seq_slots > cfg.max_num_seqs:
+                return
+            entries: list[ScheduledSeq] = []
+            allocated: list[Sequence] = []
+            for seq in req.seqs:
+                cached = len(bm.cached_prefix(seq.tokens)) * bm.page_size
+                remaining = len(seq.tokens) - cached
+                if cfg.enable_chunked_prefill:
+                    n = min(remaining, budget)
+                else:
+                    n = remaining if remaining <= budget else 0
+                got = None if n == 0 and not allocated else \
+                    bm.allocate(seq.seq_id, seq.tokens, cached + n)
+                if got is None:
+                    for s in allocated:
+                        bm.free(s.seq_id)
+                        s.num_computed = 0
+                    return
+                assert got == cached, (got, cached)
+                seq.num_computed = got
+                allocated.append(seq)
+                if n:
+                    entries.append(ScheduledSeq.of(req, seq, n))
+                    budget -= n
+            self.waiting.popleft()
+            req.state = RequestState.RUNNING
+            self.running.append(req)
+            slots += req.num_seq_slots
+            plan[req.request_id] = entries
+
+    def _preempt(self, req: Request) -> None:
+        for seq in req.seqs:
+            if self.bm.has(seq.seq_id):
+                self.bm.free(seq.seq_id)
+            seq.num_computed = 0
+            seq.candidates = None
+        self.running.remove(req)
+        req.state = RequestState.WAITING
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _finish(self, req: Request, reason: str) -> None:
+        for seq in req.seqs:
+            if self.bm.has(seq.seq_id):
+                self.bm.free(seq.seq_id)
+        if req.state is RequestState.RUNNING:
+            self.running.remove(req)
+        elif req.state is RequestState.WAITING:
+            self.waiting.remove(req)
+        req.state = RequestState.FINISHED
+        req.finish_reason = reason
+
+    # ---- results --------------------------------------------------------------------
+
+    def update(self, batch: ScheduledBatch, sampled: Mapping[int, SampledToken],
+               now: float) -> list[Request]:
+        """Apply one step's results (`sampled` by seq_id for entries needing logits);
+        returns the requests that finished."""
+        for s in batch.seqs:
+            if s.seq.num_computed != s.start:
+                raise AssertionError(f"sequence {s.seq.seq_id} computed {s.seq.num_computed}, "
+                                     f"scheduled from {s.start}")
+            s.seq.num_computed = s.end
+            self.bm.commit(s.seq.seq_id, s.seq.tokens, s.end)
+        finished = []
+        for s in batch.seqs:
+            req = s.request
+            if not s.needs_logits or req.is_finished:
+                continue
+            if req.params.is_beam_search:
+                self._on_beam_logits(req, s.seq, sampled[s.seq.seq_id], now)
+            else:
+                self._append_token(req, s.seq, sampled[s.seq.seq_id], now)
+            if req.is_finished:
+                finished.append(req)
+        return finished
+
+    def _append_token(self, req: Request, seq: Sequence, s: SampledToken, now: float):
+        p = req.params
+        seq.tokens.append(s.token)
+        seq.cum_logprob += s.logprob
+        if p.logprobs is not None:
+            seq.logprobs.append(s.top(p.logprobs))
+        if req.first_token_time is None:
+            req.first_token_time = now
+        req.token_times.append(now)
+        reason = self._stop_reason(req, seq)
+        if reason:
+            self._finish(req, reason)
+
+    def _stop_reason(self, req: Request, seq: Sequence) -> str | None:
+        p, token, out = req.params, seq.tokens[-1], seq.output_ids
+        if (not p.ignore_eos and token in req.eos_token_ids) or token in p.stop_token_ids:
+            return "stop"
+        if p.stop and self.detokenize is not None:
+            text = self.detokenize(out)
+            hits = [i for i in (text.find(s) for s in p.stop) if i >= 0]
+            if hits:
+                req.stop_text = text[:min(hits)]
+                return "stop"
+        if len(out) >= p.max_tokens or len(seq.tokens) >= self.config.max_model_len:
+            return "length"
+        return None
+
+    # ---- beam search ----------------------------------------------------------------
+
+    def _on_beam_logits(self, req: Request, seq: Sequence, s: SampledToken, now: float):
+        tokens, cums = beam_candidates(s.top_ids[None], s.top_logprobs[None],
+                                       np.asarray([seq.cum_logprob]), req.params.beam_width)
+        seq.candidates = (tokens[0], cums[0])
+        if all(q.candidates is not None for q in req.seqs):
+            self._beam_step(req, now)
+
+    def _beam_step(self, req: Request, now: float) -> None:
+        """All live beams have their 2W candidates: keep the W best non-final ones (a final
+        token among the W best overall completes a hypothesis), as HF/vLLM do."""
+        p, width = req.params, req.params.beam_width
+        cands = sorted(((float(c), bi, int(t)) for bi, q in enumerate(req.seqs)
+                        for t, c in zip(*q.candidates)), key=lambda x: (-x[0], x[1], x[2]))
+        out_len = len(req.seqs[0].output_ids) + 1
+        live: list[tuple[int, int, float]] = []
+        for rank, (cum, bi, token) in enumerate(cands):
+            if (token in req.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+                if rank < width:
+                    req.beam_hyps.append((req.seqs[bi].output_ids + [token], cum, "stop"))
+                continue
+            live.append((bi, token, cum))
+            if len(live) == width:
+                break
+        if req.first_token_time is None:
+            req.first_token_time = now
+        req.token_times.append(now)
+        if out_len >= p.max_tokens or len(req.prompt_ids) + out_len >= self.config.max_model_len:
+            req.beam_hyps += [(req.seqs[bi].output_ids + [t], cum, "length")
+                              for bi, t, cum in live]
+            live = []
+        if not live or self._beams_done(req, live, out_len):
+            self._finish(req, req.best_beams()[0][2] if req.beam_hyps else "length")
+        else:
+            self._reassign_beams(req, live)
+
+    def _beams_done(self, req: Request, live, out_len: int) -> bool:
+        """HF's heuristic: W hypotheses finished and none beaten by the best live beam."""
+        width = req.params.beam_width
+        if len(req.beam_hyps) < width:
+            return False
+        best = req.best_beams()[width - 1]
+        worst_kept = req.beam_score(len(best[0]), best[1])
+        return worst_kept >= max(req.beam_score(out_len, cum) for _, _, cum in live)
+
+    def _reassign_beams(self, req: Request, live) -> None:
+        old, owned, new = req.seqs, set(), []
+        for bi, token, cum in live:
+            parent = old[bi]
+            if bi in owned:  # a second child of the same beam: fork it (shared pages)
+                child = self._new_seq(parent.tokens + [token], parent.prompt_len)
+                child.num_computed = self.bm.fork(parent.seq_id, child.seq_id,
+                                                  parent.num_computed)
+                child.cum_logprob = cum
+                new.append(child)
+            else:
+                owned.add(bi)
+                new.append((parent, token, cum))
+        for bi, seq in enumerate(old):
+            if bi not in owned:
+                self.bm.free(seq.seq_id)
+        seqs = []
+        for item in new:
+            if isinstance(item, tuple):
+                seq, token, cum = item
+                seq.tokens.append(token)
+                seq.cum_logprob = cum
+                item = seq
+            item.candidates = None
+            seqs.append(item)
+        req.seqs = seqs
+
+
+# ---- step arrays ----------------------------------------------------------------------
+
+def _ladder(floor: int, cap: int) -> tuple[int, ...]:
+    """floor, 2 floor, 4 floor, ... below cap, then cap itself."""
+    sizes, s = [], floor
+    while s < cap:
+        sizes.append(s)
+        s *= 2
+    return tuple(sizes) + (cap,)
+
+
+@dataclass(frozen=True, order=True)
+class Bucket:
+    T: int
+    S: int
+    Q: int
+    MP: int
+    N: int
+
+    def as_tuple(self) -> tuple[int, int, int, int, int]:
+        return (self.T, self.S, self.Q, self.MP, self.N)
+
+
+@dataclass(frozen=True)
+class BucketPolicy:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_pages_per_seq: int
+    q_block: int = 16
+    token_floor: int = 16
+    page_floor: int = 4
+
+    @property
+    def decode_sizes(self) -> tuple[int, ...]:
+        return _ladder(1, min(self.max_num_seqs, self.max_num_batched_tokens))
+
+    @property
+    def token_sizes(self) -> tuple[int, ...]:
+        return _ladder(min(self.token_floor, self.max_num_batched_tokens),
+                       self.max_num_batched_tokens)
+
+    @property
+    def page_sizes(self) -> tuple[int, ...]:
+        return _ladder(min(self.page_floor, self.max_pages_per_seq), self.max_pages_per_seq)
+
+    @property
+    def row_cap(self) -> int:
+        # rows = decodes + sum ceil(chunk / q_block) <= max_num_seqs + budget / q_block
+        return self.max_num_seqs + -(-self.max_num_batched_tokens // self.q_block)
+
+    def _mixed(self, T: int, MP: int) -> Bucket:
+        S = min(self.row_cap, T)
+        return Bucket(T, S, self.q_block, MP, min(S, self.max_num_seqs))
+
+    def all_buckets(self) -> list[Bucket]:
+        out = [Bucket(s, s, 1, mp, s) for s in self.decode_sizes for mp in self.page_sizes]
+        out += [self._mixed(t, mp) for t in self.token_sizes for mp in self.page_sizes]
+        return sorted(set(out))
+
+    def pick(self, num_tokens: int, num_rows: int, max_pages: int, decode_only: bool) -> Bucket:
+        mp = next(m for m in self.page_sizes if m >= max_pages)
+        if decode_only:
+            s = next(s for s in self.decode_sizes if s >= num_rows)
+            return Bucket(s, s, 1, mp, s)
+        b = self._mixed(next(t for t in self.token_sizes if t >= num_tokens), mp)
+        if num_rows > b.S:
+            raise AssertionError(f"{num_rows} rows do not fit bucket {b}")
+        return b
+
+
+@dataclass
+class StepInputs:
+    bucket: Bucket
+    tokens: np.ndarray        # i32[T]
+    positions: np.ndarray     # i32[T]
+    slot_mapping: np.ndarray  # i32[T]
+    page_table: np.ndarray    # i32[S, MP]
+    context_lens: np.ndarray  # i32[S]
+    q_index: np.ndarray       # i32[S, Q]
+    logit_index: np.ndarray   # i32[N]
+    logit_seqs: list[ScheduledSeq]  # logits row i belongs to logit_seqs[i]
+
+    def args(self) -> tuple[np.ndarray, ...]:
+        return (self.tokens, self.positions, self.slot_mapping, self.page_table,
+                self.context_lens, self.q_index, self.logit_index)
+
+
+def build_step_inputs(batch: ScheduledBatch, bm: BlockManager, policy: BucketPolicy,
+                      pad_slot: int) -> StepInputs:
+    """Padded `@step` arguments for `batch`. Padding tokens write to `pad_slot` (outside
+    the cache), padding q_index entries are T, padding rows have context length 0 and
+    padding logit rows read token 0."""
+    ps = bm.page_size
+    q = 1 if batch.is_decode_only else policy.q_block
+    rows = sum(-(-s.num_tokens // q) for s in batch.seqs)
+    max_pages = max(bm.pages_needed(s.end) for s in batch.seqs)
+    b = policy.pick(batch.num_tokens, rows, max_pages, batch.is_decode_only)
+    i32 = np.int32
+    tokens, positions = np.zeros(b.T, i32), np.zeros(b.T, i32)
+    slots = np.full(b.T, pad_slot, i32)
+    page_table, context_lens = np.zeros((b.S, b.MP), i32), np.zeros(b.S, i32)
+    q_index, logit_index = np.full((b.S, b.Q), b.T, i32), np.zeros(b.N, i32)
+    logit_seqs: list[ScheduledSeq] = []
+    t = r = 0
+    for s in batch.seqs:
+        n = s.num_tokens
+        table = np.asarray(bm.page_table(s.seq.seq_id)[:bm.pages_needed(s.end)], i32)
+        pos = np.arange(s.start, s.end, dtype=i32)
+        tokens[t:t + n] = s.seq.tokens[s.start:s.end]
+        positions[t:t + n] = pos
+        slots[t:t + n] = table[pos // ps] * ps + pos % ps
+        for j in range(0, n, q):
+            m = min(q, n - j)
+            page_table[r, :len(table)] = table
+            context_lens[r] = s.end
+            q_index[r, :m] = np.arange(t + j, t + j + m, dtype=i32)
+            r += 1
+        if s.needs_logits:
+            logit_index[len(logit_seqs)] = t + n - 1
+            logit_seqs.append(s)
+        t += n
+    return StepInputs(b, tokens, positions, slots, page_table, context_lens, q_index,
+                      logit_index, logit_seqs)
+

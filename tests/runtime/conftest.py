@@ -1,0 +1,69 @@
+"""Runner factories for the engine tests.
+
+The engine property tests (test_engine_properties.py) run against every factory named in
+`JAXRT_RUNTIME_RUNNERS` (comma separated, default "fake"). To run them against a real
+model, register a factory here, e.g.
+
+    def _smollm2() -> RunnerFactory:
+        exe = StepExecutable(module, weights, num_pages=64, page_size=16)
+        return RunnerFactory("smollm2", lambda: exe, page_size=16, runner_pages=64,
+                             vocab_size=exe.vocab_size, prompt_tokens=range(100, 5000),
+                             exact=False, eos_token_ids=(2,))
+    FACTORIES["smollm2"] = _smollm2
+
+and run `JAXRT_RUNTIME_RUNNERS=fake,smollm2 pytest tests/runtime`. `make()` must return a
+runner whose cache has `runner_pages` pages; it may return the same object every time
+(engines use at most that many pages and never rely on the cache's previous content).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pytest
+
+from tests.runtime.fake_model import EOS, VOCAB, FakeRunner
+
+
+@dataclass
+class RunnerFactory:
+    name: str
+    make: Callable[[], Any]
+    page_size: int
+    runner_pages: int
+    vocab_size: int
+    prompt_tokens: range            # ids to draw prompts from (no special tokens)
+    exact: bool                     # outputs bit-identical whatever the batch shape
+    eos_token_ids: tuple[int, ...] = ()
+    engine_kwargs: dict = field(default_factory=dict)
+
+
+def _fake() -> RunnerFactory:
+    runner = FakeRunner(num_pages=64, page_size=4)
+    return RunnerFactory("fake", lambda: runner, page_size=4, runner_pages=64,
+                         vocab_size=VOCAB, prompt_tokens=range(2, VOCAB), exact=True,
+                         eos_token_ids=(EOS,))
+
+
+FACTORIES: dict[str, Callable[[], RunnerFactory]] = {"fake": _fake}
+
+
+def _selected() -> list[str]:
+    names = [n.strip() for n in os.environ.get("JAXRT_RUNTIME_RUNNERS", "fake").split(",")]
+    unknown = [n for n in names if n not in FACTORIES]
+    if unknown:
+        raise pytest.UsageError(f"JAXRT_RUNTIME_RUNNERS: unknown runner(s) {unknown}; "
+                                f"known: {sorted(FACTORIES)}")
+    return [n for n in names if n]
+
+
+@pytest.fixture(scope="session", params=_selected())
+def runner_factory(request) -> RunnerFactory:
+    return FACTORIES[request.param]()
+
+
+@pytest.fixture(scope="session")
+def fake_runner() -> FakeRunner:
+    """One fake runner for the engine unit tests (its compiled shapes are shared)."""
+    return FakeRunner(num_pages=64, page_size=4)

@@ -1,0 +1,186 @@
+"""Serving invariances, as hypothesis properties over random request mixes.
+
+Whatever the batching, prefix caching, chunk size, page-pool pressure (preemption) or
+aborts of other requests, every request's output must be what it is when it runs alone.
+Mixes share prompt prefixes (so prefix caching and page sharing happen), mix lengths
+around page boundaries, and, for exact runners, include seeded random sampling and
+penalties (a request's randomness depends only on its seed and step).
+
+Parametrized by `runner_factory` (conftest.py): the fake runner by default; real models
+via JAXRT_RUNTIME_RUNNERS. For runners that are not bit-exact across batch shapes
+(`exact=False`, real models in floating point), only greedy requests are drawn and two
+outputs may part only where the two best logprobs are within `NEAR_TIE` of each other.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from jaxrt.runtime.engine import Engine
+from jaxrt.runtime.request import RequestOutput, SamplingParams
+
+MAX_LEN = 48          # every request fits: prompt <= 30, max_tokens <= 16
+BASE = dict(max_num_seqs=4, max_num_batched_tokens=MAX_LEN, max_model_len=MAX_LEN,
+            warmup=False, log=None)
+NEAR_TIE = 1e-2       # logprob gap below which f32/bf16 reduction order may flip a greedy pick
+PROPERTY = settings(max_examples=12, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@dataclass(frozen=True)
+class Job:
+    prompt: tuple[int, ...]
+    params: SamplingParams
+
+
+@st.composite
+def workloads(draw, factory, max_requests=6):
+    alphabet = list(factory.prompt_tokens)[:6]   # few distinct tokens: shared prefixes
+    token = st.sampled_from(alphabet)
+    # shared roots; a periodic one repeats page contents at different positions
+    roots = [draw(st.lists(token, min_size=1, max_size=14)),
+             draw(st.lists(token, min_size=1, max_size=3)) * 5]
+    jobs = []
+    for _ in range(draw(st.integers(1, max_requests))):
+        root = draw(st.sampled_from(roots + [[]]))
+        suffix = draw(st.lists(token, min_size=0 if root else 1, max_size=16))
+        prompt = (root + suffix)[:30]
+        max_tokens = draw(st.integers(1, 16))
+        kind = draw(st.sampled_from(["greedy", "greedy", "sampled", "penalized"])
+                    if factory.exact else st.just("greedy"))
+        extra = dict(ignore_eos=draw(st.booleans()))
+        if kind == "sampled":
+            extra.update(temperature=draw(st.sampled_from([0.5, 1.0, 1.5])),
+                         top_k=draw(st.sampled_from([0, 5])), top_p=draw(st.sampled_from(
+                             [1.0, 0.8])), seed=draw(st.integers(0, 2**40)))
+        elif kind == "penalized":
+            extra.update(repetition_penalty=1.3, frequency_penalty=0.3, presence_penalty=0.2)
+        if not factory.exact:
+            extra.update(logprobs=2)
+        jobs.append(Job(tuple(prompt), SamplingParams(max_tokens=max_tokens, **extra)))
+    return jobs
+
+
+def engine(factory, **kw) -> Engine:
+    return Engine(factory.make(), **{**BASE, **factory.engine_kwargs, **kw})
+
+
+def batched(factory, jobs, **kw) -> list[RequestOutput]:
+    return engine(factory, **kw).generate([list(j.prompt) for j in jobs],
+                                          [j.params for j in jobs])
+
+
+def one_at_a_time(factory, jobs) -> list[RequestOutput]:
+    e = engine(factory, enable_prefix_caching=False, enable_chunked_prefill=False)
+    return [e.generate([list(j.prompt)], j.params)[0] for j in jobs]
+
+
+def assert_same(factory, got: list[RequestOutput], want: list[RequestOutput], what: str):
+    for i, (g, w) in enumerate(zip(got, want)):
+        if g.ids == w.ids and g.finish_reason == w.finish_reason:
+            continue
+        assert not factory.exact, f"{what}: request {i}: {g.ids} ({g.finish_reason}) != " \
+                                  f"{w.ids} ({w.finish_reason})"
+        k = next(k for k, (a, b) in enumerate(zip(g.ids + [None], w.ids + [None])) if a != b)
+        for out in (g, w):   # both must have been near-ties at the first difference
+            if k < len(out.logprobs):
+                top = sorted(out.logprobs[k].values(), reverse=True)
+                assert len(top) >= 2 and top[0] - top[1] < NEAR_TIE, \
+                    f"{what}: request {i} differs at token {k} without a near-tie"
+
+
+@PROPERTY
+@given(data=st.data())
+def test_batched_equals_one_at_a_time(runner_factory, data):
+    jobs = data.draw(workloads(runner_factory))
+    assert_same(runner_factory, batched(runner_factory, jobs),
+                one_at_a_time(runner_factory, jobs), "batched vs alone")
+
+
+@PROPERTY
+@given(data=st.data())
+def test_prefix_caching_changes_nothing(runner_factory, data):
+    jobs = data.draw(workloads(runner_factory))
+    want = batched(runner_factory, jobs, enable_prefix_caching=False)
+    e = engine(runner_factory)
+    # staggered arrivals: later requests reuse pages of earlier (running or finished) ones
+    ids, outs = [], {}
+    for j in jobs:
+        ids.append(e.add_request(list(j.prompt), j.params))
+        for _ in range(data.draw(st.integers(0, 3))):
+            outs.update((o.request_id, o) for o in e.step())
+    while e.has_unfinished():
+        outs.update((o.request_id, o) for o in e.step())
+    assert_same(runner_factory, [outs[i] for i in ids], want, "caching (staggered)")
+    again = e.generate([list(j.prompt) for j in jobs], [j.params for j in jobs])
+    assert_same(runner_factory, again, want, "caching (warm)")
+    if any(len(j.prompt) > e.page_size for j in jobs):
+        assert e.stats().prefix_cache_hit_rate > 0
+
+
+@PROPERTY
+@given(data=st.data(), budget=st.sampled_from([4, 7, 24]))
+def test_chunked_prefill_changes_nothing(runner_factory, data, budget):
+    jobs = data.draw(workloads(runner_factory))
+    want = batched(runner_factory, jobs, enable_chunked_prefill=False)
+    got = batched(runner_factory, jobs, max_num_batched_tokens=budget)
+    assert_same(runner_factory, got, want, f"chunked (budget {budget})")
+
+
+@PROPERTY
+@given(data=st.data())
+def test_preemption_changes_nothing(runner_factory, data):
+    jobs = data.draw(workloads(runner_factory))
+    want = batched(runner_factory, jobs)
+    # the smallest pool that still holds one maximal sequence
+    tiny = -(-MAX_LEN // runner_factory.page_size)
+    e = engine(runner_factory, num_pages=tiny)
+    got = e.generate([list(j.prompt) for j in jobs], [j.params for j in jobs])
+    assert_same(runner_factory, got, want, "tiny page pool")
+    assert e.stats().pages_in_use == 0
+    event(f"preempted: {e.stats().preemptions > 0}")
+
+
+def test_preemption_does_happen(runner_factory):
+    """A fixed mix that must preempt (so the property above is not vacuous)."""
+    ps = runner_factory.page_size
+    tokens = list(runner_factory.prompt_tokens)
+    # admitted together (short prompts), then they outgrow the pool while decoding
+    jobs = [Job(tuple(tokens[i:i + 6]), SamplingParams(max_tokens=16, ignore_eos=True))
+            for i in range(4)]
+    e = engine(runner_factory, num_pages=-(-MAX_LEN // ps))
+    got = e.generate([list(j.prompt) for j in jobs], [j.params for j in jobs])
+    assert e.stats().preemptions > 0
+    assert_same(runner_factory, got, batched(runner_factory, jobs), "forced preemption")
+
+
+@PROPERTY
+@given(data=st.data())
+def test_aborts_leave_the_others_unchanged(runner_factory, data):
+    jobs = data.draw(workloads(runner_factory, max_requests=8))
+    want = batched(runner_factory, jobs)
+    e = engine(runner_factory)
+    ids = [e.add_request(list(j.prompt), j.params) for j in jobs]
+    # abort about one in ten, at random steps
+    doomed = {i: data.draw(st.integers(0, 12)) for i in range(len(jobs))
+              if data.draw(st.integers(0, 9)) == 0}
+    outs, step = {}, 0
+    while e.has_unfinished():
+        for i, when in doomed.items():
+            if when == step and ids[i] not in outs:
+                out = e.abort(ids[i])
+                if out is not None:
+                    outs[ids[i]] = out
+        for out in e.step():
+            outs[out.request_id] = out
+        step += 1
+    for i, (rid, w) in enumerate(zip(ids, want)):
+        got = outs[rid]
+        if got.finish_reason == "abort":
+            assert i in doomed
+            assert got.ids == w.ids[:len(got.ids)] or not runner_factory.exact
+        else:
+            assert_same(runner_factory, [got], [w], f"request {i} with aborts around")
+    assert e.stats().pages_in_use == 0
