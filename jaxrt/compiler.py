@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -98,33 +99,34 @@ def default_pipeline(target: Target, *, page_size: int = 16, memory_fraction: fl
     return ",".join(passes)
 
 
-def build_ir(spec: str):
-    """(LoadedModel, Module) for a .gguf file, HF directory or alias: no passes yet."""
-    from .frontends.build import build_module
-    from .frontends.sources import load_model
-    loaded = load_model(spec)
-    module = build_module(loaded.config)
-    module.attributes["config"] = loaded.config.to_dict()
-    return loaded, module
-
-
 def load(spec: str, *, pipeline: str | None = None, target: Target | None = None,
          dtype: str | None = None, **plan_options) -> CompiledModel:
     """Read `spec`, build its IR and run `pipeline` (default: `default_pipeline`).
 
     Engine directories load as they were compiled: no passes run.
     """
-    import time
-
-    from .frontends.sources import resolve_model
-    from .passes import PassManager
-    from .passes.manager import VerifyHook
+    from .frontends.sources import load_model, resolve_model
     kind, path = resolve_model(spec)
     if kind == "engine":
         return load_engine(path)
     start = time.perf_counter()
-    loaded, module = build_ir(spec)
+    loaded = load_model(spec)
     read_s = time.perf_counter() - start
+    model = compile_loaded(loaded, pipeline=pipeline, target=target, dtype=dtype,
+                           **plan_options)
+    model.stats["read_seconds"] = read_s
+    return model
+
+
+def compile_loaded(loaded, *, pipeline: str | None = None, target: Target | None = None,
+                   dtype: str | None = None, **plan_options) -> CompiledModel:
+    """A LoadedModel (config, weights, tokenizer) -> IR -> pipeline -> CompiledModel."""
+    from .frontends.build import build_module
+    from .passes import PassManager
+    from .passes.manager import VerifyHook
+    start = time.perf_counter()
+    module = build_module(loaded.config)
+    module.attributes["config"] = loaded.config.to_dict()
     target = target or Target.detect(dtype)
     module.attributes["target"] = target.to_dict()
     if pipeline is None:
@@ -133,7 +135,8 @@ def load(spec: str, *, pipeline: str | None = None, target: Target | None = None
     pm.run(module)
     return CompiledModel(module, loaded.weights, loaded.tokenizer, loaded.config,
                          loaded.chat_template, loaded.source, pm.stats.pipeline,
-                         {"read_seconds": read_s, "passes": pm.stats.to_json()})
+                         {"build_and_passes_seconds": time.perf_counter() - start,
+                          "passes": pm.stats.to_json()})
 
 
 # ---- engine directories -----------------------------------------------------------------

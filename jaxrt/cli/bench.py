@@ -1,0 +1,89 @@
+"""jaxrt bench MODEL: an offline serving workload; prints a table and writes JSON.
+
+    jaxrt bench smollm2-135m --num-requests 16 --input-len 64 --output-len 64
+    jaxrt bench smollm2-135m --suite        # 1 vs 16 concurrent; shared prefix on vs off
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help=".gguf file, Hugging Face directory, engine dir or alias")
+    p.add_argument("--num-requests", type=int, default=16)
+    p.add_argument("--input-len", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--shared-prefix", type=int, default=0, metavar="TOKENS",
+                   help="every prompt starts with the same prefix of this many tokens")
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="default: the number of requests")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--suite", action="store_true",
+                   help="the standard figures: 1 vs N concurrent requests, and a shared "
+                        "prefix with prefix caching on vs off")
+    p.add_argument("--prefix-len", type=int, default=1024, help="with --suite")
+    p.add_argument("--out", default="bench/results/serving.json", help="JSON output path")
+
+
+def _engine(model, args, max_num_seqs: int, prefix_caching: bool, max_len: int):
+    from jaxrt.runtime.engine import Engine
+    return Engine(model.executable(), tokenizer=model.tokenizer, max_num_seqs=max_num_seqs,
+                  max_num_batched_tokens=args.max_num_batched_tokens,
+                  enable_prefix_caching=prefix_caching, max_model_len=max_len, log=sys.stderr)
+
+
+def run(args) -> int:
+    from jaxrt.compiler import load
+    from jaxrt.runtime.benchmark import Workload, format_table, run_workload
+
+    start = time.perf_counter()
+    scenarios: list[tuple[str, Workload, int, bool]] = []
+    if args.suite:
+        n, il, ol = args.num_requests, args.input_len, args.output_len
+        scenarios += [
+            ("1 request", Workload(1, il, ol), 1, True),
+            (f"{n} concurrent", Workload(n, il, ol), n, True),
+            ("shared prefix, caching on", Workload(n, args.prefix_len + il, ol,
+                                                   args.prefix_len), n, True),
+            ("shared prefix, caching off", Workload(n, args.prefix_len + il, ol,
+                                                    args.prefix_len), n, False),
+        ]
+    else:
+        w = Workload(args.num_requests, args.input_len, args.output_len, args.shared_prefix)
+        scenarios.append(("workload", w, args.max_num_seqs or args.num_requests,
+                          not args.no_prefix_caching))
+    max_len = max(w.input_len + w.output_len for _, w, _, _ in scenarios)
+    max_seqs = max(s for _, _, s, _ in scenarios)
+    model = load(args.model, dtype=args.dtype, max_model_len=max_len, max_num_seqs=max_seqs)
+    load_s = time.perf_counter() - start
+    rows = []
+    for name, workload, seqs, caching in scenarios:
+        engine = _engine(model, args, seqs, caching, max_len)
+        row = run_workload(engine, workload)
+        row.update(scenario=name, prefix_caching=caching, max_num_seqs=seqs)
+        rows.append(row)
+        del engine
+    target = model.module.attributes.get("target", {})
+    report = {"model": args.model, "backend": target.get("backend"),
+              "dtype": model.module.attributes.get("float_dtype", "f32"), "load_s": load_s,
+              "kv_cache": model.module.attributes.get("kv_cache"), "results": rows}
+    if args.suite:
+        one, many, on, off = rows
+        report["speedup_concurrent_vs_one"] = many["output_tok_s"] / one["output_tok_s"]
+        report["ttft_prefix_off_over_on"] = off["ttft_p50_s"] / on["ttft_p50_s"]
+    print(format_table(rows))
+    for key in ("speedup_concurrent_vs_one", "ttft_prefix_off_over_on"):
+        if key in report:
+            print(f"{key}: {report[key]:.2f}x")
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0

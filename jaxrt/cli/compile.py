@@ -1,0 +1,35 @@
+"""jaxrt compile MODEL -o DIR: write an engine directory (IR, weights, tokenizer, config)."""
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help=".gguf file, Hugging Face directory or alias")
+    p.add_argument("-o", "--output", required=True, help="engine directory to write")
+    p.add_argument("-p", "--pipeline", default=None,
+                   help="pass pipeline (default: canonicalize,cse,dce[,cast-float],"
+                        "plan-kv-cache)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: by device)")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--max-model-len", type=int, default=0)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+
+
+def run(args) -> int:
+    from jaxrt.compiler import load, save_engine
+    from jaxrt.frontends.sources import resolve_model
+
+    if resolve_model(args.model)[0] == "engine":
+        raise ValueError(f"{args.model}: already an engine directory")
+    start = time.perf_counter()
+    model = load(args.model, pipeline=args.pipeline, dtype=args.dtype,
+                 page_size=args.page_size, max_model_len=args.max_model_len,
+                 max_num_seqs=args.max_num_seqs)
+    save_engine(model, args.output)
+    plan = model.module.attributes.get("kv_cache", {})
+    print(f"wrote {args.output}: pipeline {model.pipeline}; kv cache "
+          f"{plan.get('num_pages')} pages x {plan.get('page_size')} ({plan.get('dtype')}); "
+          f"{time.perf_counter() - start:.1f} s")
+    return 0
