@@ -104,7 +104,7 @@ def bench_model(name: str, args, bw: float, peak: float) -> dict:
     t0 = time.perf_counter()
     loaded = SimpleNamespace(config=config, weights=weights, tokenizer=None,
                              chat_template=None, source=f"random:{name}")
-    model = compile_loaded(loaded, max_model_len=max_len, max_num_seqs=args.max_seqs,
+    model = compile_loaded(loaded, max_model_len=max_len, max_num_seqs=max(int(c) for c in args.concurrency.split(",")),
                            max_num_batched_tokens=args.budget)
     exe = model.executable()
     load_s = time.perf_counter() - t0
@@ -131,15 +131,15 @@ def bench_model(name: str, args, bw: float, peak: float) -> dict:
     del eng
 
     rows = []
-    for scen, w, seqs, caching in (
-            ("1 request", Workload(1, args.input_len, args.output_len), 1, True),
-            ("16 concurrent", Workload(16, args.input_len, args.output_len), 16, True),
-            ("64 concurrent", Workload(64, args.input_len, args.output_len), 64, True),
-            ("shared prefix, caching on", Workload(16, args.prefix_len + args.input_len,
-                                                   args.output_len, args.prefix_len), 16, True),
-            ("shared prefix, caching off", Workload(16, args.prefix_len + args.input_len,
-                                                    args.output_len, args.prefix_len), 16,
-             False)):
+    conc = [int(c) for c in args.concurrency.split(",")]
+    scenarios = [(f"{c} concurrent", Workload(c, args.input_len, args.output_len), c, True)
+                 for c in conc]
+    n = conc[1] if len(conc) > 1 else conc[0]
+    for caching in (True, False):
+        scenarios.append((f"shared prefix, caching {'on' if caching else 'off'}",
+                          Workload(n, args.prefix_len + args.input_len, args.output_len,
+                                   args.prefix_len), n, caching))
+    for scen, w, seqs, caching in scenarios:
         eng = Engine(exe, max_num_seqs=seqs, max_model_len=max_len,
                      max_num_batched_tokens=args.budget, enable_prefix_caching=caching,
                      log=sys.stderr)
@@ -149,9 +149,9 @@ def bench_model(name: str, args, bw: float, peak: float) -> dict:
         print(format_table([row]), flush=True)
         del eng
     out["serving"] = rows
-    out["speedup_16_vs_1"] = rows[1]["output_tok_s"] / rows[0]["output_tok_s"]
-    out["speedup_64_vs_1"] = rows[2]["output_tok_s"] / rows[0]["output_tok_s"]
-    out["ttft_prefix_off_over_on"] = rows[4]["ttft_p50_s"] / rows[3]["ttft_p50_s"]
+    for c, row in zip(conc[1:], rows[1:]):
+        out[f"speedup_{c}_vs_1"] = row["output_tok_s"] / rows[0]["output_tok_s"]
+    out["ttft_prefix_off_over_on"] = rows[-1]["ttft_p50_s"] / rows[-2]["ttft_p50_s"]
     print(format_table(rows))
     return out
 
@@ -162,7 +162,7 @@ def main():
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--prefix-len", type=int, default=1024)
-    p.add_argument("--max-seqs", type=int, default=64)
+    p.add_argument("--concurrency", default="1,16,64")
     p.add_argument("--budget", type=int, default=2048, help="max_num_batched_tokens")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "bench/results"),
                                                  "jaxrt_gpu.json"))
@@ -181,9 +181,9 @@ def main():
         print(f"{m['model']}: load {m['load_s']:.1f}s compile {m['generate_compile_s']:.1f}s "
               f"prefill {g['prefill_tok_s']:.0f} tok/s (MFU {g['prefill_mfu']:.1%}) decode "
               f"{g['decode_tok_s']:.0f} tok/s ({g['decode_fraction_of_roofline']:.0%} of "
-              f"roofline {m['roofline_decode_tok_s_b1']:.0f}); 16v1 {m['speedup_16_vs_1']:.1f}x "
-              f"64v1 {m['speedup_64_vs_1']:.1f}x prefix TTFT off/on "
-              f"{m['ttft_prefix_off_over_on']:.1f}x")
+              f"roofline {m['roofline_decode_tok_s_b1']:.0f}); " + " ".join(
+                  f"{k} {v:.1f}x" for k, v in m.items() if k.startswith("speedup"))
+              + f" prefix TTFT off/on {m['ttft_prefix_off_over_on']:.1f}x")
 
 
 if __name__ == "__main__":

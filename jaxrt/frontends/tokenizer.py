@@ -1,0 +1,471 @@
+"""Tokenizer: a thin wrapper over the `tokenizers` library, built from a tokenizer.json or
+from GGUF metadata, plus the chat-template renderer.
+
+The GGUF builders reproduce what transformers' GGUF converter builds
+(`transformers/integrations/gguf/gguf_tokenizer_mapping.py`), so ids agree with
+`AutoTokenizer.from_pretrained(dir, gguf_file=...)`; the one deliberate difference is the
+"smollm" pre-tokenizer, where we follow llama.cpp (numbers split into single digits, as the
+original SmolLM2 tokenizer does) and transformers falls back to plain GPT-2 splitting.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import tokenizers
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import BPE
+
+from .errors import ModelFormatError
+
+# Longest SentencePiece token we derive merges for (real vocabularies: <= ~100 characters).
+MAX_PIECE_CHARS = 1024
+
+# llama.cpp token types (tokenizer.ggml.token_type)
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+
+class Tokenizer:
+    """Text <-> ids. `encode` adds BOS/EOS as the tokenizer's post-processor says
+    (add_special_tokens=True), `decode` drops special tokens by default."""
+
+    def __init__(self, backend: tokenizers.Tokenizer, *, bos_id: int | None = None,
+                 eos_ids: Iterable[int] = ()):
+        self._tok = backend
+        self.bos_id = bos_id
+        self.eos_ids = tuple(int(i) for i in eos_ids)
+
+    # ---- construction -----------------------------------------------------------
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, *, bos_id: int | None = None,
+                  eos_ids: Iterable[int] = ()) -> "Tokenizer":
+        """From a `tokenizers` tokenizer.json (bos/eos are not part of that format)."""
+        with library_errors(path, "cannot read tokenizer"):
+            backend = tokenizers.Tokenizer.from_file(os.fspath(path))
+        return cls(backend, bos_id=bos_id, eos_ids=eos_ids)
+
+    @classmethod
+    def from_json_str(cls, text: str, *, bos_id: int | None = None,
+                      eos_ids: Iterable[int] = (), source: str = "<tokenizer.json>") -> "Tokenizer":
+        with library_errors(source, "cannot read tokenizer"):
+            backend = tokenizers.Tokenizer.from_str(text)
+        return cls(backend, bos_id=bos_id, eos_ids=eos_ids)
+
+    def to_json_str(self) -> str:
+        return self._tok.to_str()
+
+    # ---- use --------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+    @property
+    def bos_token(self) -> str | None:
+        return None if self.bos_id is None else self.id_to_token(self.bos_id)
+
+    @property
+    def eos_token(self) -> str | None:
+        return self.id_to_token(self.eos_ids[0]) if self.eos_ids else None
+
+    @property
+    def backend(self) -> tokenizers.Tokenizer:
+        return self._tok
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+# ---- GGUF ----------------------------------------------------------------------------
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (the byte-level BPE alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# tokenizer.ggml.pre -> the regex splits llama.cpp applies in order before byte-level BPE.
+# Plain GPT-2 splitting is ByteLevel's own regex (no Split step).
+_PRE_SPLITS: dict[str, tuple[str, ...]] = {
+    "default": (), "gpt2": (), "gpt-2": (),
+    # llama.cpp: "\p{N}" first, then the GPT-2 regex: every digit its own word.
+    **{k: (r"\p{N}", _GPT2_SPLIT) for k in ("smollm", "starcoder", "refact", "codeshell",
+                                            "command-r", "exaone", "minerva-7b")},
+    **{k: (_LLAMA3_SPLIT,) for k in ("llama3", "llama-bpe", "llama-v3", "falcon3", "dbrx",
+                                     "smaug-bpe", "pixtral")},
+    **{k: (_QWEN2_SPLIT,) for k in ("qwen2", "deepseek-r1-qwen")},
+}
+
+
+def tokenizer_from_gguf(meta: Mapping[str, Any], path: str) -> Tokenizer:
+    """Build the tokenizer GGUF metadata describes (`tokenizer.ggml.*`)."""
+    kind = meta.get("tokenizer.ggml.model")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not isinstance(kind, str) or not isinstance(tokens, list) or not tokens \
+            or not all(isinstance(t, str) for t in tokens):
+        raise ModelFormatError(path, "no tokenizer (tokenizer.ggml.model / tokens) in metadata")
+    n = len(tokens)
+    types = _int_list(meta, "tokenizer.ggml.token_type", n, path)
+    ids = {}
+    for key in ("bos", "eos", "unknown", "padding", "eot", "eom"):
+        value = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < n:
+            raise ModelFormatError(path, f"tokenizer.ggml.{key}_token_id {value!r} is not a "
+                                         f"token id (vocab of {n})")
+        ids[key] = value
+    # llama.cpp adds BOS by default to sentencepiece vocabularies only.
+    add_bos = _flag(meta, "tokenizer.ggml.add_bos_token", kind == "llama", path)
+    add_eos = _flag(meta, "tokenizer.ggml.add_eos_token", False, path)
+    arch = meta.get("general.architecture")
+
+    if kind == "gpt2":
+        backend, added = _byte_level_bpe(meta, tokens, types, path)
+    elif kind == "llama":
+        backend, added = _sentencepiece_bpe(meta, tokens, types, ids, arch, path)
+    else:
+        raise ModelFormatError(path, f"unsupported tokenizer.ggml.model {kind!r} "
+                                     f"(supported: gpt2, llama)")
+    special = [AddedToken(t, normalized=False, special=True)
+               for t, ty in zip(tokens, types) if ty == _CONTROL and added(t)]
+    # transformers also registers the named special tokens (bos, eos, unk, pad) whatever
+    # their type says, so e.g. a literal "<unk>" in text is one token.
+    named = {t.content for t in special}
+    for key in ("bos", "eos", "unknown", "padding"):
+        if key in ids and tokens[ids[key]] not in named:
+            named.add(tokens[ids[key]])
+            special.append(AddedToken(tokens[ids[key]], normalized=False, special=True))
+    with library_errors(path, "invalid added tokens"):
+        if special:
+            backend.add_special_tokens(special)
+        vocab = backend.get_vocab()
+        user = [AddedToken(t, normalized=False, special=False)
+                for t, ty in zip(tokens, types) if ty == _USER_DEFINED and t in vocab]
+        if user:
+            backend.add_tokens(user)
+
+    bos, eos = ids.get("bos"), ids.get("eos")
+    with library_errors(path, "invalid bos/eos token"):
+        backend.post_processor = bos_eos_template(
+            (tokens[bos], bos) if add_bos and bos is not None else None,
+            (tokens[eos], eos) if add_eos and eos is not None else None)
+    return Tokenizer(backend, bos_id=bos, eos_ids=_eog_ids(tokens, types, ids))
+
+
+def _flag(meta: Mapping[str, Any], key: str, default: bool, path: str) -> bool:
+    value = meta.get(key, default)
+    if not isinstance(value, bool):
+        raise ModelFormatError(path, f"{key} = {value!r} is not a bool")
+    return value
+
+
+def _int_list(meta: Mapping[str, Any], key: str, n: int, path: str) -> list[int]:
+    values = meta.get(key)
+    if values is None:
+        return [_NORMAL] * n
+    if not isinstance(values, np.ndarray) or values.dtype.kind not in "iu" or values.ndim != 1:
+        raise ModelFormatError(path, f"{key} is not an integer array")
+    if len(values) != n:
+        raise ModelFormatError(path, f"{key} has {len(values)} entries for {n} tokens")
+    return values.tolist()
+
+
+def _byte_level_bpe(meta, tokens, types, path):
+    """GPT-2 style byte-level BPE with the file's merges (transformers' GPT2Tokenizer)."""
+    spelling = _bytes_to_unicode()
+    alphabet = set(spelling.values())
+    vocab = {}
+    for index, token in enumerate(tokens):
+        # llama.cpp writes some tokens as text; the BPE model spells everything in bytes.
+        spelled = token if set(token) <= alphabet else "".join(
+            spelling[b] for b in token.encode("utf-8"))
+        vocab[spelled] = index
+    merges = _merges_from_file(meta, vocab, path)
+    if merges is None:
+        raise ModelFormatError(path, "byte-level BPE vocabulary without tokenizer.ggml.merges")
+    backend = _new_bpe(path, vocab, merges, dropout=None, continuing_subword_prefix="",
+                       end_of_word_suffix="", fuse_unk=False)
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if not isinstance(pre, str) or pre not in _PRE_SPLITS:
+        raise ModelFormatError(path, f"unsupported tokenizer.ggml.pre {pre!r}; known: "
+                                     f"{sorted(_PRE_SPLITS)}")
+    splits = _PRE_SPLITS[pre]
+    if not splits:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                         trim_offsets=True, use_regex=True)
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(s), behavior="isolated") for s in splits]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    # A control token outside the byte alphabet is a llama.cpp mislabel: adding it would grow
+    # the vocabulary past the model's, so (like transformers) it stays an ordinary token.
+    return backend, lambda token: set(token) <= alphabet
+
+
+def _sentencepiece_bpe(meta, tokens, types, ids, arch, path):
+    """SentencePiece vocabulary as a byte-fallback BPE (transformers' Gemma/LlamaTokenizer)."""
+    gemma = arch in ("gemma", "gemma2", "gemma3")
+    if gemma:
+        # Gemma files store whitespace-run tokens with real spaces; the model spells them "▁".
+        tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    merges = _merges_from_file(meta, vocab, path)
+    if merges is None:
+        if gemma:
+            # Gemma's scores do not follow its merge order; the file order does.
+            scores = {token: -index for index, token in enumerate(tokens)}
+        else:
+            raw = meta.get("tokenizer.ggml.scores")
+            if not isinstance(raw, np.ndarray) or raw.dtype.kind not in "iuf" \
+                    or raw.shape != (len(tokens),):
+                raise ModelFormatError(path, "sentencepiece vocabulary without scores or merges")
+            scores = dict(zip(tokens, raw.astype(np.float64).tolist()))
+        longest = max(range(len(tokens)), key=lambda i: len(tokens[i]))
+        if len(tokens[longest]) > MAX_PIECE_CHARS:  # deriving merges is quadratic in length
+            raise ModelFormatError(path, f"token #{longest} is {len(tokens[longest])} characters "
+                                         f"long (at most {MAX_PIECE_CHARS} supported)")
+        merges = _merges_from_scores(vocab, scores)
+    unk = tokens[ids["unknown"]] if "unknown" in ids else "<unk>"
+    if gemma:
+        backend = _new_bpe(path, vocab, merges, fuse_unk=True, unk_token=unk, dropout=None,
+                           byte_fallback=True)
+        backend.normalizer = normalizers.Replace(" ", "\u2581")
+        backend.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous",
+                                                     invert=False)
+        backend.decoder = decoders.Sequence(
+            [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    else:
+        backend = _new_bpe(path, vocab, merges, fuse_unk=True, byte_fallback=True, dropout=None)
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581",
+                                                         prepend_scheme="first", split=False)
+        backend.decoder = decoders.Sequence(
+            [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+             decoders.Strip(content=" ", left=1)])
+    return backend, lambda token: True
+
+
+def _new_bpe(path, vocab, merges, **kwargs) -> tokenizers.Tokenizer:
+    for left, right in merges:  # the library panics on some of these instead of raising
+        for part in (left, right, left + right):
+            if part not in vocab:
+                raise ModelFormatError(path, f"merge {left!r} {right!r}: {part!r} is not in "
+                                             f"the vocabulary")
+    if "unk_token" in kwargs and kwargs["unk_token"] not in vocab:
+        raise ModelFormatError(path, f"unknown token {kwargs['unk_token']!r} not in vocabulary")
+    with library_errors(path, "invalid BPE vocabulary"):
+        return tokenizers.Tokenizer(BPE(vocab=vocab, merges=merges, **kwargs))
+
+
+@contextlib.contextmanager
+def library_errors(path, what: str):
+    """`tokenizers` errors as ModelFormatError. Its Rust panics surface as
+    pyo3_runtime.PanicException, a BaseException, so those are converted too."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit, GeneratorExit, ModelFormatError):
+        raise
+    except BaseException as e:  # noqa: B036 - see docstring
+        raise ModelFormatError(path, f"{what}: {_one_line(e)}") from None
+
+
+def _merges_from_file(meta, vocab, path) -> list[tuple[str, str]] | None:
+    raw = meta.get("tokenizer.ggml.merges")
+    if raw is None:
+        return None
+    merges = []
+    for merge in raw:
+        parts = merge.split(" ") if isinstance(merge, str) else ()
+        if len(parts) != 2:
+            raise ModelFormatError(path, f"malformed merge {merge!r} in tokenizer.ggml.merges")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def _merges_from_scores(vocab: Mapping[str, int],
+                        scores: Mapping[str, float]) -> list[tuple[str, str]]:
+    """BPE merges implied by a SentencePiece vocabulary: every split of a token into two
+    tokens, best-scored token first, then longer left part first (transformers'
+    `generate_merges` with scores, which this must reproduce exactly)."""
+    merges = []
+    for merged, score in scores.items():
+        local = []
+        for i in range(1, len(merged)):
+            left, right = merged[:i], merged[i:]
+            if left in vocab and right in vocab:
+                local.append((left, right, score))
+        local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
+        merges.extend(local)
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
+
+
+def bos_eos_template(bos: tuple[str, int] | None,
+                     eos: tuple[str, int] | None) -> processors.TemplateProcessing:
+    """BOS/EOS ((token, id) or None) around each sequence, as transformers'
+    `update_post_processor` writes it."""
+    b = f"{bos[0]}:0 " if bos else ""
+    e = f" {eos[0]}:0" if eos else ""
+    single = f"{b}$A:0{e}"
+    pair = f"{single}{' ' + bos[0] + ':1' if bos else ''} $B:1{' ' + eos[0] + ':1' if eos else ''}"
+    return processors.TemplateProcessing(single=single, pair=pair,
+                                         special_tokens=[t for t in (bos, eos) if t])
+
+
+# Texts llama.cpp treats as end-of-generation when they are control tokens
+# (llama-vocab.cpp, special_eog_ids).
+_EOG_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
+              "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>")
+
+
+def _eog_ids(tokens, types, ids) -> tuple[int, ...]:
+    """EOS first (what transformers calls eos_token_id), then the other end-of-generation
+    tokens llama.cpp stops on (e.g. Gemma's <end_of_turn>, ChatML's <|im_end|>)."""
+    out = [ids[k] for k in ("eos", "eot", "eom") if k in ids]
+    out += [i for i, (t, ty) in enumerate(zip(tokens, types))
+            if ty == _CONTROL and t in _EOG_TEXTS]
+    return tuple(dict.fromkeys(out))
+
+
+# ---- chat templates ------------------------------------------------------------------
+
+def render_chat(template: str, messages: Sequence[Mapping[str, Any]], *,
+                add_generation_prompt: bool = True, bos_token: str | None = None,
+                eos_token: str | None = None, **extra: Any) -> str:
+    """Render a Hugging Face chat template the way `apply_chat_template(tokenize=False)`
+    does: sandboxed jinja2 with trim_blocks/lstrip_blocks, loop controls, a non-escaping
+    `tojson`, `raise_exception` and `strftime_now`."""
+    import jinja2
+
+    env = _chat_env()
+    try:
+        compiled = env.from_string(template)
+        return compiled.render(messages=[dict(m) for m in messages], tools=None, documents=None,
+                               add_generation_prompt=add_generation_prompt,
+                               bos_token=bos_token, eos_token=eos_token, **extra)
+    except jinja2.TemplateError as e:
+        raise ValueError(f"chat template: {_one_line(e)}") from None
+
+
+_ENV = None
+
+
+def _chat_env():
+    global _ENV
+    if _ENV is not None:
+        return _ENV
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class _Generation(jinja2.ext.Extension):
+        """`{% generation %}...{% endgeneration %}` (assistant-mask markers): body as is."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body) \
+                .set_lineno(lineno)
+
+        def _render(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    _ENV = env
+    return env
+
+
+# The Gemma 3 instruction template (google/gemma-3-*-it tokenizer_config.json), used when a
+# Gemma 3 file carries none: llama.cpp formats Gemma chats this way too.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    "    {%- set first_user_prefix = \"\" -%}\n"
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate "
+    "user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    "        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n"
+    "                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
+    "        {{ raise_exception(\"Invalid content type\") }}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\n'}}\n"
+    "{%- endif -%}\n"
+)
