@@ -16,11 +16,18 @@ from .types import DType, TensorType, substitute_dims
 AttrsFn = Callable[[Op], Mapping]  # op -> its attributes in the new module
 
 
-def _rebuild(module: Module, *, weight_type: Callable[[str, TensorType], TensorType],
-             arg_type: Callable[[Value], TensorType], attrs_of: AttrsFn,
-             given_type: Callable[[Op, TensorType], TensorType],
-             fix_operands: Callable[[Op, list[Value], "list[Op]"], list[Value]] | None = None
-             ) -> Module:
+def rebuild(module: Module, *, weight_type: Callable[[str, TensorType], TensorType],
+            arg_type: Callable[[Value], TensorType], attrs_of: AttrsFn,
+            given_type: Callable[[Op, TensorType], TensorType],
+            fix_operands: Callable[[Op, list[Value], "list[Op]"], list[Value]] | None = None
+            ) -> Module:
+    """A copy of `module` with new weight/argument types, every op rebuilt by `make_op`.
+
+    weight_type(name, type) and arg_type(arg) give the new types; attrs_of(op) the op's
+    new attributes; given_type(op, type) the result types of ops without inference
+    (constant, iota; weights take their table type). If an op no longer type-checks,
+    fix_operands(op, operands, ops_so_far) may append ops and return new operands.
+    """
     new = Module(module.name, weights={n: weight_type(n, t) for n, t in module.weights.items()},
                  attributes=copy.deepcopy(module.attributes))
     for fn in module.functions.values():
@@ -70,7 +77,7 @@ def bind_dims(module: Module, bindings: Mapping[str, int]) -> Module:
                 shape=tuple(bindings.get(d, d) if isinstance(d, str) else d for d in shape))
         return op.attrs
 
-    return _rebuild(module, weight_type=lambda n, t: sub(t), arg_type=lambda a: sub(a.type),
+    return rebuild(module, weight_type=lambda n, t: sub(t), arg_type=lambda a: sub(a.type),
                     attrs_of=attrs_of, given_type=lambda op, t: sub(t))
 
 
@@ -106,7 +113,7 @@ def set_float_dtype(module: Module, dtype: DType, *, keep_f32: Iterable[str] = (
             fixed.append(v)
         return fixed
 
-    new = _rebuild(
+    new = rebuild(
         module,
         weight_type=lambda n, t: t if n in keep else retype(t),
         arg_type=lambda a: a.type if a.hint in keep else retype(a.type),
@@ -117,4 +124,6 @@ def set_float_dtype(module: Module, dtype: DType, *, keep_f32: Iterable[str] = (
     return new
 
 
-__all__ = ["bind_dims", "set_float_dtype"]
+_rebuild = rebuild  # the name passes/plan_kv_cache.py imports
+
+__all__ = ["bind_dims", "rebuild", "set_float_dtype"]

@@ -69,25 +69,3 @@ def smollm2(smollm2_path):
 def gemma3(gemma3_path):
     from jaxrt.frontends.gguf_reader import read_gguf
     return read_gguf(gemma3_path)
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(config, items):
-    """Make `--dist loadgroup` group again. pytest-xdist 3.8 tags grouped tests by
-    assigning `item._nodeid`, which pytest 9 no longer reads (`nodeid` comes from
-    `item._id`), so every test became its own group and each worker loaded every real
-    model. Same tagging, through the attribute pytest 9 uses; a no-op once xdist has
-    tagged the id itself, and limited to the tests under this directory."""
-    if not getattr(config.option, "loadgroup", False):
-        return
-    from _pytest.nodeid import NodeId
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    for item in items:
-        tagged = item.nodeid.rfind("@") > item.nodeid.rfind("]")  # xdist's own test
-        if tagged or not os.path.abspath(str(item.path)).startswith(here + os.sep):
-            continue
-        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
-                        for m in item.iter_markers("xdist_group")})
-        if names:
-            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(names)}")

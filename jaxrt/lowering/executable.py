@@ -1,0 +1,215 @@
+"""StepExecutable: one model's `@step` compiled per shape bucket, weights and KV cache on
+device; plus `greedy_generate`, a single-sequence driver for tests and a CLI fallback.
+
+The batching runtime (jaxrt.runtime) builds its Engine on `StepExecutable.run`.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..ir import DType, Module, verify
+from ..ir.substitute import bind_dims, set_float_dtype
+from .compile import default_float_dtype, enable_persistent_cache, jit_function
+
+STEP_ARG_NAMES = ("tokens", "positions", "slot_mapping", "page_table", "context_lens",
+                  "q_index", "logit_index", "kv")
+
+
+def as_dtype(dtype) -> DType:
+    """None (the backend's default), a DType, "f32"/"bf16"/"float32"/... or a numpy dtype."""
+    if dtype is None:
+        return default_float_dtype()
+    if isinstance(dtype, DType):
+        return dtype
+    if isinstance(dtype, str):
+        aliases = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+        return DType.parse(aliases.get(dtype, dtype))
+    return DType.from_numpy(dtype)
+
+
+_as_dtype = as_dtype  # the name jaxrt/runtime/engine.py imports
+
+
+class StepExecutable:
+    """A module's `@step` bound to `num_pages` x `page_size` cache pages, ready to run.
+
+    `dtype` is the float compute dtype (default: f32 on CPU, bf16 elsewhere); weights and
+    the KV cache take it too unless named in `keep_f32` (e.g. ("kv",)). Logits are f32.
+    """
+
+    def __init__(self, module: Module, weights: Mapping[str, np.ndarray], *, num_pages: int,
+                 page_size: int, dtype=None, keep_f32: Iterable[str] = (),
+                 backends: str | Sequence[str] = "xla"):
+        enable_persistent_cache()
+        fn = module.functions.get("step")
+        if fn is None or tuple(fn.arg_names) != STEP_ARG_NAMES:
+            raise ValueError(f"module @{module.name} has no @step with arguments "
+                             f"{STEP_ARG_NAMES}")
+        # A module from the pass pipeline may already be cast (cast-float records
+        # "float_dtype") and planned (plan-kv-cache binds the cache dims).
+        cast_to = module.attributes.get("float_dtype")
+        self.dtype = as_dtype(dtype if dtype is not None else cast_to)
+        if cast_to not in (None, "f32", self.dtype.value):
+            raise ValueError(f"module @{module.name} computes in {cast_to}; it cannot run "
+                             f"as {self.dtype.value}")
+        bound = bind_dims(module, {"pages": num_pages, "page_size": page_size})
+        if self.dtype != DType.f32 and cast_to != self.dtype.value:
+            bound = set_float_dtype(bound, self.dtype, keep_f32=keep_f32)
+        verify(bound)
+        self.module = bound
+        self.num_pages, self.page_size = num_pages, page_size
+        step = bound.functions["step"]
+        self._kv_type = step.arg("kv").type
+        if self._kv_type.shape[2:4] != (num_pages, page_size):
+            raise ValueError(f"kv cache {self._kv_type} is not {num_pages} pages of "
+                             f"{page_size}")
+        self._logits_type = step.results[0].type
+        self._weights = self._place_weights(weights)
+        self._kv = jnp.zeros(self._kv_type.shape, self._kv_type.dtype.to_numpy())
+        self._jitted = jit_function(bound, "step", donate=("kv",), backends=backends)
+        self._compiled: dict[tuple[int, int, int, int, int], object] = {}
+        self._compile_seconds = 0.0
+
+    def _place_weights(self, weights: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        available = set(weights)  # keys only: a lazy mapping reads data on lookup
+        missing = [n for n in self.module.weights if n not in available]
+        if missing:
+            raise ValueError(f"{len(missing)} weight(s) missing, e.g. {missing[:3]}")
+        placed = {}
+        for name, t in self.module.weights.items():
+            arr = np.asarray(weights[name])
+            if arr.shape != t.shape:
+                raise ValueError(f"weight {name}: shape {arr.shape}, module expects {t}")
+            # Cast on the host: only the compute-dtype copy crosses to the device.
+            placed[name] = jax.device_put(arr.astype(t.dtype.to_numpy(), copy=False))
+        return placed
+
+    # ---- properties -----------------------------------------------------------------
+
+    @property
+    def num_layers(self) -> int:
+        return self._kv_type.shape[0]
+
+    @property
+    def vocab_size(self) -> int:
+        return self._logits_type.shape[-1]
+
+    @property
+    def kv_dtype(self) -> DType:
+        return self._kv_type.dtype
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        layers, two, _, _, kv_heads, head_dim = self._kv_type.shape
+        return layers * two * kv_heads * head_dim * self._kv_type.dtype.itemsize
+
+    @property
+    def compile_seconds_total(self) -> float:
+        return self._compile_seconds
+
+    @property
+    def kv_cache(self) -> jax.Array:
+        """The current cache (replaced by every `run`; do not hold on to it across runs)."""
+        return self._kv
+
+    @property
+    def compiled_shapes(self) -> list[tuple[int, int, int, int, int]]:
+        return sorted(self._compiled)
+
+    # ---- compile and run --------------------------------------------------------------
+
+    def compile_for(self, T: int, S: int, Q: int, MP: int, N: int) -> float:
+        """Compile the bucket (tokens, sequences, queries per sequence, max pages per
+        sequence, logit rows) ahead of time; returns the seconds spent (0 if cached)."""
+        key = (T, S, Q, MP, N)
+        if key in self._compiled:
+            return 0.0
+        i32 = jnp.int32
+        shapes = [(T,), (T,), (T,), (S, MP), (S,), (S, Q), (N,)]
+        structs = [jax.ShapeDtypeStruct(s, i32) for s in shapes]
+        start = time.perf_counter()
+        self._compiled[key] = self._jitted.lower(self._weights, *structs, self._kv).compile()
+        seconds = time.perf_counter() - start
+        self._compile_seconds += seconds
+        return seconds
+
+    def memory_analysis(self, T: int, S: int, Q: int, MP: int, N: int):
+        """XLA's memory statistics of a bucket (compiling it if needed): argument, output,
+        alias (the donated cache) and temp bytes, for sizing the cache against activations."""
+        self.compile_for(T, S, Q, MP, N)
+        return self._compiled[(T, S, Q, MP, N)].memory_analysis()
+
+    def run(self, tokens, positions, slot_mapping, page_table, context_lens, q_index,
+            logit_index) -> jax.Array:
+        """One step (see docs/architecture.md); returns f32 logits [N, vocab] on device.
+
+        Compiles on the first call for a new shape bucket; the cache is donated and
+        replaced, so only this object should keep a reference to it.
+        """
+        args = [a if isinstance(a, jax.Array) else np.asarray(a, np.int32)
+                for a in (tokens, positions, slot_mapping, page_table, context_lens, q_index,
+                          logit_index)]
+        key = _bucket(*args)
+        if key not in self._compiled:
+            self.compile_for(*key)
+        logits, self._kv = self._compiled[key](self._weights, *args, self._kv)
+        return logits
+
+
+def _bucket(tokens, positions, slot_mapping, page_table, context_lens, q_index,
+            logit_index) -> tuple[int, int, int, int, int]:
+    for name, a, rank in (("tokens", tokens, 1), ("positions", positions, 1),
+                          ("slot_mapping", slot_mapping, 1), ("page_table", page_table, 2),
+                          ("context_lens", context_lens, 1), ("q_index", q_index, 2),
+                          ("logit_index", logit_index, 1)):
+        if a.ndim != rank or a.dtype != np.int32:
+            raise ValueError(f"{name}: expected rank-{rank} int32, got {a.dtype}{a.shape}")
+    t = tokens.shape[0]
+    s, mp = page_table.shape
+    if positions.shape[0] != t or slot_mapping.shape[0] != t:
+        raise ValueError("tokens, positions and slot_mapping must have the same length")
+    if context_lens.shape[0] != s or q_index.shape[0] != s:
+        raise ValueError("page_table, context_lens and q_index disagree on sequences")
+    return t, s, q_index.shape[1], mp, logit_index.shape[0]
+
+
+def greedy_generate(exe: StepExecutable, prompt_ids: Sequence[int], max_new_tokens: int,
+                    stop_ids: Iterable[int] = ()) -> list[int]:
+    """Greedy continuation of one sequence laid out in pages 0, 1, 2, ... of the cache.
+
+    Prefills the whole prompt in one step, then decodes one token per step; returns the
+    new tokens (ending with the stop token if one was produced).
+    """
+    prompt = [int(t) for t in prompt_ids]
+    if not prompt:
+        raise ValueError("greedy_generate needs a non-empty prompt")
+    if max_new_tokens <= 0:
+        return []
+    stop = {int(t) for t in stop_ids}
+    written = len(prompt) + max_new_tokens - 1  # the last new token is never fed back
+    n_pages = math.ceil(written / exe.page_size)
+    if n_pages > exe.num_pages:
+        raise ValueError(f"{written} tokens need {n_pages} pages; the cache has "
+                         f"{exe.num_pages}")
+    page_table = np.arange(n_pages, dtype=np.int32)[None]  # slot of position p is p
+    n = len(prompt)
+    pos = np.arange(n, dtype=np.int32)
+    logits = exe.run(np.asarray(prompt, np.int32), pos, pos, page_table,
+                     np.asarray([n], np.int32), pos[None], np.asarray([n - 1], np.int32))
+    out: list[int] = []
+    one = np.zeros(1, np.int32)
+    while True:
+        token = int(jnp.argmax(logits[0]))
+        out.append(token)
+        if token in stop or len(out) == max_new_tokens:
+            return out
+        p = np.asarray([n], np.int32)
+        logits = exe.run(np.asarray([token], np.int32), p, p, page_table,
+                         np.asarray([n + 1], np.int32), one[None], one)
+        n += 1
