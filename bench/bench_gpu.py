@@ -104,7 +104,7 @@ def bench_model(name: str, args, bw: float, peak: float) -> dict:
     t0 = time.perf_counter()
     loaded = SimpleNamespace(config=config, weights=weights, tokenizer=None,
                              chat_template=None, source=f"random:{name}")
-    model = compile_loaded(loaded, max_model_len=max_len, max_num_seqs=max(int(c) for c in args.concurrency.split(",")),
+    model = compile_loaded(loaded, max_model_len=max_len, page_size=args.page_size, max_num_seqs=max(int(c) for c in args.concurrency.split(",")),
                            max_num_batched_tokens=args.budget)
     exe = model.executable()
     load_s = time.perf_counter() - t0
@@ -115,7 +115,8 @@ def bench_model(name: str, args, bw: float, peak: float) -> dict:
 
     # Single request, as `jaxrt generate --json` runs it.
     eng = Engine(exe, max_num_seqs=1, max_model_len=args.input_len + args.output_len,
-                 max_num_batched_tokens=args.input_len, log=sys.stderr)
+                 max_num_batched_tokens=args.input_len, bucket_growth=args.bucket_growth,
+                 log=sys.stderr)
     out["generate_compile_s"] = eng.stats().warmup_seconds
     prompt = Workload(1, args.input_len, args.output_len).prompts(config.vocab_size)
     eng.generate(prompt, SamplingParams(max_tokens=4, ignore_eos=True))  # first-run effects
@@ -142,7 +143,7 @@ def bench_model(name: str, args, bw: float, peak: float) -> dict:
     for scen, w, seqs, caching in scenarios:
         eng = Engine(exe, max_num_seqs=seqs, max_model_len=max_len,
                      max_num_batched_tokens=args.budget, enable_prefix_caching=caching,
-                     log=sys.stderr)
+                     bucket_growth=args.bucket_growth, log=sys.stderr)
         row = run_workload(eng, w)
         row.update(scenario=scen, max_num_seqs=seqs)
         rows.append(row)
@@ -163,6 +164,8 @@ def main():
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--prefix-len", type=int, default=1024)
     p.add_argument("--concurrency", default="1,16,64")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--bucket-growth", type=int, default=4)
     p.add_argument("--budget", type=int, default=2048, help="max_num_batched_tokens")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "bench/results"),
                                                  "jaxrt_gpu.json"))

@@ -22,15 +22,16 @@ DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "jaxrt", "xla")
 def enable_persistent_cache(path: str | None = None) -> str | None:
     """Turn on JAX's on-disk compilation cache (also for fast CPU compiles).
 
-    The directory is `path`, else $JAXRT_CACHE_DIR, else ~/.cache/jaxrt/xla;
-    JAXRT_CACHE_DIR=off disables it. A directory the user already configured in JAX wins.
+    The directory is `path`, else $JAXRT_CACHE_DIR/xla, else ~/.cache/jaxrt/xla;
+    JAXRT_XLA_CACHE=off disables it. A directory the user already configured in JAX wins.
     """
     configured = jax.config.jax_compilation_cache_dir
     if path is None and configured:
         return configured
-    path = path or os.environ.get("JAXRT_CACHE_DIR") or DEFAULT_CACHE_DIR
-    if path.lower() in ("off", "none", "0"):
+    if os.environ.get("JAXRT_XLA_CACHE", "").lower() in ("off", "none", "0"):
         return None
+    root = os.environ.get("JAXRT_CACHE_DIR")
+    path = path or (os.path.join(root, "xla") if root else DEFAULT_CACHE_DIR)
     path = os.path.expanduser(path)
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)

@@ -349,12 +349,12 @@ class Scheduler:
 
 # ---- step arrays ----------------------------------------------------------------------
 
-def _ladder(floor: int, cap: int) -> tuple[int, ...]:
-    """floor, 2 floor, 4 floor, ... below cap, then cap itself."""
+def _ladder(floor: int, cap: int, growth: int = 2) -> tuple[int, ...]:
+    """floor, growth * floor, growth^2 * floor, ... below cap, then cap itself."""
     sizes, s = [], floor
     while s < cap:
         sizes.append(s)
-        s *= 2
+        s *= growth
     return tuple(sizes) + (cap,)
 
 
@@ -378,19 +378,23 @@ class BucketPolicy:
     q_block: int = 16
     token_floor: int = 16
     page_floor: int = 4
+    # Each bucket is one compile: a larger growth factor compiles fewer buckets and pads
+    # more (up to growth x the work). 2 suits CPUs; accelerators compile slowly.
+    growth: int = 2
 
     @property
     def decode_sizes(self) -> tuple[int, ...]:
-        return _ladder(1, min(self.max_num_seqs, self.max_num_batched_tokens))
+        return _ladder(1, min(self.max_num_seqs, self.max_num_batched_tokens), self.growth)
 
     @property
     def token_sizes(self) -> tuple[int, ...]:
         return _ladder(min(self.token_floor, self.max_num_batched_tokens),
-                       self.max_num_batched_tokens)
+                       self.max_num_batched_tokens, self.growth)
 
     @property
     def page_sizes(self) -> tuple[int, ...]:
-        return _ladder(min(self.page_floor, self.max_pages_per_seq), self.max_pages_per_seq)
+        return _ladder(min(self.page_floor, self.max_pages_per_seq), self.max_pages_per_seq,
+                       self.growth)
 
     @property
     def row_cap(self) -> int:
