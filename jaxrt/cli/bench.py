@@ -24,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default: the number of requests")
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--dtype", default=None)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--bucket-growth", type=int, default=2,
+                   help="shape-bucket growth factor (larger: fewer compiles, more padding)")
     p.add_argument("--suite", action="store_true",
                    help="the standard figures: 1 vs N concurrent requests, and a shared "
                         "prefix with prefix caching on vs off")
@@ -35,7 +38,8 @@ def _engine(model, args, max_num_seqs: int, prefix_caching: bool, max_len: int):
     from jaxrt.runtime.engine import Engine
     return Engine(model.executable(), tokenizer=model.tokenizer, max_num_seqs=max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens,
-                  enable_prefix_caching=prefix_caching, max_model_len=max_len, log=sys.stderr)
+                  enable_prefix_caching=prefix_caching, max_model_len=max_len,
+                  bucket_growth=args.bucket_growth, log=sys.stderr)
 
 
 def run(args) -> int:
@@ -60,7 +64,8 @@ def run(args) -> int:
                           not args.no_prefix_caching))
     max_len = max(w.input_len + w.output_len for _, w, _, _ in scenarios)
     max_seqs = max(s for _, _, s, _ in scenarios)
-    model = load(args.model, dtype=args.dtype, max_model_len=max_len, max_num_seqs=max_seqs)
+    model = load(args.model, dtype=args.dtype, max_model_len=max_len, max_num_seqs=max_seqs,
+                 page_size=args.page_size)
     load_s = time.perf_counter() - start
     rows = []
     for name, workload, seqs, caching in scenarios:

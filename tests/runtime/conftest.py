@@ -46,11 +46,25 @@ def _fake() -> RunnerFactory:
                          eos_token_ids=(EOS,))
 
 
-FACTORIES: dict[str, Callable[[], RunnerFactory]] = {"fake": _fake}
+def _smollm2() -> RunnerFactory:
+    """The real SmolLM2-135M (CPU, float32), with a small cache: the engine properties run
+    against it by default, greedy only (exact=False: see test_engine_properties.py)."""
+    from jaxrt.compiler import Target, load
+    model = load("smollm2-135m", target=Target("cpu", 2 << 30, "f32"), max_model_len=64,
+                 num_pages=32)
+    exe = model.executable()
+    return RunnerFactory("smollm2", lambda: exe, page_size=exe.page_size,
+                         runner_pages=exe.num_pages, vocab_size=exe.vocab_size,
+                         prompt_tokens=range(100, 5000), exact=False,
+                         eos_token_ids=tuple(model.tokenizer.eos_ids))
+
+
+FACTORIES: dict[str, Callable[[], RunnerFactory]] = {"fake": _fake, "smollm2": _smollm2}
 
 
 def _selected() -> list[str]:
-    names = [n.strip() for n in os.environ.get("JAXRT_RUNTIME_RUNNERS", "fake").split(",")]
+    names = [n.strip() for n in
+             os.environ.get("JAXRT_RUNTIME_RUNNERS", "fake,smollm2").split(",")]
     unknown = [n for n in names if n not in FACTORIES]
     if unknown:
         raise pytest.UsageError(f"JAXRT_RUNTIME_RUNNERS: unknown runner(s) {unknown}; "
@@ -58,7 +72,10 @@ def _selected() -> list[str]:
     return [n for n in names if n]
 
 
-@pytest.fixture(scope="session", params=_selected())
+# Real-model runners compile per process: keep each one's tests on one xdist worker.
+@pytest.fixture(scope="session", params=[
+    pytest.param(n, marks=pytest.mark.xdist_group(n)) if n != "fake" else n
+    for n in _selected()])
 def runner_factory(request) -> RunnerFactory:
     return FACTORIES[request.param]()
 
