@@ -59,12 +59,37 @@ def _smollm2() -> RunnerFactory:
                          eos_token_ids=tuple(model.tokenizer.eos_ids))
 
 
-FACTORIES: dict[str, Callable[[], RunnerFactory]] = {"fake": _fake, "smollm2": _smollm2}
+def _tiny_llama() -> RunnerFactory:
+    """A random two-layer GQA Llama through the real frontend, passes and lowering."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from jaxrt.compiler import Target, compile_loaded
+    from jaxrt.frontends.config import ModelConfig
+    from jaxrt.frontends.loaded import expected_weight_shapes
+    cfg = ModelConfig(arch="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
+                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                      max_position=64, rope_theta=10000.0)
+    rng = np.random.default_rng(7)
+    weights = {n: (rng.standard_normal(s) * (0.3 if len(s) > 1 else 0.1) + (len(s) == 1))
+               .astype(np.float32) for n, s in expected_weight_shapes(cfg).items()}
+    loaded = SimpleNamespace(config=cfg, weights=weights, tokenizer=None, chat_template=None,
+                             source="random:tiny-llama")
+    model = compile_loaded(loaded, target=Target("cpu", 1 << 30, "f32"), page_size=4,
+                           num_pages=64)
+    exe = model.executable()
+    return RunnerFactory("tiny-llama", lambda: exe, page_size=4, runner_pages=64,
+                         vocab_size=256, prompt_tokens=range(3, 256), exact=False)
+
+
+FACTORIES: dict[str, Callable[[], RunnerFactory]] = {
+    "fake": _fake, "tiny-llama": _tiny_llama, "smollm2": _smollm2}
 
 
 def _selected() -> list[str]:
     names = [n.strip() for n in
-             os.environ.get("JAXRT_RUNTIME_RUNNERS", "fake,smollm2").split(",")]
+             os.environ.get("JAXRT_RUNTIME_RUNNERS", "fake,tiny-llama,smollm2").split(",")]
     unknown = [n for n in names if n not in FACTORIES]
     if unknown:
         raise pytest.UsageError(f"JAXRT_RUNTIME_RUNNERS: unknown runner(s) {unknown}; "

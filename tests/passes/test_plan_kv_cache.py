@@ -1,0 +1,107 @@
+"""plan-kv-cache: page size option, budget arithmetic, recorded plan, and clear failures."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from jaxrt.frontends.build import build_module
+from jaxrt.frontends.config import ModelConfig
+from jaxrt.ir import DType, verify
+from jaxrt.ir.analysis.summary import format_summary, module_summary
+from jaxrt.passes import PassManager, PipelineError, parse_pipeline
+from jaxrt.passes.plan_kv_cache import KVPlanError
+
+GIB = 1 << 30
+
+
+def tiny_module(layers=2, kv_heads=2, head_dim=16, max_position=256):
+    cfg = ModelConfig(arch="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+                      num_layers=layers, num_heads=4, num_kv_heads=kv_heads,
+                      head_dim=head_dim, max_position=max_position)
+    m = build_module(cfg)
+    m.attributes["config"] = cfg.to_dict()
+    return m
+
+
+def plan(module, pipeline):
+    PassManager(pipeline).run(module)
+    verify(module)
+    return module.attributes["kv_cache"]
+
+
+def test_plan_sizes_pages_from_the_budget():
+    m = tiny_module()
+    weight_bytes = sum(t.nbytes() for t in m.weights.values())
+    p = plan(m, "plan-kv-cache{page-size=32 memory-gib=0.05 memory-fraction=0.5 "
+                "max-num-seqs=1000}")
+    bytes_per_token = 2 * 2 * 2 * 16 * 4  # layers * (k, v) * kv_heads * head_dim * f32
+    assert p["bytes_per_token"] == bytes_per_token
+    budget = p["budget"]
+    free = 0.05 * GIB * 0.5 - weight_bytes - budget["activation_bytes"]
+    assert budget["weight_bytes"] == weight_bytes and budget["activation_bytes"] > 0
+    assert p["num_pages"] == int(free // (32 * bytes_per_token))
+    assert p["max_concurrent_tokens"] == p["num_pages"] * 32
+    kv = m.functions["step"].arg("kv").type
+    assert kv.shape == (2, 2, p["num_pages"], 32, 2, 16) and kv.dtype == DType.f32
+
+
+def test_pages_are_capped_by_max_num_seqs():
+    m = tiny_module(max_position=256)
+    p = plan(m, "plan-kv-cache{page-size=16 memory-gib=4 max-num-seqs=3}")
+    assert p["num_pages"] == 3 * math.ceil(256 / 16)
+
+
+def test_cache_dtype_option_and_inspect():
+    m = tiny_module()
+    p = plan(m, "plan-kv-cache{page-size=16 dtype=bf16 num-pages=40}")
+    assert p["dtype"] == "bf16" and p["num_pages"] == 40
+    assert m.functions["step"].arg("kv").type.dtype == DType.bf16
+    text = format_summary(module_summary(m))
+    assert "kv cache: paged, page size 16, 40 pages, bf16" in text
+    assert "max concurrent tokens 640" in text
+
+
+def test_one_max_length_sequence_must_fit():
+    m = tiny_module(max_position=4096)
+    with pytest.raises(KVPlanError) as e:
+        plan(m, "plan-kv-cache{page-size=16 memory-gib=0.0001}")
+    msg = str(e.value)
+    assert "one sequence of 4096 tokens needs 256 pages" in msg and "weights" in msg
+
+
+@pytest.mark.parametrize("size", [1, 3, 48, 512])
+def test_page_size_must_be_a_power_of_two_in_range(size):
+    with pytest.raises(PipelineError, match="power of two"):
+        parse_pipeline(f"plan-kv-cache{{page-size={size}}}")
+
+
+@pytest.mark.parametrize("size", [2, 16, 256])
+def test_valid_page_sizes(size):
+    p = plan(tiny_module(), f"plan-kv-cache{{page-size={size} memory-gib=1}}")
+    assert p["page_size"] == size
+
+
+def test_unknown_memory_is_an_error_not_a_guess():
+    with pytest.raises(KVPlanError, match="device memory is unknown"):
+        plan(tiny_module(), "plan-kv-cache")
+
+
+def test_target_attribute_supplies_device_memory():
+    m = tiny_module()
+    m.attributes["target"] = {"backend": "cpu", "device_memory_bytes": GIB}
+    assert plan(m, "plan-kv-cache")["budget"]["device_bytes"] == GIB
+
+
+def test_planning_twice_is_an_error():
+    m = tiny_module()
+    plan(m, "plan-kv-cache{memory-gib=1}")
+    with pytest.raises(KVPlanError, match="already planned"):
+        plan(m, "plan-kv-cache{memory-gib=1}")
+
+
+def test_plan_after_cast_float_sizes_a_bf16_cache():
+    m = tiny_module()
+    p = plan(m, "cast-float{dtype=bf16},plan-kv-cache{memory-gib=1}")
+    assert p["dtype"] == "bf16" and p["bytes_per_token"] == 2 * 2 * 2 * 16 * 2
+    assert all(t.dtype == DType.bf16 for t in m.weights.values())
