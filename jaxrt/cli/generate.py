@@ -62,6 +62,8 @@ def run(args) -> int:
     if len(prompt_ids) + args.max_tokens > context:
         raise ValueError(f"prompt ({len(prompt_ids)} tokens) + --max-tokens {args.max_tokens} "
                          f"exceeds the model's context of {context} tokens")
+    # Reject bad parameters before anything is compiled.
+    params.validate(model.config.vocab_size, context, len(prompt_ids))
     runner = model.executable()
     load_s = time.perf_counter() - start
     # One request: size the shape buckets to it, so warm-up compiles only what it can use.
