@@ -107,7 +107,8 @@ class MemoryEstimate:
     names: tuple[str, ...]      # their printed names
 
 
-def peak_memory(fn: Function, bindings: dict[str, int] | None = None) -> MemoryEstimate:
+def peak_memory(fn: Function, bindings: dict[str, int] | None = None, *,
+                exclude=None) -> MemoryEstimate:
     """Bytes of values live at once, maximized over ops; weights excluded, arguments included.
 
     A value occupies memory from its definition to its last use, both inclusive (an op's
@@ -122,6 +123,8 @@ def peak_memory(fn: Function, bindings: dict[str, int] | None = None) -> MemoryE
     sized: list[tuple[Value, Interval, int]] = []
     for v, iv in live.items():
         if v.owner is not None and v.owner.opdef is weight:
+            continue
+        if exclude is not None and exclude(v):  # e.g. the KV cache, accounted for apart
             continue
         try:
             nbytes = v.type.nbytes(bindings)

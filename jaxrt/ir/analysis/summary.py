@@ -17,11 +17,19 @@ def symbolic_dims(module: Module) -> list[str]:
     return sorted(dims)
 
 
+def _is_kv_cache(v) -> bool:
+    """The serving cache and its updated versions: sized by the KV plan, not activations."""
+    if v.owner is None:
+        return v.hint == "kv"
+    return v.owner.opdef.name == "kv.update"
+
+
 def module_summary(module: Module, bindings: dict[str, int] | None = None) -> dict[str, Any]:
     """Op histograms, values and peak activations per function; weights by dtype.
 
     Symbolic dims not in `bindings` are sized 1 for the activation estimate; the summary
-    lists which dims were assumed.
+    lists which dims were assumed. The KV cache (the `%kv` argument and kv.update results,
+    updated in place) is reported by the KV plan, not counted as activations.
     """
     bindings = dict(bindings or {})
     assumed = [d for d in symbolic_dims(module) if d not in bindings]
@@ -35,7 +43,7 @@ def module_summary(module: Module, bindings: dict[str, int] | None = None) -> di
     functions = {}
     for name, fn in module.functions.items():
         hist = Counter(op.opdef.name for op in fn.ops)
-        peak = peak_memory(fn, sizes)
+        peak = peak_memory(fn, sizes, exclude=_is_kv_cache)
         functions[name] = {
             "ops": len(fn.ops),
             "values": len(fn.args) + sum(len(op.results) for op in fn.ops),
