@@ -25,3 +25,12 @@ def read_ir(path: str):
 
 def is_ir_file(path: str) -> bool:
     return path == "-" or (os.path.isfile(path) and path.endswith((".jxr", ".mlir", ".ir")))
+
+
+def write_text(text: str, path: str | None) -> None:
+    """Write to `path`, or to stdout when no path is given."""
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)

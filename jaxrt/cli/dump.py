@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
+
+from ._common import write_text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -14,10 +15,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from jaxrt.compiler import load
-    text = str(load(args.model, pipeline=args.pipeline).module)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text)
-    else:
-        sys.stdout.write(text)
+    write_text(str(load(args.model, pipeline=args.pipeline).module), args.output)
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._common import read_ir
+from ._common import read_ir, write_text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,10 +37,5 @@ def run(args) -> int:
     if args.stats:
         hooks.append(TimingHook(sys.stderr, rules=True))
     PassManager(passes, hooks, record_stats=args.stats).run(module)
-    text = str(module)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text)
-    else:
-        sys.stdout.write(text)
+    write_text(str(module), args.output)
     return 0
