@@ -66,11 +66,13 @@ def run(args) -> int:
     params.validate(model.config.vocab_size, context, len(prompt_ids))
     runner = model.executable()
     load_s = time.perf_counter() - start
-    # One request: size the shape buckets to it, so warm-up compiles only what it can use.
+    # One request: one prefill bucket and one decode bucket per beam count, each sized to
+    # the whole request, so warm-up compiles only what this run uses.
+    max_len = len(prompt_ids) + args.max_tokens
+    budget = min(512, max(16, 1 << (len(prompt_ids) - 1).bit_length()))
     engine = Engine(runner, tokenizer=model.tokenizer, max_num_seqs=max(1, args.beam_width),
-                    max_model_len=len(prompt_ids) + args.max_tokens,
-                    max_num_batched_tokens=min(512, max(16, 1 << (len(prompt_ids) - 1)
-                                                        .bit_length())),
+                    max_model_len=max_len, max_num_batched_tokens=budget,
+                    min_bucket_tokens=budget, min_bucket_pages=-(-max_len // runner.page_size),
                     log=None if args.json else sys.stderr)
     compile_s = engine.stats().warmup_seconds
     t0 = time.perf_counter()

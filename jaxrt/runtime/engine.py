@@ -66,7 +66,8 @@ class Engine:
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                  kv_cache_memory_fraction: float = 0.9, num_pages: int | None = None,
                  max_model_len: int | None = None, dtype: Any = None, max_logprobs: int = 20,
-                 seed: int = 0, q_block: int = 16, bucket_growth: int = 2, warmup: bool = True,
+                 seed: int = 0, q_block: int = 16, bucket_growth: int = 2,
+                 min_bucket_tokens: int = 16, min_bucket_pages: int = 4, warmup: bool = True,
                  strict_compiles: bool = False, log: Any = "stderr"):
         if isinstance(model, (str, os.PathLike)):
             model, tok, eos, model_len = _load(
@@ -110,7 +111,8 @@ class Engine:
         self.scheduler = Scheduler(self.config, self.block_manager, detok)
         self.policy = BucketPolicy(max_num_seqs, max_num_batched_tokens,
                                    math.ceil(max_model_len / ps), q_block=q_block,
-                                   growth=bucket_growth)
+                                   growth=bucket_growth, token_floor=min_bucket_tokens,
+                                   page_floor=min_bucket_pages)
         self.sampler = Sampler(self.vocab_size, max_logprobs)
         self._pad_slot = int(model.num_pages) * ps
         self._rng = random.Random(seed)
