@@ -176,10 +176,16 @@ def _sample(logits, temperature, top_k, top_p, min_p, repetition, presence, freq
     scaled = logits / temp[:, None]
     logprobs = jax.nn.log_softmax(scaled, axis=-1)
     needs_mask = jnp.any(~greedy & ((top_k > 0) | (top_p < 1.0) | (min_p > 0.0)))
-    keep = jax.lax.cond(needs_mask, lambda: truncation_mask(scaled, top_k, top_p, min_p),
-                        lambda: jnp.ones(scaled.shape, bool))
-    gumbel = gumbel_noise(seed_lo, seed_hi, step, scaled.shape[-1])
-    drawn = jnp.argmax(jnp.where(keep, scaled, -jnp.inf) + gumbel, axis=-1)
+
+    def draw():  # Gumbel-max over the truncated distribution
+        keep = jax.lax.cond(needs_mask, lambda: truncation_mask(scaled, top_k, top_p, min_p),
+                            lambda: jnp.ones(scaled.shape, bool))
+        gumbel = gumbel_noise(seed_lo, seed_hi, step, scaled.shape[-1])
+        return jnp.argmax(jnp.where(keep, scaled, -jnp.inf) + gumbel, axis=-1)
+
+    # An all-greedy batch (the common serving case) skips the [N, V] noise and masks.
+    drawn = jax.lax.cond(jnp.any(~greedy), draw,
+                         lambda: jnp.zeros(scaled.shape[:1], jnp.int32))
     tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
     token_lp = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     top_lp, top_ids = jax.lax.top_k(logprobs, num_top)
