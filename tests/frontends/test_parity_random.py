@@ -26,8 +26,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # test dependency: a missing install must fail, not skip
+import transformers
 
 from jaxrt.frontends.build import build_module  # noqa: E402
 from jaxrt.frontends.hf_config import config_from_hf, config_from_hf_dict  # noqa: E402
