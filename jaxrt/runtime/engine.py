@@ -381,10 +381,7 @@ def _load(model: str, *, dtype, page_size: int, num_pages: int | None,
           max_num_batched_tokens: int | None):
     """Path or alias -> (StepExecutable, tokenizer, eos ids, the model's max length).
     The plan-kv-cache pass sizes the cache (num_pages) from these options."""
-    try:
-        from ..compiler import load
-    except ImportError as e:
-        raise RuntimeError(f"cannot load {model!r}: {e}; pass a runner object instead") from e
+    from ..compiler import load
     compiled = load(model, dtype=dtype, page_size=page_size, memory_fraction=memory_fraction,
                     max_model_len=max_model_len or 0, max_num_seqs=max_num_seqs,
                     max_num_batched_tokens=max_num_batched_tokens or 2048,
