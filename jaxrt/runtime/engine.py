@@ -27,6 +27,7 @@ import os
 import random
 import sys
 import time
+import weakref
 from collections.abc import Iterator, Sequence as Seq
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,9 @@ from .scheduler import (BucketPolicy, Scheduler, SchedulerConfig, StepInputs,
                         build_step_inputs)
 
 Prompt = str | Seq[int]
+
+# runner -> buckets already run once: engines sharing a runner pay its first-run set-up once.
+_FIRST_RUN_DONE: "weakref.WeakKeyDictionary[Any, set]" = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,14 @@ class Engine:
         """Run a compiled bucket once on padding (every slot dropped, no context): an
         executable's first run pays one-time set-up (about 1 s for SmolLM2 on CPU) that
         must not land on the first request's TTFT. The cache is left untouched."""
+        try:
+            done = _FIRST_RUN_DONE.setdefault(self.runner, set())
+        except TypeError:  # a runner that cannot be weakly referenced: run every time
+            done = set()
+        key = b.as_tuple()
+        if key in done:
+            return
+        done.add(key)
         i32 = np.int32
         zeros_t = np.zeros(b.T, i32)
         out = self.runner.run(zeros_t, zeros_t, np.full(b.T, self._pad_slot, i32),
