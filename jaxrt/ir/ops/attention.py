@@ -92,8 +92,23 @@ def _check_i32(t: TensorType, rank: int, what: str):
         raise VerifyError(f"{what}: expected rank-{rank} i32, got {t}")
 
 
+def _check_layer_operand(extra, what):
+    """The optional trailing operand: a dynamic i32[] added to the `layer` attribute (the
+    body of a layer scan indexes the stacked cache with its iteration)."""
+    if len(extra) > 1:
+        raise VerifyError(f"{what}: at most one layer operand")
+    if extra and (extra[0].dtype != DType.int32 or extra[0].rank != 0):
+        raise VerifyError(f"{what}: layer operand must be i32[], got {extra[0]}")
+
+
+def layer_of(attrs, extra) -> int:
+    """Effective layer of a kv op: the attribute plus the optional dynamic operand."""
+    return attrs.layer + (int(np.asarray(extra[0])) if extra else 0)
+
+
 def _infer_kv_update(types, attrs):
-    kv, k, v, slots = types
+    kv, k, v, slots, *extra = types
+    _check_layer_operand(extra, "kv.update")
     _check_cache(kv, "kv.update")
     _check_i32(slots, 1, "kv.update slot_mapping")
     if k.shape != v.shape or k.rank != 3 or k.shape[1:] != kv.shape[4:]:
@@ -105,29 +120,32 @@ def _infer_kv_update(types, attrs):
     return [kv]
 
 
-def _ref_kv_update(kv, k, v, slots, *, attrs, out_types):
+def _ref_kv_update(kv, k, v, slots, *extra, attrs, out_types):
     out = kv.copy()
     _, _, pages, ps = kv.shape[:4]
-    flat_k = out[attrs.layer, 0].reshape(pages * ps, *kv.shape[4:])
-    flat_v = out[attrs.layer, 1].reshape(pages * ps, *kv.shape[4:])
+    layer = layer_of(attrs, extra)
+    flat_k = out[layer, 0].reshape(pages * ps, *kv.shape[4:])
+    flat_v = out[layer, 1].reshape(pages * ps, *kv.shape[4:])
     for t, slot in enumerate(slots):
         if 0 <= slot < pages * ps:  # out-of-range slots mark padding tokens
             flat_k[slot] = k[t]
             flat_v[slot] = v[t]
-    out[attrs.layer, 0] = flat_k.reshape(kv.shape[2:])
-    out[attrs.layer, 1] = flat_v.reshape(kv.shape[2:])
+    out[layer, 0] = flat_k.reshape(kv.shape[2:])
+    out[layer, 1] = flat_v.reshape(kv.shape[2:])
     return out
 
 
-# kv.update(kv, k[T, KVH, D], v[T, KVH, D], slot_mapping[T]) {layer} -> kv
+# kv.update(kv, k[T, KVH, D], v[T, KVH, D], slot_mapping[T] [, base: i32[]]) {layer} -> kv
 # slot = page * page_size + offset; slots outside the cache (padding) are dropped.
+# The layer written is `layer` (+ `base` when given: a layer scan's dynamic offset).
 kv_update = register(OpDef(
-    "kv.update", 4, attrs={"layer": AttrSpec(int)}, traits=frozenset({Trait.PURE}),
+    "kv.update", (4, 5), attrs={"layer": AttrSpec(int)}, traits=frozenset({Trait.PURE}),
     infer=_infer_kv_update, reference=_ref_kv_update))
 
 
 def _infer_paged_attention(types, attrs):
-    q, kv, page_table, ctx, q_index, positions = types
+    q, kv, page_table, ctx, q_index, positions, *extra = types
+    _check_layer_operand(extra, "llm.paged_attention")
     _check_cache(kv, "llm.paged_attention")
     if q.rank != 3 or q.shape[2] != kv.shape[5]:
         raise VerifyError(f"llm.paged_attention: q {q} must be [tokens, heads, {kv.shape[5]}]")
@@ -144,9 +162,10 @@ def _infer_paged_attention(types, attrs):
     return [q]
 
 
-def _ref_paged_attention(q, kv, page_table, ctx, q_index, positions, *, attrs, out_types):
+def _ref_paged_attention(q, kv, page_table, ctx, q_index, positions, *extra, attrs,
+                         out_types):
     q = as_compute(q)
-    kvf = as_compute(kv)[attrs.layer]  # [2, pages, ps, KVH, D]
+    kvf = as_compute(kv)[layer_of(attrs, extra)]  # [2, pages, ps, KVH, D]
     ps = kvf.shape[2]
     out = np.zeros(q.shape, np.float32)
     T = q.shape[0]
@@ -164,9 +183,10 @@ def _ref_paged_attention(q, kv, page_table, ctx, q_index, positions, *, attrs, o
 
 
 # paged_attention(q[T, H, D], kv, page_table[S, MP], context_lens[S], q_index[S, Q],
-#                 positions[T]) {layer, scale, causal, window, softcap} -> [T, H, D]
+#                 positions[T] [, base: i32[]]) {layer, scale, causal, window, softcap}
+#   -> [T, H, D]   (layer read: `layer` + `base`, as for kv.update)
 # q_index[s, j] is the flat token index of sequence s's j-th query (>= T for padding);
 # context_lens[s] counts the cached tokens of s including this step's.
 paged_attention = register(OpDef(
-    "llm.paged_attention", 6, attrs={"layer": AttrSpec(int), **ATTN_ATTRS},
+    "llm.paged_attention", (6, 7), attrs={"layer": AttrSpec(int), **ATTN_ATTRS},
     infer=_infer_paged_attention, reference=_ref_paged_attention))
