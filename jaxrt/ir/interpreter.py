@@ -6,7 +6,7 @@ from typing import Mapping
 import numpy as np
 
 from .module import Function, Module
-from .ops import weight
+from .ops import scan, weight
 from .types import TensorType, substitute_dims
 
 
@@ -26,7 +26,9 @@ def bind_dims(fn: Function, inputs: list[np.ndarray]) -> dict[str, int]:
 
 
 def run_function(fn: Function, inputs: list[np.ndarray],
-                 weights: Mapping[str, np.ndarray] | None = None) -> list[np.ndarray]:
+                 weights: Mapping[str, np.ndarray] | None = None,
+                 module: Module | None = None) -> list[np.ndarray]:
+    """Run `fn` on numpy inputs; `module` supplies the bodies of scan ops."""
     if len(inputs) != len(fn.args):
         raise ValueError(f"@{fn.name} takes {len(fn.args)} arguments, got {len(inputs)}")
     bindings = bind_dims(fn, inputs)
@@ -35,6 +37,8 @@ def run_function(fn: Function, inputs: list[np.ndarray],
         out_types = [substitute_dims(r.type, bindings) for r in op.results]
         if op.opdef is weight:
             outs = [np.asarray((weights or {})[op.attrs.name])]
+        elif op.opdef is scan:
+            outs = _run_scan(op, [env[v] for v in op.operands], weights, module)
         else:
             if op.opdef.reference is None:
                 raise NotImplementedError(f"{op.opdef.name} has no reference semantics")
@@ -47,6 +51,21 @@ def run_function(fn: Function, inputs: list[np.ndarray],
     return [env[v] for v in fn.results]
 
 
+def _run_scan(op, operands, weights, module) -> list[np.ndarray]:
+    if module is None or op.attrs.body not in module.functions:
+        raise ValueError(f"scan: body @{op.attrs.body} needs the module")
+    body = module.functions[op.attrs.body]
+    k, m = op.attrs.carried, op.attrs.invariant
+    carried, invariant, stacked = operands[:k], operands[k:k + m], operands[k + m:]
+    for i in range(op.attrs.length):
+        carried = run_function(body, [np.asarray(i, np.int32), *carried, *invariant,
+                                      *[x[i] for x in stacked]], weights, module)
+    return carried
+
+
 def run(module: Module, name: str, inputs: list[np.ndarray],
         weights: Mapping[str, np.ndarray] | None = None) -> list[np.ndarray]:
-    return run_function(module.functions[name], inputs, weights)
+    if module.weight_defs and weights is not None:  # evaluate stacks, casts, ... first
+        from .weights import materialize, resident_weights
+        weights = {**weights, **materialize(module, weights, resident_weights(module))}
+    return run_function(module.functions[name], inputs, weights, module)

@@ -157,6 +157,8 @@ class Module:
     name: str = "module"
     functions: dict[str, Function] = field(default_factory=dict)
     weights: dict[str, TensorType] = field(default_factory=dict)
+    # Weights computed from other weights at load (see weights.py): name -> WeightDef.
+    weight_defs: dict[str, Any] = field(default_factory=dict)
     # Module-level metadata (architecture config, KV plan, ...): JSON-like values.
     attributes: dict[str, Any] = field(default_factory=dict)
 
@@ -170,6 +172,8 @@ class Module:
         if not isinstance(other, Module):
             return NotImplemented
         return (self.name == other.name and self.weights == other.weights
+                and list(self.weights) == list(other.weights)
+                and _defs_key(self.weight_defs) == _defs_key(other.weight_defs)
                 and _as_tuples(self.attributes) == _as_tuples(other.attributes)
                 and list(self.functions) == list(other.functions)
                 and all(f.structural_key() == other.functions[n].structural_key()
@@ -180,6 +184,10 @@ class Module:
     def __str__(self) -> str:
         from .printer import print_module
         return print_module(self)
+
+
+def _defs_key(defs: dict) -> dict:
+    return {n: (d.op, d.sources, _as_tuples(dict(d.attrs))) for n, d in defs.items()}
 
 
 def _as_tuples(v: Any) -> Any:
@@ -221,6 +229,18 @@ class Builder:
         elif name not in self.module.weights:
             raise VerifyError(f"unknown weight @{name}")
         return self(core.weight, name=name, result_types=[self.module.weights[name]])
+
+    def define_weight(self, name: str, defn, type: TensorType | None = None) -> None:
+        """Declare weight `name` as `defn` (a WeightDef) of its sources; the type is
+        inferred unless given (and then checked)."""
+        from .weights import infer_def
+        if name in self.module.weights:
+            raise VerifyError(f"weight @{name} is already declared")
+        inferred = infer_def(defn, [self.module.weights[s] for s in defn.sources])
+        if type is not None and type != inferred:
+            raise VerifyError(f"weight @{name}: declared {type} but {defn.op} gives {inferred}")
+        self.module.weights[name] = inferred
+        self.module.weight_defs[name] = defn
 
     def ret(self, *values: Value) -> None:
         self.fn.results = list(values)

@@ -135,7 +135,7 @@ class OpDef:
 
     name: str
     num_operands: int | tuple[int, int | None]  # exact, or (min, max|None) for variadic
-    num_results: int = 1
+    num_results: int | None = 1  # None: as many as `infer` returns (scan)
     attrs: Mapping[str, AttrSpec] = field(default_factory=dict)
     traits: frozenset[Trait] = frozenset({Trait.PURE})
     # Result types from operand types and attributes; None means the result types are

@@ -7,7 +7,7 @@ printing the result gives the same text back (a NaN attribute compares equal onl
 `math.nan` object, which is what the parser produces).
 
     module    := 'module' SYM ['attributes' dict] '{' (weight | func)* '}'
-    weight    := 'weight' SYM ':' type
+    weight    := 'weight' SYM ':' type ['=' NAME '(' [SYM {',' SYM}] ')' [dict]]
     func      := 'func' SYM '(' [VAL ':' type {',' ...}] ')' '->' '(' [type {',' type}] ')'
                  '{' op* 'return' [VAL {',' VAL}] '}'
     op        := [VAL {',' VAL} '='] ('weight' SYM | NAME '(' [VAL {',' VAL}] ')' [dict])
@@ -30,6 +30,7 @@ from .module import Function, Module, Value, make_op
 from .opdef import OPS, OpDef, VerifyError
 from .ops import weight as weight_op
 from .types import DType, TensorType
+from .weights import WeightDef, infer_def
 
 
 class ParseError(Exception):
@@ -178,7 +179,33 @@ class _Parser:
         t = self.type()
         if not t.is_static:
             raise self.error(f"weights must have static shapes, got {t}", type_pos)
+        if self.accept("="):
+            self.weight_def(m, name, t, type_pos)
         m.weights[name] = t
+
+    def weight_def(self, m: Module, name: str, t: TensorType, type_pos: int) -> None:
+        op_tok = self.expect("word", "a weight definition (stack, concat, slice, ...)")
+        self.expect("(")
+        sources = []
+        for tok, src in self.comma_list(lambda: (self.toks[self.i], self.symbol()), ")"):
+            if src not in m.weights:
+                raise self.error(f"unknown source weight @{src} (sources are declared "
+                                 f"first)", tok[2])
+            sources.append(src)
+        attrs = self.attr_dict(depth=0) if self.peek() == "{" else {}
+        if "dtype" in attrs and isinstance(attrs["dtype"], str):
+            try:
+                attrs["dtype"] = DType.parse(attrs["dtype"])
+            except ValueError as e:
+                raise self.error(str(e), op_tok[2]) from None
+        d = WeightDef(op_tok[1], tuple(sources), tuple(attrs.items()))
+        try:
+            got = infer_def(d, [m.weights[s] for s in sources])
+        except VerifyError as e:
+            raise self.error(str(e), op_tok[2]) from None
+        if got != t:
+            raise self.error(f"weight @{name} declared {t} but {d.op} gives {got}", type_pos)
+        m.weight_defs[name] = d
 
     def function(self, m: Module) -> None:
         self.next()
@@ -262,10 +289,13 @@ class _Parser:
             types = self.comma_list(self.located_type, ")")
         else:
             types = [self.located_type()]
-        if len(types) != len(lhs) or len(types) != opdef.num_results:
+        if len(types) != len(lhs) or len(types) != (opdef.num_results or len(types)):
             raise self.error(f"{opdef.name} has {opdef.num_results} result(s); "
                              f"{len(lhs)} named, {len(types)} typed", name_tok[2])
         op = self.build(opdef, operands, attrs, [t for t, _ in types], name_tok)
+        if len(op.results) != len(types):
+            raise self.error(f"{opdef.name} has {len(op.results)} result(s); {len(types)} "
+                             f"typed", name_tok[2])
         for r, (t, pos) in zip(op.results, types):
             if r.type != t:
                 raise self.error(f"result type {t} does not match the inferred type {r.type}",

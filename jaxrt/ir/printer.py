@@ -108,7 +108,12 @@ def print_module(m: Module) -> str:
         head += " attributes " + format_attr_dict(m.attributes)
     lines = [head + " {"]
     for name, t in m.weights.items():
-        lines.append(f"  weight {format_symbol(name)} : {format_type(t)}")
+        line = f"  weight {format_symbol(name)} : {format_type(t)}"
+        d = m.weight_defs.get(name)
+        if d is not None:
+            line += (f" = {d.op}(" + ", ".join(format_symbol(s) for s in d.sources) + ")"
+                     + (" " + format_attr_dict(dict(d.attrs)) if d.attrs else ""))
+        lines.append(line)
     for fn in m.functions.values():
         lines.append(print_function(fn))
     lines.append("}")

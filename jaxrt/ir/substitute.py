@@ -12,6 +12,7 @@ from .module import Function, Module, Op, Value, make_op
 from .opdef import VerifyError
 from .ops import convert, iota, weight
 from .types import DType, TensorType, substitute_dims
+from .weights import prune_weights
 
 AttrsFn = Callable[[Op], Mapping]  # op -> its attributes in the new module
 
@@ -29,6 +30,7 @@ def rebuild(module: Module, *, weight_type: Callable[[str, TensorType], TensorTy
     fix_operands(op, operands, ops_so_far) may append ops and return new operands.
     """
     new = Module(module.name, weights={n: weight_type(n, t) for n, t in module.weights.items()},
+                 weight_defs=dict(module.weight_defs),
                  attributes=copy.deepcopy(module.attributes))
     for fn in module.functions.values():
         args = [Value(arg_type(a), None, i, hint=a.hint) for i, a in enumerate(fn.args)]
@@ -38,7 +40,7 @@ def rebuild(module: Module, *, weight_type: Callable[[str, TensorType], TensorTy
             operands = [env[v] for v in op.operands]
             attrs = op.opdef.make_attrs(dict(attrs_of(op)))
             if op.opdef is weight:
-                result_types = [new.weights[op.attrs.name]]
+                result_types = [new.weights[attrs.name]]
             elif op.opdef.infer is None:
                 result_types = [given_type(op, r.type) for r in op.results]
             else:
@@ -91,9 +93,14 @@ def set_float_dtype(module: Module, dtype: DType, *, keep_f32: Iterable[str] = (
     kept weight, an f32 iota) gets a `convert` in front of that op; ops that accept mixed
     dtypes (kv.update, llm.paged_attention on an f32 cache) take it as is.
     """
-    if not dtype.is_float:
-        raise ValueError(f"compute dtype must be a float type, got {dtype.value}")
+    if not dtype.is_float or dtype.itemsize == 1:
+        raise ValueError(f"compute dtype must be f32, bf16 or f16, got {dtype.value} "
+                         f"(8-bit and integer types need scales: quantization)")
     keep = frozenset(keep_f32)
+    # A shallow copy whose weight table gains the cast definitions; `module` is untouched.
+    module = Module(module.name, module.functions, dict(module.weights),
+                    dict(module.weight_defs), module.attributes)
+    renamed = _cast_weights(module, dtype, keep) if dtype != DType.f32 else {}
 
     def retype(t: TensorType) -> TensorType:
         return t.with_dtype(dtype) if t.dtype == DType.f32 else t
@@ -101,6 +108,8 @@ def set_float_dtype(module: Module, dtype: DType, *, keep_f32: Iterable[str] = (
     def attrs_of(op: Op) -> Mapping:
         if op.opdef is convert and op.attrs.dtype == DType.f32:
             return op.attrs.replace(dtype=dtype)
+        if op.opdef is weight and op.attrs.name in renamed:
+            return op.attrs.replace(name=renamed[op.attrs.name])
         return op.attrs
 
     def fix_operands(op: Op, operands: list[Value], ops: list[Op]) -> list[Value]:
@@ -115,13 +124,44 @@ def set_float_dtype(module: Module, dtype: DType, *, keep_f32: Iterable[str] = (
 
     new = rebuild(
         module,
-        weight_type=lambda n, t: t if n in keep else retype(t),
+        weight_type=lambda n, t: t,  # new types come from the cast definitions
         arg_type=lambda a: a.type if a.hint in keep else retype(a.type),
         attrs_of=attrs_of,
         given_type=lambda op, t: t if op.opdef is iota else retype(t),  # iota: i32/f32 only
         fix_operands=fix_operands)
     new.attributes["float_dtype"] = dtype.value
+    prune_weights(new)
     return new
+
+
+def _cast_weights(module: Module, dtype: DType, keep: frozenset) -> dict[str, str]:
+    """Define a `dtype` copy of every f32 weight the functions read (in place); returns
+    old name -> new name. A stack or concat is rebuilt from cast parts, so the host never
+    holds the whole f32 stack next to its cast."""
+    from .weights import WeightDef, infer_def
+    suffix = "." + dtype.value
+    made: dict[str, str] = {}
+
+    def cast(name: str) -> str:
+        if name in made:
+            return made[name]
+        d = module.weight_defs.get(name)
+        new = name + suffix
+        while new in module.weights:
+            new += suffix
+        if d is not None and d.op in ("stack", "concat", "slice", "transpose"):
+            nd = WeightDef(d.op, tuple(cast(s) for s in d.sources), d.attrs)
+        else:
+            nd = WeightDef("cast", (name,), (("dtype", dtype),))
+        module.weights[new] = infer_def(nd, [module.weights[s] for s in nd.sources])
+        module.weight_defs[new] = nd
+        made[name] = new
+        return new
+
+    used = [op.attrs.name for fn in module.functions.values() for op in fn.ops
+            if op.opdef is weight]
+    return {n: cast(n) for n in dict.fromkeys(used)
+            if n not in keep and module.weights[n].dtype == DType.f32}
 
 
 _rebuild = rebuild  # the name passes/plan_kv_cache.py imports

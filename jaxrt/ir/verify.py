@@ -4,6 +4,8 @@ from __future__ import annotations
 from .module import Function, Module, make_op
 from .opdef import OpDef, VerifyError
 from .ops import weight
+from .ops.control import scan, verify_scan
+from .weights import verify_defs
 
 
 def verify_function(fn: Function, module: Module | None = None) -> None:
@@ -24,6 +26,11 @@ def verify_function(fn: Function, module: Module | None = None) -> None:
                 raise VerifyError("operand used before definition (or cycle, or foreign "
                                   "value)", at)
         _verify_op(op.opdef, op, at)
+        if op.opdef is scan:
+            try:
+                verify_scan(op, module)
+            except VerifyError as e:
+                raise VerifyError(str(e), at) from None
         if op.opdef is weight and module is not None:
             t = module.weights.get(op.attrs.name)
             if t is None:
@@ -44,7 +51,7 @@ def verify_function(fn: Function, module: Module | None = None) -> None:
 
 def _verify_op(opdef: OpDef, op, at: str) -> None:
     try:
-        if len(op.results) != opdef.num_results:  # first: op verifiers unpack the results
+        if opdef.num_results is not None and len(op.results) != opdef.num_results:  # first: op verifiers unpack the results
             raise VerifyError(f"expected {opdef.num_results} results, has {len(op.results)}")
         attrs = opdef.make_attrs(dict(op.attrs))
         if attrs != op.attrs:
@@ -65,5 +72,6 @@ def verify(module: Module) -> None:
     for t in module.weights.values():
         if not t.is_static:
             raise VerifyError(f"weights must have static shapes, got {t}")
+    verify_defs(module.weights, module.weight_defs)
     for fn in module.functions.values():
         verify_function(fn, module)

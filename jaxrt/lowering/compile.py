@@ -89,7 +89,8 @@ def lower_function(module: Module, name: str = "step", *,
     def run(weights: Mapping[str, Any], *args) -> tuple:
         bindings = _bind_args(fn, args)
         ctx = LoweringContext(weights=weights, bindings=bindings,
-                              backend=backends if isinstance(backends, str) else backends[0])
+                              backend=backends if isinstance(backends, str) else backends[0],
+                              module=module, backends=backends)
         env = dict(zip(fn.args, args))
         for i, (op, lower) in enumerate(plan):
             where = f"@{fn.name} op #{i} ({op.opdef.name})"

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..ir import DType, Module, verify
 from ..ir.substitute import bind_dims, set_float_dtype
+from ..ir.weights import materialize, resident_weights
 from .compile import default_float_dtype, enable_persistent_cache, jit_function
 
 STEP_ARG_NAMES = ("tokens", "positions", "slot_mapping", "page_table", "context_lens",
@@ -77,18 +78,10 @@ class StepExecutable:
         self._compile_seconds = 0.0
 
     def _place_weights(self, weights: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-        available = set(weights)  # keys only: a lazy mapping reads data on lookup
-        missing = [n for n in self.module.weights if n not in available]
-        if missing:
-            raise ValueError(f"{len(missing)} weight(s) missing, e.g. {missing[:3]}")
-        placed = {}
-        for name, t in self.module.weights.items():
-            arr = np.asarray(weights[name])
-            if arr.shape != t.shape:
-                raise ValueError(f"weight {name}: shape {arr.shape}, module expects {t}")
-            # Cast on the host: only the compute-dtype copy crosses to the device.
-            placed[name] = jax.device_put(arr.astype(t.dtype.to_numpy(), copy=False))
-        return placed
+        """The weights @step reads, on the device. Defined weights (stacks, casts) are
+        computed here once from the source data, which must have its declared type."""
+        return materialize(self.module, weights, resident_weights(self.module),
+                           on_result=lambda name, arr: jax.device_put(arr))
 
     # ---- properties -----------------------------------------------------------------
 

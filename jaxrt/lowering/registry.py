@@ -34,6 +34,9 @@ class LoweringContext:
     weights: Mapping[str, Any]  # name -> array (traced inside jit)
     bindings: dict[str, int] = field(default_factory=dict)  # symbolic dim -> size
     backend: str = "xla"
+    # For ops that call functions (scan): the module and the backends to lower them with.
+    module: Any = None
+    backends: str | Sequence[str] = "xla"
 
 
 def rule(opdef: OpDef, backend: str = "xla") -> Callable[[LoweringRule], LoweringRule]:

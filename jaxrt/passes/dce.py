@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from jaxrt.ir.module import Function, Module
 from jaxrt.ir.opdef import Trait
 from jaxrt.ir.ops import weight
+from jaxrt.ir.weights import prune_weights
 
 from .manager import Pass, PassContext, register_pass
 
@@ -40,9 +41,5 @@ class EliminateDeadCode(Pass):
     def run(self, module: Module, ctx: PassContext) -> None:
         ctx.count("ops-removed", sum(eliminate_dead_code(fn)
                                      for fn in module.functions.values()))
-        if self.prune_weights:
-            used = referenced_weights(module)
-            unused = [name for name in module.weights if name not in used]
-            for name in unused:
-                del module.weights[name]
-            ctx.count("weights-pruned", len(unused))
+        if self.prune_weights:  # definitions keep their sources
+            ctx.count("weights-pruned", len(prune_weights(module)))

@@ -46,7 +46,15 @@ def test_set_float_dtype_keeps_logits_f32():
     bound = bind_dims(build_module(CONFIG), {"pages": 4, "page_size": 4})
     half = set_float_dtype(bound, DType.bf16)
     verify(half)
-    assert {t.dtype for t in half.weights.values()} == {DType.bf16}
+    # Functions read bf16 weights, each defined as a cast of the f32 source data; the
+    # source entries stay f32 (that is what the file holds) and nothing else is declared.
+    read = {op.attrs.name for op in half.functions["step"].ops if op.opdef is ops.weight}
+    assert read and {half.weights[n].dtype for n in read} == {DType.bf16}
+    for n in read:
+        d = half.weight_defs[n]
+        assert d.op == "cast" and half.weights[d.sources[0]] == bound.weights[d.sources[0]]
+    assert set(half.weights) == read | {half.weight_defs[n].sources[0] for n in read}
+    assert bound.weight_defs == {}  # the input module is untouched
     fn = half.functions["step"]
     assert fn.results[0].type.dtype == DType.f32  # llm.logits
     assert fn.results[1].type.dtype == DType.bf16  # the cache follows the compute dtype

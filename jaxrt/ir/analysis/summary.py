@@ -6,6 +6,7 @@ from typing import Any
 
 from ..module import Module
 from ..types import TensorType
+from ..weights import resident_weights
 from .graph import peak_memory
 
 
@@ -35,7 +36,8 @@ def module_summary(module: Module, bindings: dict[str, int] | None = None) -> di
     assumed = [d for d in symbolic_dims(module) if d not in bindings]
     sizes = {**{d: 1 for d in assumed}, **bindings}
     by_dtype: dict[str, dict[str, int]] = {}
-    for t in module.weights.values():
+    resident = resident_weights(module)  # f32 sources of cast weights are not resident
+    for t in (module.weights[n] for n in resident):
         entry = by_dtype.setdefault(t.dtype.value, {"count": 0, "bytes": 0, "params": 0})
         entry["count"] += 1
         entry["bytes"] += t.nbytes()
@@ -55,7 +57,8 @@ def module_summary(module: Module, bindings: dict[str, int] | None = None) -> di
         }
     out: dict[str, Any] = {
         "module": module.name,
-        "weights": {"count": len(module.weights),
+        "weights": {"count": len(resident),
+                    "defined": sum(n in module.weight_defs for n in resident),
                     "bytes": sum(e["bytes"] for e in by_dtype.values()),
                     "params": sum(e["params"] for e in by_dtype.values()),
                     "by_dtype": by_dtype},

@@ -7,5 +7,7 @@ from .primitive import (add, broadcast, compare, concat, convert, cos, div, dot_
 from .nn import (argmax, embedding, gelu, geglu, linear, logits, rms_norm, rope, silu, softmax,
                  swiglu)
 from .attention import attention, kv_update, paged_attention
+from .control import scan
 
-__all__ = [n for n in dir() if not n.startswith("_") and n not in ("core", "primitive", "nn")]
+__all__ = [n for n in dir() if not n.startswith("_") and n not in ("core", "primitive", "nn",
+                                                                "control")]

@@ -1,0 +1,269 @@
+"""Weight definitions: a weight computed from other weights, once, at load.
+
+A module weight is either a *source* (its data comes from the model file) or *defined*
+as a pure function of other weights:
+
+    weight @w.bf16 : bf16[576, 576] = cast(@w) {dtype = bf16}
+    weight @"model.layers.0:30.mlp.up_proj.weight" : f32[30, 1536, 576] = stack(@a, @b, ...)
+
+Passes add definitions (outline-layers stacks per-layer weights, cast-float casts them,
+fusion will concatenate, quantization will scale); `materialize` evaluates the ones a
+module still uses, on the host, exactly once. Source data must already have the declared
+type: a mismatch is an error, never a silent cast.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+
+from .opdef import VerifyError
+from .types import DType, TensorType
+
+
+@dataclass(frozen=True)
+class WeightDef:
+    """`op(@sources...) {attrs}`; attrs is a tuple of (key, value) pairs in print order."""
+
+    op: str
+    sources: tuple[str, ...]
+    attrs: tuple[tuple[str, Any], ...] = ()
+
+    def attr(self, key: str, default: Any = None) -> Any:
+        return dict(self.attrs).get(key, default)
+
+
+def _ints(v, what) -> tuple[int, ...]:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v,)
+    if not isinstance(v, tuple) or not all(isinstance(x, int) and not isinstance(x, bool)
+                                           for x in v):
+        raise VerifyError(f"{what} must be integers, got {v!r}")
+    return v
+
+
+def _axis(d: WeightDef, rank: int) -> int:
+    axis = d.attr("axis", 0)
+    if not isinstance(axis, int) or isinstance(axis, bool) or not -rank <= axis < rank:
+        raise VerifyError(f"{d.op}: axis {axis!r} out of range for rank {rank}")
+    return axis % rank
+
+
+def _infer_stack(d, ts):
+    if len(set(ts)) != 1:
+        raise VerifyError(f"stack: sources differ in type: {sorted({str(t) for t in ts})}")
+    axis = _axis(d, ts[0].rank + 1)
+    shape = list(ts[0].shape)
+    shape.insert(axis, len(ts))
+    return TensorType(tuple(shape), ts[0].dtype)
+
+
+def _infer_concat(d, ts):
+    rank = ts[0].rank
+    axis = _axis(d, rank)
+    for t in ts[1:]:
+        if t.dtype != ts[0].dtype or t.rank != rank or any(
+                a != b for i, (a, b) in enumerate(zip(t.shape, ts[0].shape)) if i != axis):
+            raise VerifyError(f"concat: {t} does not concatenate with {ts[0]} on axis {axis}")
+    shape = list(ts[0].shape)
+    shape[axis] = sum(t.shape[axis] for t in ts)
+    return TensorType(tuple(shape), ts[0].dtype)
+
+
+def _infer_slice(d, ts):
+    (t,) = ts
+    axis = _axis(d, t.rank)
+    start, stop = d.attr("start"), d.attr("stop")
+    for v in (start, stop):
+        _ints(v, "slice: start/stop")
+    if not 0 <= start < stop <= t.shape[axis]:
+        raise VerifyError(f"slice: [{start}:{stop}] out of range for {t} axis {axis}")
+    shape = list(t.shape)
+    shape[axis] = stop - start
+    return TensorType(tuple(shape), t.dtype)
+
+
+def _infer_transpose(d, ts):
+    (t,) = ts
+    perm = _ints(d.attr("perm"), "transpose: perm")
+    if sorted(perm) != list(range(t.rank)):
+        raise VerifyError(f"transpose: perm {perm} is not a permutation of {t.rank} axes")
+    return TensorType(tuple(t.shape[i] for i in perm), t.dtype)
+
+
+def _infer_cast(d, ts):
+    (t,) = ts
+    dtype = d.attr("dtype")
+    if not isinstance(dtype, DType):
+        raise VerifyError(f"cast: dtype must be a dtype, got {dtype!r}")
+    if not (dtype.is_float and t.dtype.is_float):
+        raise VerifyError(f"cast: {t.dtype.value} -> {dtype.value} is not a float cast "
+                          f"(integer and fp8 weights need scales: quantization)")
+    if dtype.itemsize == 1:
+        raise VerifyError(f"cast: {dtype.value} needs scales (quantization), not a cast")
+    return t.with_dtype(dtype)
+
+
+# name -> (number of sources (None: one or more), attribute keys, infer, evaluate)
+_DEFS: dict[str, tuple[int | None, tuple[str, ...], Callable, Callable]] = {
+    "stack": (None, ("axis",), _infer_stack,
+              lambda d, xs: np.stack(xs, axis=_axis(d, xs[0].ndim + 1))),
+    "concat": (None, ("axis",), _infer_concat,
+               lambda d, xs: np.concatenate(xs, axis=_axis(d, xs[0].ndim))),
+    "slice": (1, ("axis", "start", "stop"), _infer_slice,
+              lambda d, xs: np.take(xs[0], np.arange(d.attr("start"), d.attr("stop")),
+                                    axis=_axis(d, xs[0].ndim))),
+    "transpose": (1, ("perm",), _infer_transpose,
+                  lambda d, xs: np.ascontiguousarray(np.transpose(xs[0], d.attr("perm")))),
+    "cast": (1, ("dtype",), _infer_cast,
+             lambda d, xs: xs[0].astype(d.attr("dtype").to_numpy())),
+}
+
+WEIGHT_DEF_OPS = tuple(_DEFS)
+
+
+def infer_def(d: WeightDef, source_types: list[TensorType]) -> TensorType:
+    """The type `d` produces from its sources' types; VerifyError if ill-formed."""
+    spec = _DEFS.get(d.op)
+    if spec is None:
+        raise VerifyError(f"unknown weight definition {d.op!r}; expected one of "
+                          f"{', '.join(WEIGHT_DEF_OPS)}")
+    arity, keys, infer, _ = spec
+    if arity is None and not source_types:
+        raise VerifyError(f"{d.op}: needs at least one source")
+    if arity is not None and len(source_types) != arity:
+        raise VerifyError(f"{d.op}: takes {arity} source(s), got {len(source_types)}")
+    extra = {k for k, _ in d.attrs} - set(keys)
+    if extra:
+        raise VerifyError(f"{d.op}: unknown attribute(s) {sorted(extra)}")
+    return infer(d, source_types)
+
+
+def verify_defs(weights: Mapping[str, TensorType], defs: Mapping[str, WeightDef]) -> None:
+    """Every definition names declared weights defined before it (no cycles), and its
+    declared type is what the definition produces."""
+    order = list(weights)
+    pos = {n: i for i, n in enumerate(order)}
+    for name, d in defs.items():
+        where = f"weight @{name}"
+        if name not in weights:
+            raise VerifyError("definition of an undeclared weight", where)
+        for s in d.sources:
+            if s not in weights:
+                raise VerifyError(f"unknown source weight @{s}", where)
+            if pos[s] >= pos[name]:
+                raise VerifyError(f"source @{s} must be declared before it", where)
+        try:
+            t = infer_def(d, [weights[s] for s in d.sources])
+        except VerifyError as e:
+            raise VerifyError(str(e), where) from None
+        if t != weights[name]:
+            raise VerifyError(f"declared {weights[name]} but {d.op} gives {t}", where)
+
+
+def resident_weights(module) -> list[str]:
+    """The weights functions read: what lives on the device, in declaration order."""
+    from .ops import weight
+    read = {op.attrs.name for fn in module.functions.values() for op in fn.ops
+            if op.opdef is weight}
+    return [n for n in module.weights if n in read]
+
+
+def used_weights(module) -> list[str]:
+    """Weights the module's functions read, plus everything their definitions need, in
+    declaration order."""
+    from .ops import weight
+    need = {op.attrs.name for fn in module.functions.values() for op in fn.ops
+            if op.opdef is weight}
+    for name in reversed(list(module.weights)):
+        if name in need and name in module.weight_defs:
+            need.update(module.weight_defs[name].sources)
+    return [n for n in module.weights if n in need]
+
+
+def prune_weights(module) -> list[str]:
+    """Drop weights nothing uses any more (in place); returns the dropped names."""
+    keep = set(used_weights(module))
+    dropped = [n for n in module.weights if n not in keep]
+    for n in dropped:
+        del module.weights[n]
+        module.weight_defs.pop(n, None)
+    return dropped
+
+
+def source_weights(module, names: Iterable[str] | None = None) -> list[str]:
+    """The source (file) weights needed to produce `names` (default: every used weight)."""
+    need = set(used_weights(module) if names is None else names)
+    for name in reversed(list(module.weights)):
+        if name in need and name in module.weight_defs:
+            need.update(module.weight_defs[name].sources)
+    return [n for n in module.weights if n in need and n not in module.weight_defs]
+
+
+def check_data(name: str, arr: np.ndarray, t: TensorType) -> np.ndarray:
+    """`arr` as the data of weight `name`: exactly its declared shape and dtype."""
+    arr = np.asarray(arr)
+    if tuple(arr.shape) != t.shape or arr.dtype != t.dtype.to_numpy():
+        raise ValueError(f"weight {name}: data is {arr.dtype}{list(arr.shape)}, the module "
+                         f"declares {t} (a pass must define a cast; data is never cast "
+                         f"silently)")
+    return arr
+
+
+def materialize(module, sources: Mapping[str, np.ndarray], names: Iterable[str] | None = None,
+                *, on_result: Callable[[str, np.ndarray], Any] | None = None
+                ) -> dict[str, Any]:
+    """Evaluate the weights `names` (default: those the functions read) on the host.
+
+    `sources` maps source-weight names to data (a lazy mapping is read once per name);
+    an intermediate result is dropped as soon as nothing else needs it.
+    `on_result(name, array)` may transform each requested result (e.g. `jax.device_put`)
+    before the next one is computed.
+    """
+    from .ops import weight
+    if names is None:
+        used = {op.attrs.name for fn in module.functions.values() for op in fn.ops
+                if op.opdef is weight}
+        names = [n for n in module.weights if n in used]
+    names = list(names)
+    defs = module.weight_defs
+    for n in names:
+        if n not in module.weights:
+            raise ValueError(f"unknown weight {n}")
+    missing = [n for n in source_weights(module, names) if n not in sources]
+    if missing:
+        raise ValueError(f"{len(missing)} weight(s) missing, e.g. {missing[:3]}")
+    refs: dict[str, int] = {}  # how many pending readers each weight has
+
+    def count(n: str) -> None:
+        refs[n] = refs.get(n, 0) + 1
+        if refs[n] == 1 and n in defs:
+            for s in defs[n].sources:
+                count(s)
+
+    for n in names:
+        count(n)
+    cache: dict[str, np.ndarray] = {}
+
+    def get(n: str) -> np.ndarray:
+        if n in cache:
+            arr = cache[n]
+        elif n in defs:
+            d = defs[n]
+            arr = check_data(n, _DEFS[d.op][3](d, [get(s) for s in d.sources]),
+                             module.weights[n])
+        else:
+            arr = check_data(n, sources[n], module.weights[n])
+        refs[n] -= 1
+        if refs[n] > 0:
+            cache[n] = arr
+        else:
+            cache.pop(n, None)
+        return arr
+
+    out = {}
+    for n in names:
+        arr = get(n)
+        out[n] = on_result(n, arr) if on_result else arr
+    return out
