@@ -10,6 +10,7 @@ printed (`jaxrt dump`), optimized (`jaxrt opt`) and inspected alone.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -24,19 +25,33 @@ from .frontends.tokenizer import Tokenizer
 from .ir import Module
 
 ENGINE_FORMAT = 1
-CPU_KV_BUDGET_BYTES = 2 << 30  # CPUs share memory with everything else: a fixed budget
+_GIB = 1 << 30
+# A CPU "device" is the host's available memory, shared with everything else on it, so the
+# KV cache on a CPU is capped by default: vLLM's CPU backend precedent (VLLM_CPU_KVCACHE_SPACE,
+# 4 GiB). It holds 3.5 full-context (32,768-token, f32) Gemma 3 270M sequences.
+# Engine(kv_cache_max_gib=), `jaxrt generate --kv-cache-max-gib`, plan-kv-cache{max-cache-gib}.
+CPU_KV_CACHE_CAP_GIB = 4.0
 
 
 @dataclass
 class Target:
-    """What the pipeline is compiled for; filled from the local JAX device by default."""
+    """What the pipeline is compiled for; filled from the local JAX device by default.
+
+    `device_memory_bytes` is the accelerator's memory, or on a CPU the host memory available
+    now. `kv_cache_cap_bytes` bounds the KV cache alone (0 = no cap: on GPUs the memory
+    fraction does); plan-kv-cache reads both from `module.attributes["target"]`.
+    """
 
     backend: str
     device_memory_bytes: int
     dtype: str  # float compute dtype: f32 or bf16
+    kv_cache_cap_bytes: int = 0
 
     @classmethod
-    def detect(cls, dtype: str | None = None) -> "Target":
+    def detect(cls, dtype: str | None = None, *,
+               kv_cache_max_gib: float | None = None) -> "Target":
+        """`kv_cache_max_gib` caps the cache (default: CPU_KV_CACHE_CAP_GIB on a CPU, none on
+        an accelerator that reports its memory)."""
         import jax
         dev = jax.devices()[0]
         backend = dev.platform
@@ -44,14 +59,36 @@ class Target:
         if backend != "cpu":
             stats = dev.memory_stats() or {}
             memory = int(stats.get("bytes_limit", 0))
-        if not memory:
-            memory = CPU_KV_BUDGET_BYTES
+        cap_gib = kv_cache_max_gib
+        if not memory:  # a CPU, or a device that does not report its memory: the host's
+            memory = available_host_memory()
+            cap_gib = CPU_KV_CACHE_CAP_GIB if cap_gib is None else cap_gib
+        if cap_gib is not None and not cap_gib > 0:
+            raise ValueError(f"kv_cache_max_gib must be > 0, got {cap_gib}")
         default = "f32" if backend == "cpu" else "bf16"
-        return cls(backend, memory, _dtype_name(dtype) if dtype else default)
+        return cls(backend, memory, _dtype_name(dtype) if dtype else default,
+                   int(cap_gib * _GIB) if cap_gib else 0)
 
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "device_memory_bytes": self.device_memory_bytes,
-                "dtype": self.dtype}
+                "dtype": self.dtype, "kv_cache_cap_bytes": self.kv_cache_cap_bytes}
+
+
+def available_host_memory(meminfo: str = "/proc/meminfo") -> int:
+    """Bytes of host memory available now without swapping: Linux's MemAvailable, else
+    the free physical pages (POSIX sysconf), else 0 (unknown)."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    value, *unit = line.split()[1:]
+                    return int(value) * (1024 if unit == ["kB"] else 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def _dtype_name(dtype: str) -> str:
@@ -88,8 +125,13 @@ class CompiledModel:
 
 def default_pipeline(target: Target, *, page_size: int = 16, memory_fraction: float = 0.9,
                      max_model_len: int = 0, max_num_seqs: int = 64,
-                     max_num_batched_tokens: int = 2048, num_pages: int = 0) -> str:
+                     max_num_batched_tokens: int = 2048, num_pages: int = 0,
+                     outline_layers: bool = True) -> str:
+    """The pipeline `load` runs. `outline_layers=False` keeps the layer stack unrolled
+    (one compiled copy per layer: slower to compile, sometimes faster to run)."""
     passes = ["canonicalize", "cse", "dce"]
+    if outline_layers:
+        passes.append("outline-layers")
     if target.dtype != "f32":
         passes.append(f"cast-float{{dtype={target.dtype}}}")
     passes.append(
@@ -147,13 +189,18 @@ def save_engine(model: CompiledModel, out_dir: str) -> None:
     from safetensors.numpy import save_file
 
     from . import __version__
+    from .ir.weights import materialize, resident_weights
     os.makedirs(out_dir, exist_ok=True)
+    # Weight definitions (stacks, casts) are evaluated now: the engine stores what the
+    # functions read, as plain weights, and loading it does no weight work.
+    resident = resident_weights(model.module)
+    arrays = materialize(model.module, model.weights, resident,
+                         on_result=lambda _, a: np.ascontiguousarray(a))
+    module = copy.copy(model.module)
+    module.weights = {n: model.module.weights[n] for n in resident}
+    module.weight_defs = {}
     with open(os.path.join(out_dir, "model.jxr"), "w") as f:
-        f.write(str(model.module))
-    arrays = {}
-    for name, t in model.module.weights.items():
-        arrays[name] = np.ascontiguousarray(np.asarray(model.weights[name]).astype(
-            t.dtype.to_numpy()))
+        f.write(str(module))
     save_file(arrays, os.path.join(out_dir, "weights.safetensors"))
     with open(os.path.join(out_dir, "tokenizer.json"), "w") as f:
         f.write(model.tokenizer.to_json_str())
@@ -167,6 +214,11 @@ def save_engine(model: CompiledModel, out_dir: str) -> None:
                           "eos_ids": list(model.tokenizer.eos_ids)}}
     with open(os.path.join(out_dir, "engine.json"), "w") as f:
         json.dump(meta, f, indent=1)
+
+
+# safetensors dtype -> IR dtype name, for the types an engine may store
+_SAFETENSORS_DTYPE = {"F32": "f32", "BF16": "bf16", "F16": "f16", "I8": "i8", "I32": "i32",
+                      "F8_E4M3": "f8e4m3fn", "F8_E5M2": "f8e5m2"}
 
 
 def load_engine(path: str) -> CompiledModel:
@@ -199,6 +251,9 @@ def load_engine(path: str) -> CompiledModel:
         if tuple(header[name].shape) != t.shape:
             raise ModelFormatError(weights_path, f"weight {name} has shape "
                                                  f"{tuple(header[name].shape)}, IR says {t}")
+        if _SAFETENSORS_DTYPE.get(header[name].dtype) != t.dtype.value:
+            raise ModelFormatError(weights_path, f"weight {name} is {header[name].dtype}, "
+                                                 f"IR says {t}")
     with safe_open(weights_path, framework="numpy") as f:
         weights = {name: f.get_tensor(name) for name in module.weights}
     tokenizer = Tokenizer.from_file(os.path.join(path, "tokenizer.json"),

@@ -1,9 +1,15 @@
-"""jaxrt generate MODEL --prompt TEXT: generate text (greedy unless told otherwise)."""
+"""jaxrt generate MODEL --prompt TEXT: generate text (greedy unless told otherwise).
+
+The prompt is tokenized before anything is compiled, so the KV cache is planned for this
+one request: prompt + --max-tokens tokens per sequence (one sequence per beam), rounded up
+to pages, unless --max-model-len or --num-pages say otherwise.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import math
 import time
 
 
@@ -26,7 +32,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--logprobs", type=int, default=None)
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: by device)")
-    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="KV cache tokens per sequence (default: prompt + --max-tokens)")
+    p.add_argument("--num-pages", type=int, default=None,
+                   help="KV cache pages of 16 tokens (default: what the request needs)")
+    p.add_argument("--kv-cache-memory-fraction", type=float, default=None,
+                   help="share of device memory for weights, activations and the KV cache "
+                        "(default 0.9)")
+    p.add_argument("--kv-cache-max-gib", type=float, default=None,
+                   help="cap on the KV cache in GiB (default on a CPU: 4; elsewhere none)")
+
+
+def check_cache_options(args) -> None:
+    """One-line errors for cache sizes no plan can honour, before anything is loaded."""
+    for flag, value in (("--max-model-len", args.max_model_len),
+                        ("--num-pages", args.num_pages)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    fraction, cap = args.kv_cache_memory_fraction, args.kv_cache_max_gib
+    if fraction is not None and not 0 < fraction <= 1:
+        raise ValueError(f"--kv-cache-memory-fraction must be in (0, 1], got {fraction}")
+    if cap is not None and not 0 < cap < math.inf:
+        raise ValueError(f"--kv-cache-max-gib must be a number > 0, got {cap}")
 
 
 def chat_prompt(model, text: str, system: str | None) -> str:
@@ -42,7 +69,8 @@ def chat_prompt(model, text: str, system: str | None) -> str:
 
 
 def run(args) -> int:
-    from jaxrt.compiler import load
+    from jaxrt.compiler import Target, compile_loaded, load_engine
+    from jaxrt.frontends.sources import load_model, resolve_model
     from jaxrt.runtime.engine import Engine
     from jaxrt.runtime.request import SamplingParams
 
@@ -51,29 +79,62 @@ def run(args) -> int:
         top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop),
         logprobs=args.logprobs, repetition_penalty=args.repetition_penalty,
         beam_width=args.beam_width, length_penalty=args.length_penalty)
+    check_cache_options(args)
     start = time.perf_counter()
-    model = load(args.model, dtype=args.dtype, max_model_len=args.max_model_len or 0,
-                 max_num_seqs=max(1, args.beam_width))
-    text = chat_prompt(model, args.prompt, args.system) if args.chat else args.prompt
+    is_engine = resolve_model(args.model)[0] == "engine"
+    if is_engine:
+        fixed = [flag for flag, value in (("--dtype", args.dtype),
+                                          ("--kv-cache-memory-fraction",
+                                           args.kv_cache_memory_fraction),
+                                          ("--kv-cache-max-gib", args.kv_cache_max_gib))
+                 if value is not None]
+        if fixed:
+            raise ValueError(f"{', '.join(fixed)}: {args.model} is an engine directory, "
+                             f"compiled with its dtype and KV cache fixed (jaxrt compile)")
+        source = load_engine(resolve_model(args.model)[1])
+        context = source.kv_plan["max_model_len"]
+        whose = "the engine's max-model-len"
+    else:
+        source = load_model(args.model)
+        context = source.config.max_position
+        whose = "the model's context"
+    text = chat_prompt(source, args.prompt, args.system) if args.chat else args.prompt
     # A rendered chat template spells out its special tokens (BOS included) itself, so it
     # is encoded without adding any: what transformers' apply_chat_template does.
-    prompt_ids = model.tokenizer.encode(text, add_special_tokens=not args.chat)
-    context = model.module.attributes["kv_cache"]["max_model_len"]
-    if len(prompt_ids) + args.max_tokens > context:
+    prompt_ids = source.tokenizer.encode(text, add_special_tokens=not args.chat)
+    max_len = len(prompt_ids) + args.max_tokens
+    if max_len > context:
         raise ValueError(f"prompt ({len(prompt_ids)} tokens) + --max-tokens {args.max_tokens} "
-                         f"exceeds the model's context of {context} tokens")
+                         f"exceeds {whose} of {context} tokens: shorten the prompt or lower "
+                         f"--max-tokens")
+    if args.max_model_len is not None:
+        if args.max_model_len > context:
+            raise ValueError(f"--max-model-len {args.max_model_len} exceeds {whose} of "
+                             f"{context} tokens")
+        if max_len > args.max_model_len:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + --max-tokens "
+                             f"{args.max_tokens} exceeds --max-model-len {args.max_model_len}"
+                             f": raise --max-model-len or lower --max-tokens")
     # Reject bad parameters before anything is compiled.
-    params.validate(model.config.vocab_size, context, len(prompt_ids))
+    params.validate(source.config.vocab_size, context, len(prompt_ids))
+    seqs = max(1, args.beam_width)  # a sequence per beam, each up to max_len tokens
+    budget = min(512, max(16, 1 << (len(prompt_ids) - 1).bit_length()))
+    if is_engine:
+        model = source
+    else:
+        target = Target.detect(args.dtype, kv_cache_max_gib=args.kv_cache_max_gib)
+        model = compile_loaded(
+            source, target=target, max_model_len=args.max_model_len or max_len,
+            max_num_seqs=seqs, max_num_batched_tokens=budget, num_pages=args.num_pages or 0,
+            memory_fraction=args.kv_cache_memory_fraction or 0.9)
     runner = model.executable()
     load_s = time.perf_counter() - start
     # One request: one prefill bucket and one decode bucket per beam count, each sized to
     # the whole request, so warm-up compiles only what this run uses.
-    max_len = len(prompt_ids) + args.max_tokens
-    budget = min(512, max(16, 1 << (len(prompt_ids) - 1).bit_length()))
-    engine = Engine(runner, tokenizer=model.tokenizer, max_num_seqs=max(1, args.beam_width),
+    engine = Engine(runner, tokenizer=model.tokenizer, max_num_seqs=seqs,
+                    num_pages=args.num_pages if is_engine else None,
                     max_model_len=max_len, max_num_batched_tokens=budget,
-                    min_bucket_tokens=budget, min_bucket_pages=-(-max_len // runner.page_size),
-                    log=None if args.json else sys.stderr)
+                    min_bucket_tokens=budget, log=None if args.json else sys.stderr)
     compile_s = engine.stats().warmup_seconds
     t0 = time.perf_counter()
     (out,) = engine.generate([prompt_ids], params)
@@ -88,6 +149,9 @@ def run(args) -> int:
         "decode_tok_s": round((n - 1) / decode_s, 1) if decode_s else None,
         "total_s": round(wall, 3), "backend": model.module.attributes["target"]["backend"]
         if "target" in model.module.attributes else None,
+        "kv_cache": {"num_pages": engine.num_pages, "page_size": engine.page_size,
+                     "bytes": model.kv_plan["bytes_per_token"] * engine.num_pages
+                     * engine.page_size},
     }
     if args.json:
         obj = {"prompt_ids": out.prompt_ids, "ids": out.ids, "text": out.text,

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from ..ir.weights import resident_weights
+
 from ._common import is_ir_file, read_ir
 
 
@@ -44,7 +46,8 @@ def run(args) -> int:
         model = load(args.target, pipeline=args.pipeline)
         module = model.module
         model_info = {"source": model.source, "pipeline": model.pipeline,
-                      "parameters": int(sum(t.num_elements() for t in module.weights.values()))}
+                      "parameters": int(sum(module.weights[n].num_elements()
+                                          for n in resident_weights(module)))}
         if model.stats.get("passes"):
             module.attributes.setdefault("pass_stats", [model.stats["passes"]])
     if args.format == "dot":

@@ -9,6 +9,22 @@ from jaxrt.ir.types import DType
 
 from .manager import Pass, PassContext, register_pass
 
+# Dtypes a tensor can take by a plain cast. Integer and fp8 types need scales (per tensor,
+# channel or page) to hold a model's values: a quantized implementation, which we lack.
+UNSCALED_FLOAT_DTYPES = (DType.f32, DType.bf16, DType.f16)
+
+
+def unscaled_float_dtype(text: str, needs: str) -> DType:
+    """Parse `text`, refusing dtypes that would need `needs` (e.g. "a scaled (quantized)
+    cache") rather than silently producing wrong numbers."""
+    dtype = DType.parse(text)
+    if dtype not in UNSCALED_FLOAT_DTYPES:
+        allowed = ", ".join(d.value for d in UNSCALED_FLOAT_DTYPES)
+        why = (f"needs {needs}; not supported yet" if dtype.is_float or dtype.is_int
+               else "is not a number type")
+        raise ValueError(f"dtype {dtype.value} {why} (supported: {allowed})")
+    return dtype
+
 
 @register_pass
 @dataclass(frozen=True)
@@ -21,11 +37,11 @@ class CastFloat(Pass):
     keep_kv_f32: bool = False
 
     def __post_init__(self):
-        if not DType.parse(self.dtype).is_float:
-            raise ValueError(f"dtype must be a float type, got {self.dtype}")
+        unscaled_float_dtype(self.dtype, "scaled (quantized) weights and activations")
 
     def run(self, module: Module, ctx: PassContext) -> None:
         new = set_float_dtype(module, DType.parse(self.dtype),
                               keep_f32=("kv",) if self.keep_kv_f32 else ())
         module.functions, module.weights = new.functions, new.weights
+        module.weight_defs = new.weight_defs
         module.attributes = new.attributes

@@ -7,9 +7,18 @@ dtype, and records the plan in `module.attributes["kv_cache"]`:
     pages = (device_memory * fraction - weight_bytes - peak_activation_bytes)
             // (page_size * bytes_per_token)
 
-capped at what `max_num_seqs` full-length sequences can use. The device memory comes from
-the `memory-gib` option or, when that is 0, from `module.attributes["target"]
-["device_memory_bytes"]`, which the driver (CLI, Engine) fills from the device it runs on.
+capped at what `max_num_seqs` full-length sequences can use, and at `max-cache-gib` (the
+cache alone). The device memory comes from the `memory-gib` option or, when that is 0, from
+`module.attributes["target"]["device_memory_bytes"]`, which the driver (CLI, Engine) fills
+from the device it runs on (on a CPU: the host memory available). `max-cache-gib` = 0 takes
+`target["kv_cache_cap_bytes"]`: on a CPU the driver caps the cache (4 GiB by default, as
+vLLM's CPU backend does) rather than let it take most of a shared host's memory.
+
+The cache holds the model's float dtype (f32, bf16, f16). Integer and fp8 caches need
+per-page scales (a quantized cache); they are refused until that exists.
+
+A failure names the option that fixes it, with the driver's spelling in parentheses
+(`jaxrt generate --max-model-len`, Engine(max_model_len=) and so on).
 """
 from __future__ import annotations
 
@@ -19,8 +28,10 @@ from dataclasses import dataclass
 from jaxrt.ir.analysis.graph import peak_memory
 from jaxrt.ir.module import Module
 from jaxrt.ir.substitute import _rebuild, bind_dims
-from jaxrt.ir.types import DType, TensorType
+from jaxrt.ir.types import TensorType
+from jaxrt.ir.weights import resident_weights
 
+from .cast_float import unscaled_float_dtype
 from .manager import Pass, PassContext, register_pass
 
 KV_ARG = "kv"
@@ -62,6 +73,7 @@ class PlanKVCache(Pass):
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     num_pages: int = 0  # explicit page count; 0 = size from the budget
+    max_cache_gib: float = 0.0  # cap on the cache alone; 0 = target's kv_cache_cap_bytes
 
     def __post_init__(self):
         if self.page_size < 2 or self.page_size > 256 or self.page_size & (self.page_size - 1):
@@ -69,8 +81,8 @@ class PlanKVCache(Pass):
         if not 0.0 < self.memory_fraction <= 1.0:
             raise ValueError(f"memory-fraction must be in (0, 1], got {self.memory_fraction}")
         if self.dtype != "auto":
-            DType.parse(self.dtype)
-        for opt in ("memory_gib", "max_model_len", "num_pages"):
+            unscaled_float_dtype(self.dtype, "a scaled (quantized) cache")
+        for opt in ("memory_gib", "max_model_len", "num_pages", "max_cache_gib"):
             if getattr(self, opt) < 0:
                 raise ValueError(f"{opt.replace('_', '-')} must be >= 0")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
@@ -81,8 +93,12 @@ class PlanKVCache(Pass):
         if not isinstance(cache.shape[2], str) or not isinstance(cache.shape[3], str):
             raise KVPlanError(f"plan-kv-cache: the cache is already planned ({cache})")
         layers, _, pages_dim, ps_dim, kv_heads, head_dim = cache.shape
-        dtype = (DType.parse(module.attributes.get("float_dtype", "f32"))
-                 if self.dtype == "auto" else DType.parse(self.dtype))
+        try:
+            dtype = unscaled_float_dtype(module.attributes.get("float_dtype", "f32")
+                                         if self.dtype == "auto" else self.dtype,
+                                         "a scaled (quantized) cache")
+        except ValueError as e:
+            raise KVPlanError(f"plan-kv-cache: {e}") from None
         ps = self.page_size
         bytes_per_token = layers * 2 * kv_heads * head_dim * dtype.itemsize
         max_len = self.max_model_len or int(
@@ -90,32 +106,49 @@ class PlanKVCache(Pass):
         if max_len <= 0:
             raise KVPlanError("plan-kv-cache: max-model-len is unknown; pass max-model-len=N")
         pages_per_seq = math.ceil(max_len / ps)
-        weight_bytes = sum(t.nbytes() for t in module.weights.values())
+        weight_bytes = sum(module.weights[n].nbytes() for n in resident_weights(module))
         activation = self._peak_activations(module, pages_dim, ps_dim, pages_per_seq)
 
         budget = {"weight_bytes": weight_bytes, "activation_bytes": activation}
+        shorter = "lower max-model-len (--max-model-len)"
         if self.num_pages:
             pages = self.num_pages
+            if pages < pages_per_seq:
+                raise KVPlanError(
+                    f"plan-kv-cache: num-pages={pages} holds {pages * ps} tokens, fewer than "
+                    f"one sequence of max-model-len {max_len}: {shorter} or raise num-pages "
+                    f"(--num-pages)")
         else:
-            device = (self.memory_gib * _GIB if self.memory_gib else
-                      module.attributes.get("target", {}).get("device_memory_bytes", 0))
+            target = module.attributes.get("target", {})
+            device = self.memory_gib * _GIB if self.memory_gib else \
+                target.get("device_memory_bytes", 0)
             if not device:
                 raise KVPlanError("plan-kv-cache: device memory is unknown; pass memory-gib=N "
                                   "or set module.attributes['target']['device_memory_bytes']")
+            cap = self.max_cache_gib * _GIB if self.max_cache_gib else \
+                target.get("kv_cache_cap_bytes", 0)
+            page_bytes = ps * bytes_per_token
             free = device * self.memory_fraction - weight_bytes - activation
-            pages = max(0, int(free // (ps * bytes_per_token)))
+            pages = max(0, int(free // page_bytes))
             budget.update(device_bytes=int(device), memory_fraction=self.memory_fraction,
                           cache_budget_bytes=int(max(free, 0)))
+            need = (f"one sequence of {max_len} tokens needs {pages_per_seq} pages of {ps} "
+                    f"({_fmt(pages_per_seq * page_bytes)})")
             if pages < pages_per_seq:
                 raise KVPlanError(
-                    f"plan-kv-cache: one sequence of {max_len} tokens needs {pages_per_seq} "
-                    f"pages of {ps} ({_fmt(pages_per_seq * ps * bytes_per_token)}) but the "
-                    f"budget leaves {pages}: {_fmt(device)} x {self.memory_fraction} - weights "
-                    f"{_fmt(weight_bytes)} - activations {_fmt(activation)} = {_fmt(free)}")
+                    f"plan-kv-cache: {need} but the budget leaves {pages}: {_fmt(device)} x "
+                    f"{self.memory_fraction} - weights {_fmt(weight_bytes)} - activations "
+                    f"{_fmt(activation)} = {_fmt(free)}; {shorter} or raise memory-fraction "
+                    f"(--kv-cache-memory-fraction)")
+            if cap:
+                budget["cache_cap_bytes"] = int(cap)
+                if int(cap // page_bytes) < pages_per_seq:
+                    raise KVPlanError(
+                        f"plan-kv-cache: {need} but the cache cap max-cache-gib="
+                        f"{cap / _GIB:g} holds {int(cap // page_bytes)}; {shorter} or raise "
+                        f"max-cache-gib (--kv-cache-max-gib)")
+                pages = min(pages, int(cap // page_bytes))
             pages = min(pages, pages_per_seq * self.max_num_seqs)
-        if pages < pages_per_seq:
-            raise KVPlanError(f"plan-kv-cache: num-pages={pages} holds {pages * ps} tokens, "
-                              f"fewer than one sequence of max-model-len {max_len}")
 
         bound = bind_dims(module, {pages_dim: pages, ps_dim: ps})
         if dtype != cache.dtype:
@@ -140,5 +173,5 @@ class PlanKVCache(Pass):
                     "Q": tokens, "MP": pages_per_seq, "N": seqs}
         peak = 0
         for fn in module.functions.values():
-            peak = max(peak, peak_memory(fn, bindings).peak_bytes)
+            peak = max(peak, peak_memory(fn, bindings, module=module).peak_bytes)
         return peak

@@ -84,7 +84,8 @@ class SamplingParams:
             bad("max_tokens", "must be an integer >= 1")
         if prompt_len + self.max_tokens > max_model_len:
             bad("max_tokens", f"the prompt ({prompt_len} tokens) + max_tokens "
-                              f"({self.max_tokens}) exceeds max_model_len ({max_model_len})")
+                              f"({self.max_tokens}) exceeds max_model_len ({max_model_len}): "
+                              f"lower max_tokens or raise the engine's max_model_len")
         if not _is_real(self.temperature) or self.temperature < 0:
             bad("temperature", "must be a finite number >= 0 (0 = greedy)")
         if not _is_int(self.top_k) or self.top_k < 0:

@@ -78,7 +78,7 @@ def test_inspect_formats(ir_file, capsys, fmt):
         s = json.loads(out)
         f = s["functions"]["f"]
         assert f["op_histogram"]["add"] == 2 and f["ops"] == 8
-        assert s["weights"] == {"count": 1, "bytes": 16, "params": 4,
+        assert s["weights"] == {"count": 1, "defined": 0, "bytes": 16, "params": 4,
                                 "by_dtype": {"f32": {"count": 1, "bytes": 16, "params": 4}}}
         assert f["peak_activation_bytes"] >= 3 * 8 * 4 * 4  # several [8, 4] f32 values live
         assert f["values"] == 9

@@ -29,6 +29,8 @@ def test_generate_json_then_engine_dir_gives_the_same_tokens(tmp_path, capsys):
                            "compile_s", "prefill_tok_s", "decode_tok_s"}
     assert len(direct["ids"]) == 8 and direct["finish_reason"] == "length"
     assert direct["text"].startswith(" Paris")
+    # the cache holds this request (5 prompt + 8 tokens = 1 page), not the 8192-token context
+    assert direct["kv_cache"] == {"num_pages": 1, "page_size": 16, "bytes": 16 * 46080}
 
     engine = tmp_path / "engine"
     code, out, _ = run_cli(["compile", "smollm2-135m", "-o", str(engine), "--max-model-len",
@@ -43,6 +45,10 @@ def test_generate_json_then_engine_dir_gives_the_same_tokens(tmp_path, capsys):
     from_engine = json.loads(out)
     assert from_engine["prompt_ids"] == direct["prompt_ids"]
     assert from_engine["ids"] == direct["ids"]
+    # an engine directory's dtype and cache were fixed when it was compiled
+    code, _, err = run_cli(["generate", str(engine), "--prompt", PROMPT, "--kv-cache-max-gib",
+                            "1"], capsys)
+    assert code == 2 and "--kv-cache-max-gib: " in err and "engine directory" in err
 
     code, out, _ = run_cli(["inspect", str(engine)], capsys)
     assert code == 0 and "kv cache: paged" in out and "30 layers" in out

@@ -5,6 +5,8 @@ import math
 
 import pytest
 
+from jaxrt.ir.weights import resident_weights
+
 from jaxrt.frontends.build import build_module
 from jaxrt.frontends.config import ModelConfig
 from jaxrt.ir import DType, verify
@@ -104,4 +106,80 @@ def test_plan_after_cast_float_sizes_a_bf16_cache():
     m = tiny_module()
     p = plan(m, "cast-float{dtype=bf16},plan-kv-cache{memory-gib=1}")
     assert p["dtype"] == "bf16" and p["bytes_per_token"] == 2 * 2 * 2 * 16 * 2
-    assert all(t.dtype == DType.bf16 for t in m.weights.values())
+    assert all(m.weights[n].dtype == DType.bf16 for n in resident_weights(m))
+
+
+# ---- the cache cap (max-cache-gib, target kv_cache_cap_bytes) -------------------------------
+
+BYTES_PER_TOKEN = 2 * 2 * 2 * 16 * 4  # tiny_module: layers * (k, v) * kv_heads * head_dim * f32
+
+
+def test_max_cache_gib_caps_the_pages_below_the_memory_budget():
+    p = plan(tiny_module(), "plan-kv-cache{memory-gib=1 max-num-seqs=1000 max-cache-gib=0.01}")
+    assert p["num_pages"] == int(0.01 * GIB // (16 * BYTES_PER_TOKEN))
+    assert p["cache_bytes"] <= 0.01 * GIB and p["budget"]["cache_cap_bytes"] == int(0.01 * GIB)
+
+
+def test_target_cap_applies_when_the_option_is_zero_and_the_option_overrides_it():
+    m = tiny_module()
+    m.attributes["target"] = {"backend": "cpu", "device_memory_bytes": 8 * GIB,
+                              "kv_cache_cap_bytes": GIB // 100}
+    assert plan(m, "plan-kv-cache{max-num-seqs=1000}")["num_pages"] == \
+        GIB // 100 // (16 * BYTES_PER_TOKEN)
+    m = tiny_module()
+    m.attributes["target"] = {"backend": "cpu", "device_memory_bytes": 8 * GIB,
+                              "kv_cache_cap_bytes": GIB // 100}
+    assert plan(m, "plan-kv-cache{max-num-seqs=1000 max-cache-gib=0.02}")["num_pages"] == \
+        int(0.02 * GIB // (16 * BYTES_PER_TOKEN))
+
+
+def test_no_cap_near_miss_sizes_from_the_budget_alone():
+    m = tiny_module()
+    m.attributes["target"] = {"backend": "gpu", "device_memory_bytes": GIB // 10,
+                              "kv_cache_cap_bytes": 0}
+    p = plan(m, "plan-kv-cache{max-num-seqs=1000}")
+    assert "cache_cap_bytes" not in p["budget"]
+    assert p["num_pages"] == p["budget"]["cache_budget_bytes"] // (16 * BYTES_PER_TOKEN)
+
+
+def test_a_cap_below_one_sequence_names_the_option():
+    m = tiny_module(max_position=4096)  # 4096 tokens x 512 bytes = 2 MiB of cache
+    with pytest.raises(KVPlanError) as e:
+        plan(m, "plan-kv-cache{memory-gib=1 max-cache-gib=0.0019}")
+    msg = str(e.value)
+    assert "one sequence of 4096 tokens needs 256 pages" in msg
+    assert "raise max-cache-gib (--kv-cache-max-gib)" in msg
+    assert "lower max-model-len (--max-model-len)" in msg
+    # near miss: a cap that holds exactly one sequence is enough
+    m = tiny_module(max_position=4096)
+    assert plan(m, "plan-kv-cache{memory-gib=1 max-cache-gib=0.001953125}")["num_pages"] == 256
+
+
+def test_budget_and_num_pages_failures_name_their_options():
+    with pytest.raises(KVPlanError) as e:
+        plan(tiny_module(max_position=4096), "plan-kv-cache{memory-gib=0.0001}")
+    assert "raise memory-fraction (--kv-cache-memory-fraction)" in str(e.value)
+    assert "--max-model-len" in str(e.value)
+    with pytest.raises(KVPlanError) as e:
+        plan(tiny_module(max_position=4096), "plan-kv-cache{num-pages=255}")
+    assert "num-pages=255 holds 4080 tokens" in str(e.value)
+    assert "raise num-pages (--num-pages)" in str(e.value)
+    assert plan(tiny_module(max_position=4096), "plan-kv-cache{num-pages=256}")["num_pages"] \
+        == 256
+
+
+def test_negative_cap_is_refused():
+    with pytest.raises(PipelineError, match="max-cache-gib must be >= 0"):
+        parse_pipeline("plan-kv-cache{max-cache-gib=-1}")
+
+
+def test_one_full_context_gemma3_270m_sequence_fits_the_default_cpu_cap():
+    """Gemma 3 270M's cache geometry (18 layers, 1 KV head of 256, 32,768 tokens: 36 KB a
+    token in f32, 1.125 GiB a sequence) under CPU_KV_CACHE_CAP_GIB."""
+    from jaxrt.compiler import CPU_KV_CACHE_CAP_GIB
+    m = tiny_module(layers=18, kv_heads=1, head_dim=256, max_position=32768)
+    m.attributes["target"] = {"backend": "cpu", "device_memory_bytes": 16 * GIB,
+                              "kv_cache_cap_bytes": int(CPU_KV_CACHE_CAP_GIB * GIB)}
+    p = plan(m, "plan-kv-cache{max-num-seqs=32}")
+    assert p["bytes_per_token"] == 36 * 1024 and p["num_pages"] >= 2048
+    assert p["cache_bytes"] <= CPU_KV_CACHE_CAP_GIB * GIB

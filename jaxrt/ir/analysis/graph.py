@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import networkx as nx
 
 from ..module import Function, Op, Value
-from ..ops import weight
+from ..ops import scan, weight
 from ..printer import format_attr_dict, format_symbol
 
 
@@ -108,12 +108,14 @@ class MemoryEstimate:
 
 
 def peak_memory(fn: Function, bindings: dict[str, int] | None = None, *,
-                exclude=None) -> MemoryEstimate:
+                exclude=None, module=None) -> MemoryEstimate:
     """Bytes of values live at once, maximized over ops; weights excluded, arguments included.
 
     A value occupies memory from its definition to its last use, both inclusive (an op's
     operands and results coexist while it runs), as if every buffer, arguments included,
-    is freed right after its last reader. Symbolic dims are sized by `bindings`.
+    is freed right after its last reader. Symbolic dims are sized by `bindings`. With
+    `module`, a scan op also holds its body's peak while it runs (counting the body's
+    arguments again: an overestimate by at most one copy of the carried values).
     """
     bindings = bindings or {}
     names = value_names(fn)
@@ -135,6 +137,13 @@ def peak_memory(fn: Function, bindings: dict[str, int] | None = None, *,
         sized.append((v, iv, nbytes))
         delta[iv.start + 1] += nbytes
         delta[iv.end + 2] -= nbytes
+    if module is not None:
+        for k, op in enumerate(fn.ops):
+            body = module.functions.get(op.attrs.get("body")) if op.opdef is scan else None
+            if body is not None and body is not fn:
+                inner = peak_memory(body, bindings, exclude=exclude, module=module).peak_bytes
+                delta[k + 1] += inner
+                delta[k + 2] -= inner
     best, best_at, running = 0, -1, 0
     for k in range(n + 2):
         running += delta[k]

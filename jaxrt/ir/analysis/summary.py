@@ -45,7 +45,7 @@ def module_summary(module: Module, bindings: dict[str, int] | None = None) -> di
     functions = {}
     for name, fn in module.functions.items():
         hist = Counter(op.opdef.name for op in fn.ops)
-        peak = peak_memory(fn, sizes, exclude=_is_kv_cache)
+        peak = peak_memory(fn, sizes, exclude=_is_kv_cache, module=module)
         functions[name] = {
             "ops": len(fn.ops),
             "values": len(fn.args) + sum(len(op.results) for op in fn.ops),
