@@ -20,9 +20,11 @@ contract (docs/architecture.md). Shapes come from `BucketPolicy`, two families:
 - mixed: T in powers of two from 16 up to the token budget, Q = `q_block`, S and N derived
   from T. A sequence's queries are split over ceil(n / q_block) rows of the batch, each
   row carrying the sequence's page table and context length (rows are independent in
-  paged attention), so no [S, Q] grid grows with the longest chunk;
-and MP (pages per row) in powers of two from 4 up to ceil(max_model_len / page_size).
-`all_buckets()` lists every shape, (|decode| + |mixed|) x |MP| compilations in all.
+  paged attention), so no [S, Q] grid grows with the longest chunk.
+The page table is always MP = ceil(max_model_len / page_size) wide (padding entries 0):
+paged attention loops over the pages the batch's context reaches, so a wide table costs
+no attention work, and one width keeps pages out of the bucket grid. `all_buckets()`
+lists every shape, |decode| + |mixed| compilations in all.
 """
 from __future__ import annotations
 
@@ -377,7 +379,6 @@ class BucketPolicy:
     max_pages_per_seq: int
     q_block: int = 16
     token_floor: int = 16
-    page_floor: int = 4
     # Each bucket is one compile: a larger growth factor compiles fewer buckets and pads
     # more (up to growth x the work). 2 suits CPUs; accelerators compile slowly.
     growth: int = 2
@@ -392,30 +393,26 @@ class BucketPolicy:
                        self.max_num_batched_tokens, self.growth)
 
     @property
-    def page_sizes(self) -> tuple[int, ...]:
-        return _ladder(min(self.page_floor, self.max_pages_per_seq), self.max_pages_per_seq,
-                       self.growth)
-
-    @property
     def row_cap(self) -> int:
         # rows = decodes + sum ceil(chunk / q_block) <= max_num_seqs + budget / q_block
         return self.max_num_seqs + -(-self.max_num_batched_tokens // self.q_block)
 
-    def _mixed(self, T: int, MP: int) -> Bucket:
+    def _decode(self, S: int) -> Bucket:
+        return Bucket(S, S, 1, self.max_pages_per_seq, S)
+
+    def _mixed(self, T: int) -> Bucket:
         S = min(self.row_cap, T)
-        return Bucket(T, S, self.q_block, MP, min(S, self.max_num_seqs))
+        return Bucket(T, S, self.q_block, self.max_pages_per_seq, min(S, self.max_num_seqs))
 
     def all_buckets(self) -> list[Bucket]:
-        out = [Bucket(s, s, 1, mp, s) for s in self.decode_sizes for mp in self.page_sizes]
-        out += [self._mixed(t, mp) for t in self.token_sizes for mp in self.page_sizes]
+        out = [self._decode(s) for s in self.decode_sizes]
+        out += [self._mixed(t) for t in self.token_sizes]
         return sorted(set(out))
 
-    def pick(self, num_tokens: int, num_rows: int, max_pages: int, decode_only: bool) -> Bucket:
-        mp = next(m for m in self.page_sizes if m >= max_pages)
+    def pick(self, num_tokens: int, num_rows: int, decode_only: bool) -> Bucket:
         if decode_only:
-            s = next(s for s in self.decode_sizes if s >= num_rows)
-            return Bucket(s, s, 1, mp, s)
-        b = self._mixed(next(t for t in self.token_sizes if t >= num_tokens), mp)
+            return self._decode(next(s for s in self.decode_sizes if s >= num_rows))
+        b = self._mixed(next(t for t in self.token_sizes if t >= num_tokens))
         if num_rows > b.S:
             raise AssertionError(f"{num_rows} rows do not fit bucket {b}")
         return b
@@ -447,7 +444,10 @@ def build_step_inputs(batch: ScheduledBatch, bm: BlockManager, policy: BucketPol
     q = 1 if batch.is_decode_only else policy.q_block
     rows = sum(-(-s.num_tokens // q) for s in batch.seqs)
     max_pages = max(bm.pages_needed(s.end) for s in batch.seqs)
-    b = policy.pick(batch.num_tokens, rows, max_pages, batch.is_decode_only)
+    if max_pages > policy.max_pages_per_seq:
+        raise AssertionError(f"a sequence needs {max_pages} pages; the page table holds "
+                             f"{policy.max_pages_per_seq}")
+    b = policy.pick(batch.num_tokens, rows, batch.is_decode_only)
     i32 = np.int32
     tokens, positions = np.zeros(b.T, i32), np.zeros(b.T, i32)
     slots = np.full(b.T, pad_slot, i32)

@@ -204,14 +204,27 @@ def test_stop_string_truncates_text():
 def test_bucket_policy_covers_every_batch():
     policy = BucketPolicy(max_num_seqs=8, max_num_batched_tokens=48, max_pages_per_seq=10)
     buckets = policy.all_buckets()
-    assert Bucket(1, 1, 1, 4, 1) in buckets and Bucket(8, 8, 1, 10, 8) in buckets
-    assert policy.token_sizes == (16, 32, 48) and policy.page_sizes == (4, 8, 10)
-    assert len(buckets) == (len(policy.decode_sizes) + len(policy.token_sizes)) * 3
-    assert policy.pick(3, 3, 5, decode_only=True) == Bucket(4, 4, 1, 8, 4)
-    b = policy.pick(40, 11, 2, decode_only=False)
-    assert (b.T, b.Q, b.MP) == (48, 16, 4) and b.S >= 11 and b.N <= 8
-    assert all(b in buckets for b in (policy.pick(n, min(n, 8), 10, False)
+    assert Bucket(1, 1, 1, 10, 1) in buckets and Bucket(8, 8, 1, 10, 8) in buckets
+    assert policy.token_sizes == (16, 32, 48)
+    # one page-table width: pages never multiply the grid
+    assert {b.MP for b in buckets} == {10}
+    assert len(buckets) == len(policy.decode_sizes) + len(policy.token_sizes)
+    assert policy.pick(3, 3, decode_only=True) == Bucket(4, 4, 1, 10, 4)
+    b = policy.pick(40, 11, decode_only=False)
+    assert (b.T, b.Q, b.MP) == (48, 16, 10) and b.S >= 11 and b.N <= 8
+    assert all(b in buckets for b in (policy.pick(n, min(n, 8), False)
                                       for n in range(1, 49)))
+
+
+def test_engine_default_bucket_count():
+    # Engine defaults: 32 sequences, 512 batched tokens, 8192 tokens of pages of 16. With a
+    # ladder of page-table widths (4..512 pages) this was (6 + 6) x 8 = 96 compiles.
+    policy = BucketPolicy(max_num_seqs=32, max_num_batched_tokens=512,
+                          max_pages_per_seq=8192 // 16)
+    buckets = policy.all_buckets()
+    assert policy.decode_sizes == (1, 2, 4, 8, 16, 32)
+    assert policy.token_sizes == (16, 32, 64, 128, 256, 512)
+    assert len(buckets) == 12 and all(b.MP == 512 for b in buckets)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -231,6 +244,10 @@ def test_step_arrays_honor_the_contract(prompts, budget, page_size, shared_prefi
         batch = sch.schedule()
         inputs = build_step_inputs(batch, sch.bm, policy, pad)
         assert inputs.bucket in policy.all_buckets()
+        assert inputs.page_table.shape[1] == policy.max_pages_per_seq  # always full width
+        used = -(-inputs.context_lens // page_size)  # pages each row's context reaches
+        assert not np.where(np.arange(policy.max_pages_per_seq) >= used[:, None],
+                            inputs.page_table, 0).any(), "padding entries are page 0"
         check_step_inputs(inputs.args(), num_pages=num_pages + 3, page_size=page_size,
                           written=written)
         real = inputs.slot_mapping < pad
