@@ -40,6 +40,9 @@ class LazyWeights(Mapping[str, np.ndarray]):
             raise AssertionError(f"{name}: loaded {array.shape}, declared {shape}")
         return array
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries  # Mapping's default would read (dequantize) it
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
 

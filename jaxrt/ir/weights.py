@@ -217,7 +217,10 @@ def materialize(module, sources: Mapping[str, np.ndarray], names: Iterable[str] 
     """Evaluate the weights `names` (default: those the functions read) on the host.
 
     `sources` maps source-weight names to data (a lazy mapping is read once per name);
-    an intermediate result is dropped as soon as nothing else needs it.
+    it may also hold results of defined weights (a cache of an earlier run): those are
+    used as given, still checked against the declared type, and their definitions are
+    not evaluated, nor their sources read. An intermediate result is dropped as soon as
+    nothing else needs it.
     `on_result(name, array)` may transform each requested result (e.g. `jax.device_put`)
     before the next one is computed.
     """
@@ -231,25 +234,27 @@ def materialize(module, sources: Mapping[str, np.ndarray], names: Iterable[str] 
     for n in names:
         if n not in module.weights:
             raise ValueError(f"unknown weight {n}")
-    missing = [n for n in source_weights(module, names) if n not in sources]
-    if missing:
-        raise ValueError(f"{len(missing)} weight(s) missing, e.g. {missing[:3]}")
+    evaluate = {n: n not in sources for n in defs}  # False: `sources` holds its result
     refs: dict[str, int] = {}  # how many pending readers each weight has
 
     def count(n: str) -> None:
         refs[n] = refs.get(n, 0) + 1
-        if refs[n] == 1 and n in defs:
+        if refs[n] == 1 and evaluate.get(n, False):
             for s in defs[n].sources:
                 count(s)
 
     for n in names:
         count(n)
+    missing = [n for n in module.weights
+               if n in refs and not evaluate.get(n, False) and n not in sources]
+    if missing:
+        raise ValueError(f"{len(missing)} weight(s) missing, e.g. {missing[:3]}")
     cache: dict[str, np.ndarray] = {}
 
     def get(n: str) -> np.ndarray:
         if n in cache:
             arr = cache[n]
-        elif n in defs:
+        elif evaluate.get(n, False):
             d = defs[n]
             arr = check_data(n, _DEFS[d.op][3](d, [get(s) for s in d.sources]),
                              module.weights[n])
