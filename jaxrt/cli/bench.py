@@ -24,8 +24,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default: the number of requests")
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--dtype", default=None)
+    p.add_argument("--layers", choices=("auto", "scan", "unrolled"), default="auto",
+                   help="scan: compile one layer body for the whole stack (fast compile); "
+                        "unrolled: every layer apart (faster decode on GPUs); auto: scan on "
+                        "CPUs, unrolled on accelerators")
     p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--bucket-growth", type=int, default=2,
+    p.add_argument("--bucket-growth", type=int, default=None,
                    help="shape-bucket growth factor (larger: fewer compiles, more padding)")
     p.add_argument("--suite", action="store_true",
                    help="the standard figures: 1 vs N concurrent requests, and a shared "
@@ -43,7 +47,7 @@ def _engine(model, args, max_num_seqs: int, prefix_caching: bool, max_len: int):
 
 
 def run(args) -> int:
-    from jaxrt.compiler import load
+    from jaxrt.compiler import layers_choice, load
     from jaxrt.runtime.benchmark import Workload, format_table, run_workload
 
     start = time.perf_counter()
@@ -65,7 +69,7 @@ def run(args) -> int:
     max_len = max(w.input_len + w.output_len for _, w, _, _ in scenarios)
     max_seqs = max(s for _, _, s, _ in scenarios)
     model = load(args.model, dtype=args.dtype, max_model_len=max_len, max_num_seqs=max_seqs,
-                 page_size=args.page_size)
+                 page_size=args.page_size, outline_layers=layers_choice(args.layers))
     load_s = time.perf_counter() - start
     rows = []
     for name, workload, seqs, caching in scenarios:

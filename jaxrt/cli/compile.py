@@ -12,13 +12,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pass pipeline (default: canonicalize,cse,dce[,cast-float],"
                         "plan-kv-cache)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: by device)")
+    p.add_argument("--layers", choices=("auto", "scan", "unrolled"), default="auto",
+                   help="scan: compile one layer body for the whole stack (fast compile); "
+                        "unrolled: every layer apart (faster decode on GPUs); auto: scan on "
+                        "CPUs, unrolled on accelerators")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--max-model-len", type=int, default=0)
     p.add_argument("--max-num-seqs", type=int, default=64)
 
 
 def run(args) -> int:
-    from jaxrt.compiler import load, save_engine
+    from jaxrt.compiler import layers_choice, load, save_engine
     from jaxrt.frontends.sources import resolve_model
 
     if resolve_model(args.model)[0] == "engine":
@@ -26,7 +30,7 @@ def run(args) -> int:
     start = time.perf_counter()
     model = load(args.model, pipeline=args.pipeline, dtype=args.dtype,
                  page_size=args.page_size, max_model_len=args.max_model_len,
-                 max_num_seqs=args.max_num_seqs)
+                 max_num_seqs=args.max_num_seqs, outline_layers=layers_choice(args.layers))
     save_engine(model, args.output)
     plan = model.module.attributes.get("kv_cache", {})
     print(f"wrote {args.output}: pipeline {model.pipeline}; kv cache "

@@ -32,6 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--logprobs", type=int, default=None)
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: by device)")
+    p.add_argument("--layers", choices=("auto", "scan", "unrolled"), default="auto",
+                   help="scan: compile one layer body for the whole stack (fast compile); "
+                        "unrolled: every layer apart (faster decode on GPUs); auto: scan on "
+                        "CPUs, unrolled on accelerators")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="KV cache tokens per sequence (default: prompt + --max-tokens)")
     p.add_argument("--num-pages", type=int, default=None,
@@ -69,7 +73,7 @@ def chat_prompt(model, text: str, system: str | None) -> str:
 
 
 def run(args) -> int:
-    from jaxrt.compiler import Target, compile_loaded, load_engine
+    from jaxrt.compiler import Target, compile_loaded, layers_choice, load_engine
     from jaxrt.frontends.sources import load_model, resolve_model
     from jaxrt.runtime.engine import Engine
     from jaxrt.runtime.request import SamplingParams
@@ -126,7 +130,8 @@ def run(args) -> int:
         model = compile_loaded(
             source, target=target, max_model_len=args.max_model_len or max_len,
             max_num_seqs=seqs, max_num_batched_tokens=budget, num_pages=args.num_pages or 0,
-            memory_fraction=args.kv_cache_memory_fraction or 0.9)
+            memory_fraction=args.kv_cache_memory_fraction or 0.9,
+            outline_layers=layers_choice(args.layers))
     runner = model.executable()
     load_s = time.perf_counter() - start
     # One request: one prefill bucket and one decode bucket per beam count, each sized to
