@@ -9,3 +9,5 @@ if _ROOT not in sys.path:
 # Tests load many throw-away model files: they must not fill (and evict the real models
 # from) the user's weight cache. tests/test_weight_cache.py turns it on in a tmp dir.
 os.environ.setdefault("JAXRT_WEIGHT_CACHE", "off")
+# Likewise the tokenizer cache: tests/frontends/test_tokenizer_cache.py turns it on.
+os.environ.setdefault("JAXRT_TOKENIZER_CACHE", "off")

@@ -6,12 +6,38 @@ The GGUF builders reproduce what transformers' GGUF converter builds
 `AutoTokenizer.from_pretrained(dir, gguf_file=...)`; the one deliberate difference is the
 "smollm" pre-tokenizer, where we follow llama.cpp (numbers split into single digits, as the
 original SmolLM2 tokenizer does) and transformers falls back to plain GPT-2 splitting.
+
+Building a GGUF tokenizer is slow (Gemma 3's 262k-piece SentencePiece vocabulary: deriving
+515k merges from scores, then the BPE model, ~2.5 s on two cores), so the result is kept in
+
+    $JAXRT_CACHE_DIR/tokenizers/<key>.json   (default ~/.cache/jaxrt/tokenizers)
+
+and read back with `tokenizers.Tokenizer.from_str` (~1 s for Gemma 3, nearly all of it
+the library parsing 262k pieces and 515k merges).
+
+- key: sha256 of the format, jaxrt's and the `tokenizers` library's versions, the code
+  that turns metadata into a tokenizer (this file, and gguf_reader.py, which decodes the
+  values), and the metadata itself: every key and value, string arrays as their raw file
+  bytes. The output is a function of exactly these, so a copied or re-touched file still
+  hits and a rewritten one with another vocabulary misses, whatever its path and mtime.
+- The file is one JSON object on two lines: a small header (format, key, bos/eos ids, the
+  payload's sha256) and the tokenizer JSON itself, which is sliced out, not parsed, in
+  Python. A file that does not match byte for byte is ignored and rewritten, never trusted.
+- Written to a temporary file beside it and renamed into place; a disk that refuses the
+  write just means no cache. The MAX_CACHE_ENTRIES most recently used files are kept (a
+  hit touches its file).
+- JAXRT_TOKENIZER_CACHE=off disables it.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import os
+import secrets
+import struct
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -22,6 +48,7 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers,
 from tokenizers.models import BPE
 
 from .errors import ModelFormatError
+from .sources import CACHE_ENV
 
 # Longest SentencePiece token we derive merges for (real vocabularies: <= ~100 characters).
 MAX_PIECE_CHARS = 1024
@@ -134,9 +161,27 @@ _PRE_SPLITS: dict[str, tuple[str, ...]] = {
 
 
 def tokenizer_from_gguf(meta: Mapping[str, Any], path: str) -> Tokenizer:
-    """Build the tokenizer GGUF metadata describes (`tokenizer.ggml.*`)."""
+    """The tokenizer GGUF metadata describes (`tokenizer.ggml.*`): from the tokenizer cache
+    when it holds one built from the same metadata by the same code, else built (and
+    stored)."""
+    root = tokenizer_cache_dir()
+    key = None if root is None else tokenizer_cache_key(meta)
+    if key is not None:
+        cached = read_cached_tokenizer(os.path.join(root, f"{key}.json"), key)
+        if cached is not None:
+            return cached
+    tokenizer = build_tokenizer_from_gguf(meta, path)
+    if key is not None:
+        write_cached_tokenizer(root, key, tokenizer)
+    return tokenizer
+
+
+def build_tokenizer_from_gguf(meta: Mapping[str, Any], path: str) -> Tokenizer:
+    """Build the tokenizer GGUF metadata describes (`tokenizer.ggml.*`), no cache."""
     kind = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, Sequence) and not isinstance(tokens, (str, bytes)):
+        tokens = list(tokens)  # a gguf_reader.StringArray decodes here
     if not isinstance(kind, str) or not isinstance(tokens, list) or not tokens \
             or not all(isinstance(t, str) for t in tokens):
         raise ModelFormatError(path, "no tokenizer (tokenizer.ggml.model / tokens) in metadata")
@@ -335,6 +380,166 @@ def _merges_from_scores(vocab: Mapping[str, int],
         merges.extend(local)
     merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
     return [(left, right) for left, right, _ in merges]
+
+
+# ---- the tokenizer cache (see the module docstring) -----------------------------------
+
+CACHE_FORMAT = 1
+MAX_CACHE_ENTRIES = 8
+CACHE_SWITCH_ENV = "JAXRT_TOKENIZER_CACHE"
+_STALE_TMP_SECONDS = 3600  # a temporary file this old belongs to a writer that died
+_HEAD = b'{"jaxrt_tokenizer_cache": '
+_BODY = b'"tokenizer": '
+_TAIL = b"}\n"
+# The code whose output the cache holds: a change to it invalidates every entry.
+_CODE = ("tokenizer.py", "gguf_reader.py")
+
+
+def tokenizer_cache_dir() -> str | None:
+    """$JAXRT_CACHE_DIR/tokenizers, else ~/.cache/jaxrt/tokenizers; None when
+    JAXRT_TOKENIZER_CACHE is off."""
+    if os.environ.get(CACHE_SWITCH_ENV, "").lower() in ("off", "none", "0", "false"):
+        return None
+    root = os.environ.get(CACHE_ENV) or os.path.join("~", ".cache", "jaxrt")
+    return os.path.join(os.path.expanduser(root), "tokenizers")
+
+
+def tokenizer_cache_key(meta: Mapping[str, Any]) -> str | None:
+    """sha256 of everything `build_tokenizer_from_gguf(meta)` depends on; None when the
+    metadata holds a value of a type we cannot hash faithfully (then nothing is cached)."""
+    from .. import __version__
+    h = hashlib.sha256(f"jaxrt tokenizer cache {CACHE_FORMAT} jaxrt {__version__} "
+                       f"tokenizers {tokenizers.__version__}\n".encode())
+    try:
+        h.update(_code_digest())
+    except OSError:  # the sources are not files (a zip import): nothing identifies the code
+        return None
+    for key in sorted(meta):
+        value = _value_bytes(meta[key]) if isinstance(key, str) else None
+        if value is None:
+            return None
+        for part in (key.encode("utf-8", "surrogatepass"), value):
+            h.update(struct.pack("<Q", len(part)))
+            h.update(part)
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def _code_digest() -> bytes:
+    here = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha256()
+    for name in _CODE:
+        with open(os.path.join(here, name), "rb") as f:
+            h.update(hashlib.sha256(f.read()).digest())
+    return h.digest()
+
+
+def _value_bytes(value: Any) -> bytes | None:
+    """A metadata value as tagged bytes, distinct for distinct values (and types)."""
+    if isinstance(value, bool):
+        return b"b1" if value else b"b0"
+    if isinstance(value, int):
+        return b"i" + str(value).encode()
+    if isinstance(value, float):
+        return b"f" + value.hex().encode()
+    if isinstance(value, str):
+        return b"s" + value.encode("utf-8", "surrogatepass")
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+        return b"a" + f"{value.dtype.str} {value.shape}|".encode() + value.tobytes()
+    from .gguf_reader import StringArray  # here: gguf_reader imports this module
+    if isinstance(value, StringArray):  # the file's own bytes, nothing decoded
+        return b"S" + value.raw
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return b"L" + json.dumps(list(value)).encode()
+    return None
+
+
+def read_cached_tokenizer(path: str, key: str) -> Tokenizer | None:
+    """The tokenizer cached at `path` under `key`; None when the file is missing,
+    unreadable, for another key, damaged (its payload's sha256) or not loadable."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    end = data.find(b"\n")
+    if end < 0 or not data.startswith(_HEAD) or data[end - 1:end] != b"," \
+            or not data.startswith(_BODY, end + 1) or not data.endswith(_TAIL):
+        return None
+    try:
+        info = json.loads(data[len(_HEAD):end - 1])
+        payload = data[end + 1 + len(_BODY):-len(_TAIL)]
+        if not isinstance(info, dict) or info.get("format") != CACHE_FORMAT \
+                or info.get("key") != key \
+                or info.get("sha256") != hashlib.sha256(payload).hexdigest():
+            return None
+        bos_id, eos_ids = info["bos_id"], info["eos_ids"]
+        if not (bos_id is None or type(bos_id) is int) or not isinstance(eos_ids, list) \
+                or not all(type(i) is int for i in eos_ids):
+            return None
+        backend = tokenizers.Tokenizer.from_str(payload.decode("utf-8"))
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException:  # noqa: B036 - a damaged file may make the library panic
+        return None
+    _touch(path)
+    return Tokenizer(backend, bos_id=bos_id, eos_ids=eos_ids)
+
+
+def write_cached_tokenizer(root: str, key: str, tokenizer: Tokenizer) -> str | None:
+    """Store `tokenizer` as root/<key>.json atomically, then prune; the path, or None when
+    the disk refuses (the cache is an optimization: loading goes on without it)."""
+    final = os.path.join(root, f"{key}.json")
+    tmp = os.path.join(root, f".{key}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        os.makedirs(root, exist_ok=True)
+        payload = tokenizer.to_json_str().encode("utf-8")
+        info = {"format": CACHE_FORMAT, "key": key, "bos_id": tokenizer.bos_id,
+                "eos_ids": list(tokenizer.eos_ids),
+                "sha256": hashlib.sha256(payload).hexdigest()}
+        head = json.dumps(info).encode()
+        with open(tmp, "wb") as f:
+            f.write(b"".join((_HEAD, head, b",\n", _BODY, payload, _TAIL)))
+        os.replace(tmp, final)
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException:  # noqa: B036 - a full disk, or a library panic: no cache
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        return None
+    prune_tokenizer_cache(root, keep=final)
+    return final
+
+
+def prune_tokenizer_cache(root: str, max_entries: int = MAX_CACHE_ENTRIES,
+                          keep: str | None = None) -> list[str]:
+    """Delete all but the `max_entries` most recently used entries (and temporary files
+    of writers that died); returns the deleted paths. `keep` is never deleted."""
+    try:
+        files = [e for e in os.scandir(root) if e.is_file(follow_symlinks=False)]
+    except OSError:
+        return []
+    now, entries, deleted = time.time(), [], []
+    for e in files:
+        try:
+            mtime = e.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        if e.name.endswith(".json") and not e.name.startswith("."):
+            entries.append((e.path != keep, -mtime, e.path))
+        elif e.name.endswith(".tmp") and now - mtime > _STALE_TMP_SECONDS:
+            deleted.append(e.path)
+    entries.sort()  # `keep` first, then the most recently used
+    deleted += [p for _, _, p in entries[max_entries:]]
+    for p in deleted:
+        with contextlib.suppress(OSError):
+            os.unlink(p)
+    return deleted
+
+
+def _touch(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.utime(path)
 
 
 def bos_eos_template(bos: tuple[str, int] | None,
