@@ -137,7 +137,7 @@ def bench_model(name: str, args, bw: float, peak: float) -> dict:
     # Single request, as `jaxrt generate --json` runs it.
     eng = Engine(exe, max_num_seqs=1, max_model_len=args.input_len + args.output_len,
                  max_num_batched_tokens=args.input_len, bucket_growth=args.bucket_growth,
-                 log=sys.stderr)
+                 warmup=True, log=sys.stderr)
     out["generate_compile_s"] = eng.stats().warmup_seconds
     prompt = Workload(1, args.input_len, args.output_len).prompts(config.vocab_size)
     eng.generate(prompt, SamplingParams(max_tokens=4, ignore_eos=True))  # first-run effects
@@ -164,7 +164,7 @@ def bench_model(name: str, args, bw: float, peak: float) -> dict:
     for scen, w, seqs, caching in scenarios:
         eng = Engine(exe, max_num_seqs=seqs, max_model_len=max_len,
                      max_num_batched_tokens=args.budget, enable_prefix_caching=caching,
-                     bucket_growth=args.bucket_growth, log=sys.stderr)
+                     bucket_growth=args.bucket_growth, warmup=True, log=sys.stderr)
         row = run_workload(eng, w)
         row.update(scenario=scen, max_num_seqs=seqs)
         rows.append(row)

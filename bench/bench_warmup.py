@@ -51,7 +51,7 @@ def main() -> None:
     t0 = time.perf_counter()
     engine = Engine(exe, max_num_seqs=args.max_num_seqs,
                     max_num_batched_tokens=args.max_num_batched_tokens,
-                    max_model_len=args.max_model_len, log=sys.stderr, **kwargs)
+                    max_model_len=args.max_model_len, log=sys.stderr, warmup=True, **kwargs)
     engine_s = time.perf_counter() - t0
     st = engine.stats()
     out = {"model": args.model, "layers": args.layers,

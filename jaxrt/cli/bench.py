@@ -43,7 +43,7 @@ def _engine(model, args, max_num_seqs: int, prefix_caching: bool, max_len: int):
     return Engine(model.executable(), tokenizer=model.tokenizer, max_num_seqs=max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens,
                   enable_prefix_caching=prefix_caching, max_model_len=max_len,
-                  bucket_growth=args.bucket_growth, log=sys.stderr)
+                  bucket_growth=args.bucket_growth, warmup=True, log=sys.stderr)
 
 
 def run(args) -> int:

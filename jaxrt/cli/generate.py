@@ -139,7 +139,8 @@ def run(args) -> int:
     engine = Engine(runner, tokenizer=model.tokenizer, max_num_seqs=seqs,
                     num_pages=args.num_pages if is_engine else None,
                     max_model_len=max_len, max_num_batched_tokens=budget,
-                    min_bucket_tokens=budget, log=None if args.json else sys.stderr)
+                    min_bucket_tokens=budget, warmup=True,
+                    log=None if args.json else sys.stderr)
     compile_s = engine.stats().warmup_seconds
     t0 = time.perf_counter()
     (out,) = engine.generate([prompt_ids], params)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Mapping, Sequence
 
 import jax
@@ -17,6 +18,8 @@ from ..ir import DType, Module, verify
 from ..ir.substitute import bind_dims, set_float_dtype
 from ..ir.weights import materialize, resident_weights
 from .compile import default_float_dtype, enable_persistent_cache, jit_function
+
+_ZEROS = ThreadPoolExecutor(1, thread_name_prefix="jaxrt-kv-zeros")
 
 STEP_ARG_NAMES = ("tokens", "positions", "slot_mapping", "page_table", "context_lens",
                   "q_index", "logit_index", "kv")
@@ -71,8 +74,15 @@ class StepExecutable:
             raise ValueError(f"kv cache {self._kv_type} is not {num_pages} pages of "
                              f"{page_size}")
         self._logits_type = step.results[0].type
+        # Zeroing the cache is page faults, not arithmetic (4 GiB: ~2 s on a 2-core VM):
+        # done on a thread (XLA releases the GIL) while weights load and buckets trace and
+        # compile, which need only its shape. Resolved by the first run.
+        self._kv_struct = jax.ShapeDtypeStruct(self._kv_type.shape,
+                                               self._kv_type.dtype.to_numpy())
+        self._kv_future = _ZEROS.submit(
+            lambda: jnp.zeros(self._kv_struct.shape, self._kv_struct.dtype).block_until_ready())
+        self._kv: jax.Array | None = None
         self._weights = self._place_weights(weights)
-        self._kv = jnp.zeros(self._kv_type.shape, self._kv_type.dtype.to_numpy())
         self._jitted = jit_function(bound, "step", donate=("kv",), backends=backends)
         self._compiled: dict[tuple[int, int, int, int, int], object] = {}
         self._compile_seconds = 0.0
@@ -109,6 +119,11 @@ class StepExecutable:
     @property
     def kv_cache(self) -> jax.Array:
         """The current cache (replaced by every `run`; do not hold on to it across runs)."""
+        return self._cache()
+
+    def _cache(self) -> jax.Array:
+        if self._kv is None:
+            self._kv, self._kv_future = self._kv_future.result(), None
         return self._kv
 
     @property
@@ -127,7 +142,7 @@ class StepExecutable:
         shapes = [(T,), (T,), (T,), (S, MP), (S,), (S, Q), (N,)]
         structs = [jax.ShapeDtypeStruct(s, i32) for s in shapes]
         start = time.perf_counter()
-        self._compiled[key] = self._jitted.lower(self._weights, *structs, self._kv).compile()
+        self._compiled[key] = self._jitted.lower(self._weights, *structs, self._kv_struct).compile()
         seconds = time.perf_counter() - start
         self._compile_seconds += seconds
         return seconds
@@ -151,7 +166,7 @@ class StepExecutable:
         key = _bucket(*args)
         if key not in self._compiled:
             self.compile_for(*key)
-        logits, self._kv = self._compiled[key](self._weights, *args, self._kv)
+        logits, self._kv = self._compiled[key](self._weights, *args, self._cache())
         return logits
 
 
