@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import mmap
 import os
 import secrets
@@ -40,11 +41,11 @@ import numpy as np
 
 from .ir.types import DType, TensorType
 
-FORMAT = 1
+FORMAT = 2  # 2: tensors aligned for in-place use
 MAX_ENTRIES = 4
 WEIGHTS_FILE = "weights.safetensors"
 SWITCH_ENV = "JAXRT_WEIGHT_CACHE"
-HUGE_PAGE_MIN_BYTES = 4 << 20  # smaller tensors: numpy's allocator
+ALIGN = 64  # bytes: JAX's CPU client uses a host array in place from this alignment
 STALE_TMP_SECONDS = 3600  # a temporary file this old belongs to a writer that died
 # IR dtype -> safetensors dtype name
 SAFETENSORS_NAMES = {DType.f32: "F32", DType.bf16: "BF16", DType.f16: "F16",
@@ -125,11 +126,17 @@ def _gguf_version() -> str:
 
 class Entry:
     """An open cache file whose header holds exactly the expected weights; `read(name)`
-    reads one tensor into fresh memory.
+    returns one tensor as a read-only view of the file, memory-mapped.
 
-    Read, not memory-mapped: a mapping of a file that something truncates in place kills
-    the process (SIGBUS), a read just comes up short. The open file keeps the validated
-    version even if a concurrent writer replaces the path.
+    Mapped, not read: JAX's CPU client uses a 64-byte-aligned host array in place, so a
+    weight served from the page cache costs no copy and no fresh memory (a read into new
+    memory is page faults: ~1.5 s for Gemma 3's 1 GiB on a 2-core VM, against a few
+    milliseconds to map), and engines of one model share its pages. The writer aligns
+    every tensor (`write_entry`). The price, as for llama.cpp's default mmap: the file
+    must not be truncated in place while a process serves from it (that process would be
+    killed by SIGBUS). jaxrt never does that: entries are replaced by rename and pruned by
+    unlink, which leave a mapping intact. A file found shorter than its header says when
+    a tensor is asked for is refused (OSError), never mapped.
     """
 
     def __init__(self, path: str, types: Mapping[str, TensorType]):
@@ -145,49 +152,30 @@ class Entry:
         try:
             (n,) = struct.unpack("<Q", self._file.read(8))
             self._size = os.fstat(self._file.fileno()).st_size
-        except (OSError, struct.error):
+            data_len = max((e.end for e in header.values()), default=0)
+            if self._size != 8 + n + data_len:  # replaced since the header was read
+                raise ValueError("file changed")
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, struct.error, ValueError):
             self._file.close()
             raise
-        data_len = max((e.end for e in header.values()), default=0)
-        if self._size != 8 + n + data_len:  # replaced since the header was read
-            self._file.close()
-            raise ValueError("file changed")
         weakref.finalize(self, self._file.close)
         self.path, self._types, self._start = path, dict(types), 8 + n
         self._spans = {name: (e.begin, e.end) for name, e in header.items()}
 
     def read(self, name: str) -> np.ndarray:
         begin, end = self._spans[name]
-        buf = _aligned_empty(end - begin)
-        self._file.seek(self._start + begin)
-        if self._file.readinto(buf) != buf.size:
+        if os.fstat(self._file.fileno()).st_size != self._size:
             raise OSError(f"{self.path}: truncated while in use")
         t = self._types[name]
-        return buf.view(t.dtype.to_numpy()).reshape(t.shape)
+        dtype = t.dtype.to_numpy()
+        count = (end - begin) // dtype.itemsize
+        return np.frombuffer(self._map, dtype, count, self._start + begin).reshape(t.shape)
 
     def close(self) -> None:
+        # The mapping lives as long as an array made from it (numpy holds a reference);
+        # the file descriptor is not needed for that.
         self._file.close()
-
-
-def _aligned_empty(nbytes: int) -> np.ndarray:
-    """Uninitialized, page-aligned bytes: JAX's CPU client uses an array that starts on a
-    64-byte boundary in place instead of copying it (numpy's own alignment is 16).
-
-    Large buffers are fresh anonymous mappings advised as transparent huge pages: writing
-    1 GiB into 4 KiB pages costs ~260k page faults (2.4 s on a 2-core VM, 15x the read
-    itself); in 2 MiB pages it takes 0.16 s. Kernels with THP off ignore the advice.
-    """
-    if nbytes < HUGE_PAGE_MIN_BYTES:
-        raw = np.empty(nbytes + 64, np.uint8)
-        skip = -raw.ctypes.data % 64
-        return raw[skip:skip + nbytes]
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            buf.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:
-            pass
-    return np.frombuffer(buf, np.uint8)  # keeps the mapping alive
 
 
 def open_entry(path: str, types: Mapping[str, TensorType]) -> Entry | None:
@@ -204,22 +192,52 @@ def write_entry(entry: str, arrays: Mapping[str, np.ndarray],
                 metadata: dict[str, str]) -> str | None:
     """Write `arrays` to entry/weights.safetensors atomically; the path, or None when the
     disk refuses (the cache is an optimization: loading goes on without it)."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import save_file
     final = os.path.join(entry, WEIGHTS_FILE)
     tmp = os.path.join(entry, f".{WEIGHTS_FILE}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         os.makedirs(entry, exist_ok=True)
-        save_file({n: np.ascontiguousarray(a) for n, a in arrays.items()}, tmp,
-                  metadata=metadata)
+        _save_aligned(arrays, tmp, metadata)
         os.replace(tmp, final)
         return final
-    except (OSError, SafetensorError):  # the library reports a full disk as its own error
+    except (OSError, ValueError):
         try:
             os.unlink(tmp)
         except OSError:
             pass
         return None
+
+
+def _save_aligned(arrays: Mapping[str, np.ndarray], path: str,
+                  metadata: dict[str, str]) -> None:
+    """A safetensors file whose tensors start on ALIGN-byte boundaries (read in place by
+    `Entry`): the header is padded with spaces (the format allows it) so the data section
+    starts aligned, and the tensors whose sizes are multiples of ALIGN come first, largest
+    first (in real models: all of them; any others still load, by copy). The format
+    forbids gaps between tensors, so no padding goes there."""
+    arrays = {n: _c_order(a) for n, a in arrays.items()}
+    for name, a in arrays.items():
+        if DType.from_numpy(a.dtype) not in SAFETENSORS_NAMES:
+            raise ValueError(f"{name}: dtype {a.dtype} has no safetensors name")
+    order = sorted(arrays, key=lambda n: (arrays[n].nbytes % ALIGN != 0, -arrays[n].nbytes, n))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for name in order:
+        a = arrays[name]
+        header[name] = {"dtype": SAFETENSORS_NAMES[DType.from_numpy(a.dtype)],
+                        "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % ALIGN)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in order:
+            f.write(arrays[name].reshape(-1).view(np.uint8))
+
+
+def _c_order(a) -> np.ndarray:
+    a = np.asarray(a)  # (np.ascontiguousarray would make a 0-d array 1-d)
+    return a if a.flags.c_contiguous else a.copy(order="C")
 
 
 def prune(root: str, max_entries: int = MAX_ENTRIES, keep: str | None = None) -> list[str]:

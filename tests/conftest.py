@@ -1,6 +1,14 @@
-"""Makes `tests.*` helpers (strategies) importable however pytest is started."""
+"""Makes `tests.*` helpers (strategies) importable however pytest is started; the real
+models and their transformers references.
+
+The transformers loads of the real models are slow (~15 s SmolLM2, ~40 s Gemma 3 on two
+cores), so each happens once per session, on the xdist worker that runs the model's group:
+every test using them is marked `xdist_group("smollm2")` or `xdist_group("gemma3")`.
+"""
 import os
 import sys
+
+import pytest
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
@@ -11,3 +19,66 @@ if _ROOT not in sys.path:
 os.environ.setdefault("JAXRT_WEIGHT_CACHE", "off")
 # Likewise the tokenizer cache: tests/frontends/test_tokenizer_cache.py turns it on.
 os.environ.setdefault("JAXRT_TOKENIZER_CACHE", "off")
+
+
+def _resolve(alias: str) -> str:
+    from jaxrt.frontends.sources import resolve_model
+    return resolve_model(alias)[1]
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    return _resolve("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> str:
+    return _resolve("gemma3-270m")
+
+
+def _hf_model(path: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
+                                                 gguf_file=os.path.basename(path),
+                                                 dtype=torch.float32)
+    return model.eval()
+
+
+def _hf_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_model(smollm2_path):
+    return _hf_model(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def gemma3_hf_model(gemma3_path):
+    return _hf_model(gemma3_path)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_tokenizer(smollm2_path):
+    return _hf_tokenizer(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def gemma3_hf_tokenizer(gemma3_path):
+    return _hf_tokenizer(gemma3_path)
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path):
+    from jaxrt.frontends.gguf_reader import read_gguf
+    return read_gguf(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def gemma3(gemma3_path):
+    from jaxrt.frontends.gguf_reader import read_gguf
+    return read_gguf(gemma3_path)

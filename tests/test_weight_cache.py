@@ -170,7 +170,10 @@ def _wrong_dtype(path):
                                      _wrong_dtype])
 def test_a_corrupt_entry_is_ignored_and_rewritten(cache_root, gguf, corrupt):
     first = load(gguf)
-    expected = resident(first)
+    resident(first)  # materialized and written
+    # Computed without the cache: arrays served from the entry map its file, which the
+    # corruption below rewrites in place (jaxrt never does that to a file in use).
+    expected = reference(first)
     path = first.stats["weight_cache"]["path"]
     corrupt(path)
     second = load(gguf)
@@ -183,13 +186,15 @@ def test_a_corrupt_entry_is_ignored_and_rewritten(cache_root, gguf, corrupt):
 
 
 def test_an_entry_truncated_while_in_use_is_recomputed(cache_root, gguf):
-    expected = resident(load(gguf))
+    first = load(gguf)
+    resident(first)
+    expected = reference(first)
     warm = load(gguf)
     assert warm.stats["weight_cache"]["status"] == "hit"  # its file is open now
     path = warm.stats["weight_cache"]["path"]
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
-    assert_same(resident(warm), expected)
+    assert_same(resident(warm), expected)  # refused before any tensor is mapped
     assert warm.stats["weight_cache"]["status"] == "written"
     assert load(gguf).stats["weight_cache"]["status"] == "hit"
 
@@ -296,3 +301,42 @@ def test_materialize_uses_given_results_of_defined_weights(gguf):
         materialize(module, wrong, [stacked])
     with pytest.raises(ValueError, match="missing"):
         materialize(module, {}, [stacked])
+
+
+def test_a_hit_maps_the_file_aligned_and_jax_uses_it_in_place(cache_root, gguf):
+    """Weights from the cache are read-only views of the file, 64-byte aligned, so JAX's
+    CPU client places them without a copy; the file stays a valid safetensors file."""
+    import jax
+    from safetensors import safe_open
+    first = load(gguf)
+    written = resident(first)
+    path = first.stats["weight_cache"]["path"]
+    with safe_open(path, framework="numpy") as f:
+        assert_same({n: f.get_tensor(n) for n in written}, written)
+    hit = load(gguf)
+    got = resident(hit)
+    assert hit.stats["weight_cache"]["status"] == "hit"
+    assert_same(got, reference(hit))
+    for name, a in got.items():
+        assert not a.flags.writeable, name
+        assert a.ctypes.data % weight_cache.ALIGN == 0, name
+    big = max(got.values(), key=lambda a: a.nbytes)
+    if jax.default_backend() == "cpu":
+        placed = jax.device_put(big)
+        assert placed.unsafe_buffer_pointer() == big.ctypes.data
+
+
+def test_the_writer_aligns_every_tensor_it_can(tmp_path):
+    arrays = {"odd": np.arange(3, dtype=np.float32), "big": np.ones((4, 16), np.float32),
+              "bf": np.zeros(32, np.float32).astype(weight_cache.DType.bf16.to_numpy()),
+              "flag": np.array([True, False]), "scalar": np.float32(2.0)}
+    path = weight_cache.write_entry(str(tmp_path / "e"), arrays, {"k": "v"})
+    types = {n: weight_cache.TensorType(np.asarray(a).shape,
+                                        weight_cache.DType.from_numpy(np.asarray(a).dtype))
+             for n, a in arrays.items()}
+    entry = weight_cache.open_entry(path, types)
+    for name, a in arrays.items():
+        got = entry.read(name)
+        np.testing.assert_array_equal(got, a)
+        if np.asarray(a).nbytes % weight_cache.ALIGN == 0:
+            assert got.ctypes.data % weight_cache.ALIGN == 0, name

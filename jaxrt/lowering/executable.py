@@ -20,6 +20,7 @@ from ..ir.weights import materialize, resident_weights
 from .compile import default_float_dtype, enable_persistent_cache, jit_function
 
 _ZEROS = ThreadPoolExecutor(1, thread_name_prefix="jaxrt-kv-zeros")
+_PLACE = ThreadPoolExecutor(1, thread_name_prefix="jaxrt-weights")
 
 STEP_ARG_NAMES = ("tokens", "positions", "slot_mapping", "page_table", "context_lens",
                   "q_index", "logit_index", "kv")
@@ -49,7 +50,7 @@ class StepExecutable:
 
     def __init__(self, module: Module, weights: Mapping[str, np.ndarray], *, num_pages: int,
                  page_size: int, dtype=None, keep_f32: Iterable[str] = (),
-                 backends: str | Sequence[str] = "xla"):
+                 backends: str | Sequence[str] = "xla", wait: bool = True):
         enable_persistent_cache()
         fn = module.functions.get("step")
         if fn is None or tuple(fn.arg_names) != STEP_ARG_NAMES:
@@ -82,7 +83,17 @@ class StepExecutable:
         self._kv_future = _ZEROS.submit(
             lambda: jnp.zeros(self._kv_struct.shape, self._kv_struct.dtype).block_until_ready())
         self._kv: jax.Array | None = None
-        self._weights = self._place_weights(weights)
+        # Weights likewise, with wait=False: reading them (the weight cache: page faults,
+        # GIL released) overlaps tracing and compiling, which need only their types.
+        # ready() (or the first run) waits, and raises what placing them raised.
+        names = resident_weights(bound)
+        self._weight_structs = {n: jax.ShapeDtypeStruct(bound.weights[n].shape,
+                                                        bound.weights[n].dtype.to_numpy())
+                                for n in names}
+        self._weights: dict[str, jax.Array] | None = None
+        self._weights_future = _PLACE.submit(self._place_weights, weights)
+        if wait:
+            self.ready()
         self._jitted = jit_function(bound, "step", donate=("kv",), backends=backends)
         self._compiled: dict[tuple[int, int, int, int, int], object] = {}
         self._compile_seconds = 0.0
@@ -121,6 +132,18 @@ class StepExecutable:
         """The current cache (replaced by every `run`; do not hold on to it across runs)."""
         return self._cache()
 
+    def ready(self) -> None:
+        """Wait until the weights and the KV cache are on the device (raising what
+        placing the weights raised)."""
+        self._placed()
+        self._cache()
+
+    def _placed(self) -> dict[str, jax.Array]:
+        if self._weights is None:
+            self._weights = self._weights_future.result()
+            self._weights_future = None
+        return self._weights
+
     def _cache(self) -> jax.Array:
         if self._kv is None:
             self._kv, self._kv_future = self._kv_future.result(), None
@@ -142,7 +165,8 @@ class StepExecutable:
         shapes = [(T,), (T,), (T,), (S, MP), (S,), (S, Q), (N,)]
         structs = [jax.ShapeDtypeStruct(s, i32) for s in shapes]
         start = time.perf_counter()
-        self._compiled[key] = self._jitted.lower(self._weights, *structs, self._kv_struct).compile()
+        self._compiled[key] = self._jitted.lower(self._weight_structs, *structs,
+                                                 self._kv_struct).compile()
         seconds = time.perf_counter() - start
         self._compile_seconds += seconds
         return seconds
@@ -166,7 +190,7 @@ class StepExecutable:
         key = _bucket(*args)
         if key not in self._compiled:
             self.compile_for(*key)
-        logits, self._kv = self._compiled[key](self._weights, *args, self._cache())
+        logits, self._kv = self._compiled[key](self._placed(), *args, self._cache())
         return logits
 
 

@@ -158,6 +158,15 @@ class Engine:
             self._warm_in_background()
         elif mode:
             self.warmup()
+        # A runner we loaded places its weights on a thread while the first buckets
+        # compile (StepExecutable(wait=False)): ready to serve means they are there.
+        ready = getattr(self.runner, "ready", None)
+        if ready is not None:
+            try:
+                ready()
+            except BaseException:
+                self.close()
+                raise
 
     # ---- compile --------------------------------------------------------------------
 
@@ -561,4 +570,4 @@ def _load(model: str, *, dtype, page_size: int, num_pages: int | None,
                                                                 ()))
     # The planned length: the model's context, or what max_model_len / an engine directory's
     # compile options asked for.
-    return compiled.executable(), compiled.tokenizer, eos, compiled.kv_plan["max_model_len"]
+    return compiled.executable(wait=False), compiled.tokenizer, eos, compiled.kv_plan["max_model_len"]
