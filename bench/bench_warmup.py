@@ -31,6 +31,10 @@ def main() -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=4096)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--bucket-growth", type=int, default=None)
+    p.add_argument("--compile-threads", type=int, default=None,
+                   help="threads compiling buckets (default: the Engine's)")
+    p.add_argument("--decode-batches", default="1,64",
+                   help="after warm-up, decode tok/s at these batch sizes ('' for none)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     from jaxrt.compiler import compile_loaded, layers_choice
@@ -51,7 +55,8 @@ def main() -> None:
     t0 = time.perf_counter()
     engine = Engine(exe, max_num_seqs=args.max_num_seqs,
                     max_num_batched_tokens=args.max_num_batched_tokens,
-                    max_model_len=args.max_model_len, log=sys.stderr, warmup=True, **kwargs)
+                    max_model_len=args.max_model_len, log=sys.stderr, warmup=True,
+                    compile_threads=args.compile_threads, **kwargs)
     engine_s = time.perf_counter() - t0
     st = engine.stats()
     out = {"model": args.model, "layers": args.layers,
@@ -61,7 +66,23 @@ def main() -> None:
            "buckets": [list(b) for b in exe.compiled_shapes],
            "passes_s": passes_s, "place_weights_s": place_s, "engine_init_s": engine_s,
            "warmup_s": st.warmup_seconds, "compile_s": st.compile_seconds,
+           "compile_threads": engine._compile_threads,
+           "device": str(__import__("jax").devices()[0].device_kind),
            "xla_cache": os.environ.get("JAXRT_CACHE_DIR", "~/.cache/jaxrt")}
+    from jaxrt.runtime.engine import SamplingParams
+    decode = {}
+    for b in [int(x) for x in args.decode_batches.split(",") if x]:
+        prompts = [[(7 * i + j) % 1000 + 10 for j in range(128)] for i in range(b)]
+        params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
+        engine.generate(prompts[:1], SamplingParams(max_tokens=4, ignore_eos=True))
+        t0 = time.perf_counter()
+        outs = engine.generate(prompts, params)
+        wall = time.perf_counter() - t0
+        # decode rate: tokens after each request's first, over the time after its first
+        steps = [(len(o.token_times) - 1) / (o.token_times[-1] - o.token_times[0]) for o in outs]
+        decode[str(b)] = {"decode_tok_s": b * sum(steps) / len(steps), "wall_s": wall}
+    out["decode"] = decode
+    out["compiles_after_warmup"] = engine.stats().compiles_after_warmup
     print(json.dumps(out))
     if args.out:
         with open(args.out, "w") as f:

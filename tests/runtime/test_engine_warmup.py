@@ -120,3 +120,33 @@ def test_on_demand_compiles_are_counted_and_strict_refuses_background():
     strict = Engine(SlowRunner(delay=0.0, num_pages=64, page_size=4), **CONFIG,
                     strict_compiles=True)
     assert strict.stats().warmup_seconds > 0 and not strict.stats().warming_up
+
+
+def test_blocking_warmup_compiles_concurrently_each_shape_once():
+    runner = SlowRunner(delay=0.1, num_pages=64, page_size=4)
+    engine = Engine(runner, **CONFIG, warmup=True, compile_threads=4)
+    buckets = engine.policy.all_buckets()
+    assert set(runner.compiles) == {b.as_tuple() for b in buckets}
+    assert max(runner.compiles.values()) == 1, "a shape compiled twice"
+    assert runner.max_concurrent > 1  # they overlapped
+    assert all(t.startswith("jaxrt-compile") for t in runner.threads)
+    st = engine.stats()
+    assert st.warmup_seconds > 0 and not st.warming_up
+    outs = engine.generate(PROMPTS, PARAMS)
+    assert engine.stats().compiles_after_warmup == 0
+    assert sum(runner.compiles.values()) == len(buckets)
+    ref = Engine(FakeRunner(num_pages=64, page_size=4), **CONFIG, warmup=True,
+                 compile_threads=1)
+    assert [o.ids for o in ref.generate(PROMPTS, PARAMS)] == [o.ids for o in outs]
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "4"])
+def test_invalid_compile_threads_are_refused(value):
+    with pytest.raises(ValueError, match="compile_threads"):
+        Engine(FakeRunner(num_pages=64, page_size=4), **CONFIG, compile_threads=value)
+
+
+def test_invalid_compile_threads_env_is_refused(monkeypatch):
+    monkeypatch.setenv("JAXRT_COMPILE_THREADS", "many")
+    with pytest.raises(ValueError, match="JAXRT_COMPILE_THREADS"):
+        Engine(FakeRunner(num_pages=64, page_size=4), **CONFIG)
