@@ -232,6 +232,21 @@ class BlockManager:
         h = self._hash[page]
         if self._ref[page] == 0 and h is not None and self._children[h] == 0:
             heapq.heappush(self._lru, (self._last_used[page], page))
+            if len(self._lru) > 2 * self.num_pages + 16:
+                self._compact_lru()
+
+    def _compact_lru(self) -> None:
+        """Drop stale heap entries (a page reused, evicted or no longer a leaf since it
+        was pushed): at most one entry per page is live, so the heap stays O(pages)
+        however many requests finish without an eviction. Amortized O(1) per push."""
+        self._lru = [(stamp, page) for stamp, page in self._lru
+                     if self._live_entry(stamp, page)]
+        heapq.heapify(self._lru)
+
+    def _live_entry(self, stamp: int, page: int) -> bool:
+        h = self._hash[page]
+        return (self._ref[page] == 0 and h is not None and self._children[h] == 0
+                and stamp == self._last_used[page])
 
     def _take_page(self) -> int:
         if self._clean:
@@ -245,10 +260,9 @@ class BlockManager:
     def _evict(self) -> int:
         while self._lru:
             stamp, page = heapq.heappop(self._lru)
-            h = self._hash[page]
-            if (self._ref[page] != 0 or h is None or self._children[h] != 0
-                    or stamp != self._last_used[page]):
+            if not self._live_entry(stamp, page):
                 continue  # stale entry: reused, evicted, or no longer a leaf
+            h = self._hash[page]
             parent = self._parent[page]
             del self._cache[h], self._children[h]
             self._hash[page] = self._parent[page] = None

@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from .block_manager import BlockManager
+from .detokenize import IncrementalDetokenizer
 from .request import (BeamOutput, Request, RequestOutput, SamplingParams, StreamDelta,
                       validate_prompt_ids)
 from .sampler import SampledToken, Sampler, SamplingBatch
@@ -89,12 +90,14 @@ class Engine:
                  outline_layers: bool | None = None,
                  num_pages: int | None = None,
                  max_model_len: int | None = None, dtype: Any = None, max_logprobs: int = 20,
-                 seed: int = 0, q_block: int = 16, bucket_growth: int | None = None,
+                 seed: int | None = None, q_block: int = 16, bucket_growth: int | None = None,
                  min_bucket_tokens: int = 16, warmup: bool | str = "auto",
                  strict_compiles: bool = False, compile_threads: int | None = None,
                  log: Any = "stderr"):
         compile_threads = _compile_threads(compile_threads)  # refused before loading
         mode = _warmup_mode(warmup, strict_compiles)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be an integer or None, got {seed!r}")
         if isinstance(model, (str, os.PathLike)):
             model, tok, eos, model_len = _load(
                 os.fspath(model), dtype=dtype, page_size=page_size or 16, num_pages=num_pages,
@@ -144,6 +147,8 @@ class Engine:
                                    token_floor=min_bucket_tokens)
         self.sampler = Sampler(self.vocab_size, max_logprobs)
         self._pad_slot = int(model.num_pages) * ps
+        # Requests without a seed draw theirs from here: from the OS unless `seed` is given
+        # (fresh engines must not repeat each other's "random" samples).
         self._rng = random.Random(seed)
         self._ids = itertools.count()
         self._live: dict[str, Request] = {}
@@ -157,6 +162,7 @@ class Engine:
         self._compiles_after_warmup = self._steps = self._generated = 0
         self._compile_lock = threading.RLock()   # one compile at a time, either thread
         self._run_lock = threading.Lock()  # the runner's cache: one run at a time
+        self._step_lock = threading.RLock()  # scheduler state: one step, add or abort
         self._background: threading.Thread | None = None
         self._stop = threading.Event()
         if mode == "background":
@@ -375,8 +381,9 @@ class Engine:
         return Request(rid, ids, params, time.perf_counter(), seed, self.eos_token_ids)
 
     def _enqueue(self, req: Request) -> str:
-        self._live[req.request_id] = req
-        self.scheduler.add(req)
+        with self._step_lock:
+            self._live[req.request_id] = req
+            self.scheduler.add(req)
         return req.request_id
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
@@ -385,12 +392,15 @@ class Engine:
         return self._enqueue(self._make_request(prompt, params, request_id))
 
     def abort(self, request_id: str) -> RequestOutput | None:
-        """Stop a queued or running request; its output so far, finish_reason "abort"."""
-        req = self.scheduler.abort(request_id)
-        if req is None:
-            return None
-        self._live.pop(request_id, None)
-        return self._output(req)
+        """Stop a queued or running request; its output so far, finish_reason "abort".
+        Safe from any thread at any time: a step in flight finishes first (its result
+        for this request is dropped)."""
+        with self._step_lock:
+            req = self.scheduler.abort(request_id)
+            if req is None:
+                return None
+            self._live.pop(request_id, None)
+            return self._output(req)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -404,6 +414,10 @@ class Engine:
         return outs
 
     def _step(self) -> list[RequestOutput]:
+        with self._step_lock:  # add_request / abort from other threads wait for it
+            return self._step_locked()
+
+    def _step_locked(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             if self.scheduler.has_unfinished():
@@ -511,6 +525,8 @@ class Engine:
         rid = self._enqueue(req)
         holdback = max((len(s) for s in req.params.stop), default=1) - 1
         sent_ids, sent_text = 0, ""
+        detok = IncrementalDetokenizer(self._detokenize) if self.tokenizer is not None \
+            else None
         try:
             while True:
                 if not req.is_finished:  # (it may have finished in someone else's step)
@@ -525,8 +541,10 @@ class Engine:
                     return
                 if len(ids) == sent_ids:
                     continue
-                text = self._text(ids)
-                safe = text[:len(text) - holdback].rstrip("\ufffd")  # no half characters
+                if detok is not None:
+                    detok.update(ids)  # half characters stay back in the detokenizer
+                text = detok.text if detok is not None else ""
+                safe = text[:len(text) - holdback]
                 delta = safe[len(sent_text):] if safe.startswith(sent_text) else ""
                 yield StreamDelta(rid, ids[sent_ids:], delta, None, None)
                 sent_ids, sent_text = len(ids), sent_text + delta

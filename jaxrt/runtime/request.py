@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import Sequence as Seq
+from typing import Any, Sequence as Seq
 
 import numpy as np
 
@@ -164,6 +164,8 @@ class Sequence:
     # beam search: (token ids [2W], logprobs [2W]) once this beam's logits are in, waiting
     # for the other beams of its request to catch up
     candidates: tuple[np.ndarray, np.ndarray] | None = None
+    # stop strings: the output's text so far, decoded incrementally (scheduler)
+    detok: Any = None
 
     @property
     def output_ids(self) -> list[int]:

@@ -35,6 +35,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from .block_manager import BlockManager
+from .detokenize import IncrementalDetokenizer
 from .request import Request, RequestState, Sequence
 from .sampler import SampledToken, beam_candidates
 
@@ -230,6 +231,8 @@ class Scheduler:
         """Apply one step's results (`sampled` by seq_id for entries needing logits);
         returns the requests that finished."""
         for s in batch.seqs:
+            if s.request.is_finished:
+                continue  # aborted since it was scheduled: its pages are already freed
             if s.seq.num_computed != s.start:
                 raise AssertionError(f"sequence {s.seq.seq_id} computed {s.seq.num_computed}, "
                                      f"scheduled from {s.start}")
@@ -262,16 +265,23 @@ class Scheduler:
             self._finish(req, reason)
 
     def _stop_reason(self, req: Request, seq: Sequence) -> str | None:
-        p, token, out = req.params, seq.tokens[-1], seq.output_ids
+        p, token = req.params, seq.tokens[-1]
         if (not p.ignore_eos and token in req.eos_token_ids) or token in p.stop_token_ids:
             return "stop"
         if p.stop and self.detokenize is not None:
-            text = self.detokenize(out)
-            hits = [i for i in (text.find(s) for s in p.stop) if i >= 0]
-            if hits:
-                req.stop_text = text[:min(hits)]
-                return "stop"
-        if len(out) >= p.max_tokens or len(seq.tokens) >= self.config.max_model_len:
+            if seq.detok is None:
+                seq.detok = IncrementalDetokenizer(self.detokenize, seq.prompt_len)
+            before = len(seq.detok.text)
+            if seq.detok.update(seq.tokens):
+                # only where the new text could complete a stop string
+                text = seq.detok.text
+                start = max(0, before - max(len(s) for s in p.stop) + 1)
+                hits = [i for i in (text.find(s, start) for s in p.stop) if i >= 0]
+                if hits:
+                    req.stop_text = text[:min(hits)]
+                    return "stop"
+        if len(seq.tokens) - seq.prompt_len >= p.max_tokens \
+                or len(seq.tokens) >= self.config.max_model_len:
             return "length"
         return None
 

@@ -155,3 +155,19 @@ def test_double_free_is_caught():
     bm.free(1)
     with pytest.raises(KeyError):
         bm.free(1)
+
+
+def test_lru_heap_stays_bounded_without_evictions():
+    """Requests that keep reusing one cached prefix release its pages again and again; the
+    heap's stale entries must not grow with the number of requests."""
+    bm = BlockManager(16, 4)
+    prompt = list(range(12))
+    for sid in range(1, 2001):
+        admit_and_compute(bm, sid, prompt + [100 + sid % 7])
+        bm.free(sid)
+    assert bm.stats().evictions == 0
+    assert len(bm._lru) <= 2 * bm.num_pages + 16
+    # and eviction order is still by last use, leaves first
+    for sid in range(5000, 5004):
+        assert admit_and_compute(bm, sid, [1000 + sid] * 16) == 0
+    assert bm.stats().evictions > 0

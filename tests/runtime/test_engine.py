@@ -334,3 +334,63 @@ def test_stream_interleaved_with_generate(fake_runner):
     assert first.ids + [t for d in rest for t in d.ids] == \
         reference_greedy([3, 4, 5], 5, ignore_eos=True)
     assert rest[-1].finish_reason == "length" and engine.step() == []
+
+
+def test_abort_from_another_thread_mid_step_is_safe(fake_runner):
+    """abort() while a step is running (a server's disconnect handler): it waits for the
+    step, the other requests' tokens are unchanged, and the pages all come back."""
+    import threading
+    import time as _time
+
+    class SlowRun:
+        def __init__(self, inner):
+            self._inner, self.in_run = inner, threading.Event()
+
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+
+        def run(self, *args):
+            self.in_run.set()
+            _time.sleep(0.01)
+            return self._inner.run(*args)
+
+    runner = SlowRun(fake_runner)
+    engine = make_engine(runner)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in PROMPTS]
+    victim, results = ids[1], {}
+
+    def aborter():
+        runner.in_run.wait()
+        _time.sleep(0.005)  # inside a step's run
+        results["abort"] = engine.abort(victim)
+
+    t = threading.Thread(target=aborter)
+    t.start()
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    t.join()
+    assert results["abort"] is not None and results["abort"].finish_reason == "abort"
+    got = {o.request_id: o.ids for o in outs}
+    assert victim not in got
+    for rid, prompt in zip(ids, PROMPTS):
+        if rid != victim:
+            assert got[rid] == reference_greedy(prompt, 12, ignore_eos=True)
+    assert engine.stats().pages_in_use == 0
+
+
+def test_unseeded_sampling_differs_across_fresh_engines(fake_runner):
+    """Requests without a seed: fresh engines must not repeat each other's draws; an
+    engine seed makes them reproducible."""
+    params = SamplingParams(max_tokens=16, temperature=1.5, ignore_eos=True)
+
+    def draw(**kw):
+        return make_engine(fake_runner, **kw).generate([[3, 4, 5]] * 2, params)
+
+    a, b = draw(), draw()
+    assert [o.ids for o in a] != [o.ids for o in b]
+    assert a[0].ids != a[1].ids  # two requests of one engine differ too
+    assert [o.ids for o in draw(seed=7)] == [o.ids for o in draw(seed=7)]
+    with pytest.raises(ValueError, match="seed"):
+        make_engine(fake_runner, seed="7")
