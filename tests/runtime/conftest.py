@@ -97,12 +97,36 @@ def _selected() -> list[str]:
     return [n for n in names if n]
 
 
+def poison(runner, seed: int = 0):
+    """What a new Engine must not depend on: the cache's previous contents. Fill the KV
+    cache with random values and forget the fake model's record of written slots, so a
+    page used before its K/V is written shows up (garbage in the output, or the fake's
+    "never-written slots" check) instead of reading what an earlier engine left there."""
+    import jax.numpy as jnp
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    if isinstance(runner, FakeRunner):
+        runner._kv = jnp.asarray(rng.integers(0, 2**32, runner._kv.shape, dtype=np.uint32))
+        runner._written[:] = False
+        return runner
+    kv = runner.kv_cache  # a StepExecutable: resolve, then replace its cache
+    runner._kv = jnp.asarray((rng.standard_normal(kv.shape) * 4).astype(kv.dtype))
+    return runner
+
+
+def poisoned(make: Callable[[], Any]) -> Callable[[], Any]:
+    count = iter(range(1 << 30))
+    return lambda: poison(make(), next(count))
+
+
 # Real-model runners compile per process: keep each one's tests on one xdist worker.
 @pytest.fixture(scope="session", params=[
     pytest.param(n, marks=pytest.mark.xdist_group(n)) if n != "fake" else n
     for n in _selected()])
 def runner_factory(request) -> RunnerFactory:
-    return FACTORIES[request.param]()
+    factory = FACTORIES[request.param]()
+    factory.make = poisoned(factory.make)  # every engine starts from a garbage cache
+    return factory
 
 
 @pytest.fixture(scope="session")
