@@ -195,16 +195,24 @@ class Engine:
                  + [("step", b) for b in rest] + samplers)
         return tasks, len(first) + len(needed)
 
+    def _task_done(self, task: tuple) -> bool:
+        return task[1] in self._compiled if task[0] == "step" \
+            else self.sampler.is_compiled(task[1], task[2])
+
+    def _compile_task(self, task: tuple) -> float:
+        """Compile one warm-up task (no bookkeeping: thread-safe); returns the seconds."""
+        if task[0] == "step":
+            return self.runner.compile_for(*task[1].as_tuple())
+        return self.sampler.compile_for(task[1], task[2])
+
     def _run_task(self, task: tuple) -> None:
         with self._compile_lock:
+            if self._task_done(task):
+                return
+            self._compile_seconds += self._compile_task(task)
             if task[0] == "step":
-                b = task[1]
-                if b not in self._compiled:
-                    self._compile_seconds += self.runner.compile_for(*b.as_tuple())
-                    self._first_run(b)
-                    self._compiled.add(b)
-            elif not self.sampler.is_compiled(task[1], task[2]):
-                self._compile_seconds += self.sampler.compile_for(task[1], task[2])
+                self._first_run(task[1])
+                self._compiled.add(task[1])
 
     def warmup(self) -> float:
         """Compile every step bucket and sampler variant not compiled yet (waiting for a
@@ -239,16 +247,10 @@ class Engine:
     def _compile_concurrently(self, tasks: list[tuple]) -> None:
         from concurrent.futures import ThreadPoolExecutor, as_completed
 
-        def compile_one(task: tuple) -> float:
-            if task[0] == "step":
-                return self.runner.compile_for(*task[1].as_tuple())
-            return self.sampler.compile_for(task[1], task[2])
-
         with self._compile_lock, ThreadPoolExecutor(
                 self._compile_threads, thread_name_prefix="jaxrt-compile") as pool:
-            todo = [t for t in tasks if not (t[1] in self._compiled if t[0] == "step"
-                                             else self.sampler.is_compiled(t[1], t[2]))]
-            futures = {pool.submit(compile_one, t): t for t in todo}
+            todo = [t for t in tasks if not self._task_done(t)]
+            futures = {pool.submit(self._compile_task, t): t for t in todo}
             try:
                 for i, future in enumerate(as_completed(futures)):
                     self._compile_seconds += future.result()
