@@ -34,7 +34,6 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     import jax
-    import jax.numpy as jnp
     from jaxrt.compiler import compile_loaded, layers_choice
     config = config_for(args.model, args.max_model_len)
     loaded = SimpleNamespace(config=config, weights=ViewWeights(config), tokenizer=None,
@@ -47,10 +46,9 @@ def main() -> None:
     rows = []
     for spec in args.buckets.split(","):
         T, S, Q = (int(x) for x in spec.split("x"))
-        shapes = [(T,), (T,), (T,), (S, mp), (S,), (S, Q), (S,)]
-        structs = [jax.ShapeDtypeStruct(s, jnp.int32) for s in shapes]
         t0 = time.perf_counter()
-        traced = exe._jitted.trace(exe._weight_structs, *structs, exe._kv_struct)
+        traced = exe._programs.trace_step((T, S, Q, mp, S), exe._weight_structs,
+                                          exe._kv_struct)
         t1 = time.perf_counter()
         lowered = traced.lower()
         t2 = time.perf_counter()

@@ -129,7 +129,9 @@ def bench_model(name: str, args, bw: float, peak: float) -> dict:
                            max_num_batched_tokens=args.budget)
     exe = model.executable()
     load_s = time.perf_counter() - t0
-    weight_bytes = sum(t.nbytes() for t in model.module.weights.values())
+    from jaxrt.ir.weights import resident_weights
+    # what a decode step reads: the weights on the device, at their compute dtype
+    weight_bytes = sum(exe.module.weights[n].nbytes() for n in resident_weights(exe.module))
     out = {"model": name, "weight_bytes": weight_bytes, "random_weights_s": gen_s,
            "load_s": load_s, "kv_cache": model.module.attributes["kv_cache"],
            "roofline_decode_tok_s_b1": bw / weight_bytes}

@@ -17,7 +17,7 @@ import numpy as np
 from ..ir import DType, Module, verify
 from ..ir.substitute import bind_dims, set_float_dtype
 from ..ir.weights import materialize, resident_weights
-from .compile import default_float_dtype, enable_persistent_cache, jit_function
+from .compile import default_float_dtype, enable_persistent_cache, lower_function
 
 _ZEROS = ThreadPoolExecutor(1, thread_name_prefix="jaxrt-kv-zeros")
 _PLACE = ThreadPoolExecutor(1, thread_name_prefix="jaxrt-weights")
@@ -94,9 +94,10 @@ class StepExecutable:
         self._weights_future = _PLACE.submit(self._place_weights, weights)
         if wait:
             self.ready()
-        self._jitted = jit_function(bound, "step", donate=("kv",), backends=backends)
-        self._compiled: dict[tuple[int, int, int, int, int], object] = {}
-        self._compile_seconds = 0.0
+        from ..runtime.programs import StepPrograms
+        self._programs = StepPrograms(lower_function(bound, "step", backends=backends),
+                                      page_size=page_size, pad_slot=num_pages * page_size)
+        self._shapes: set[tuple[int, int, int, int, int]] = set()
 
     def _place_weights(self, weights: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """The weights @step reads, on the device. Defined weights (stacks, casts) are
@@ -125,7 +126,7 @@ class StepExecutable:
 
     @property
     def compile_seconds_total(self) -> float:
-        return self._compile_seconds
+        return self._programs.compile_seconds
 
     @property
     def kv_cache(self) -> jax.Array:
@@ -151,47 +152,80 @@ class StepExecutable:
 
     @property
     def compiled_shapes(self) -> list[tuple[int, int, int, int, int]]:
-        return sorted(self._compiled)
+        return sorted(self._shapes)
 
     # ---- compile and run --------------------------------------------------------------
 
     def compile_for(self, T: int, S: int, Q: int, MP: int, N: int) -> float:
         """Compile the bucket (tokens, sequences, queries per sequence, max pages per
-        sequence, logit rows) ahead of time; returns the seconds spent (0 if cached)."""
-        key = (T, S, Q, MP, N)
-        if key in self._compiled:
-            return 0.0
-        i32 = jnp.int32
-        shapes = [(T,), (T,), (T,), (S, MP), (S,), (S, Q), (N,)]
-        structs = [jax.ShapeDtypeStruct(s, i32) for s in shapes]
-        start = time.perf_counter()
-        self._compiled[key] = self._jitted.lower(self._weight_structs, *structs,
-                                                 self._kv_struct).compile()
-        seconds = time.perf_counter() - start
-        self._compile_seconds += seconds
+        sequence, logit rows) ahead of time: the step with sampling on the device
+        (`jaxrt.runtime.programs`); returns the seconds spent (0 if cached)."""
+        seconds = self._programs.compile_step((T, S, Q, MP, N), self._weight_structs,
+                                              self._kv_struct)
+        self._shapes.add((T, S, Q, MP, N))
         return seconds
+
+    def compile_decode(self, S: int, MP: int, num_steps: int) -> float:
+        """Compile the loop of `num_steps` decode steps of S sequences (see `decode`)."""
+        return self._programs.compile_decode(S, MP, num_steps, self._weight_structs,
+                                             self._kv_struct)
 
     def memory_analysis(self, T: int, S: int, Q: int, MP: int, N: int):
         """XLA's memory statistics of a bucket (compiling it if needed): argument, output,
         alias (the donated cache) and temp bytes, for sizing the cache against activations."""
         self.compile_for(T, S, Q, MP, N)
-        return self._compiled[(T, S, Q, MP, N)].memory_analysis()
+        return self._programs._compiled[("step", T, S, Q, MP, N)].memory_analysis()
 
-    def run(self, tokens, positions, slot_mapping, page_table, context_lens, q_index,
-            logit_index) -> jax.Array:
-        """One step (see docs/architecture.md); returns f32 logits [N, vocab] on device.
+    def run_sampled(self, tokens, positions, slot_mapping, page_table, context_lens,
+                    q_index, logit_index, sampling: tuple[np.ndarray, np.ndarray]):
+        """One step and its sampling on the device (see docs/architecture.md): returns
+        (tokens i32[N], logprobs f32[N], logits f32[N, vocab]), all on the device.
+        `sampling` is `SamplingBatch.packed()` of N rows.
 
         Compiles on the first call for a new shape bucket; the cache is donated and
         replaced, so only this object should keep a reference to it.
         """
-        args = [a if isinstance(a, jax.Array) else np.asarray(a, np.int32)
-                for a in (tokens, positions, slot_mapping, page_table, context_lens, q_index,
-                          logit_index)]
+        from ..runtime.programs import pack
+        args = [np.asarray(a, np.int32) for a in (tokens, positions, slot_mapping,
+                                                  page_table, context_lens, q_index,
+                                                  logit_index)]
         key = _bucket(*args)
-        if key not in self._compiled:
+        if not self._programs.has(("step", *key)):
             self.compile_for(*key)
-        logits, self._kv = self._compiled[key](self._placed(), *args, self._cache())
-        return logits
+        packed = pack([*args, *sampling])
+        tokens, token_lp, logits, self._kv = self._programs.run_step(
+            key, self._placed(), packed, self._cache())
+        return tokens, token_lp, logits
+
+    def run(self, tokens, positions, slot_mapping, page_table, context_lens, q_index,
+            logit_index) -> jax.Array:
+        """One step; returns f32 logits [N, vocab] on device (`run_sampled` with greedy
+        rows, whose tokens are dropped)."""
+        from ..runtime.programs import greedy_sampling
+        return self.run_sampled(tokens, positions, slot_mapping, page_table, context_lens,
+                                q_index, logit_index, greedy_sampling(len(logit_index)))[2]
+
+    def decode(self, tokens, positions, page_table, steps_left, num_steps: int,
+               sampling: tuple[np.ndarray, np.ndarray], feed=None, feed_at=None):
+        """`num_steps` decode steps of S = len(tokens) sequences in one call: row s feeds
+        tokens[s] at positions[s] and runs steps_left[s] <= num_steps steps, writing the
+        slots its page table row gives. Returns (tokens i32[K, S], logprobs f32[K, S]) on
+        the device; rows past their steps_left hold garbage. With `feed` (an earlier
+        call's tokens, on the device), row s starts from feed[feed_at[0, s], feed_at[1,
+        s]] where feed_at[0, s] >= 0 (jaxrt.runtime.programs.decode_loop)."""
+        from ..runtime.programs import pack
+        s = len(tokens)
+        if feed_at is None:
+            feed_at = np.full((2, s), -1, np.int32)
+        args = [np.asarray(a, np.int32) for a in (tokens, positions, page_table,
+                                                  steps_left, feed_at)]
+        s, mp = args[2].shape
+        if not self._programs.has(("decode", s, mp, num_steps)):
+            self.compile_decode(s, mp, num_steps)
+        packed = pack([*args, *sampling])
+        out_tokens, out_lp, self._kv = self._programs.run_decode(
+            s, mp, num_steps, self._placed(), packed, feed, self._cache())
+        return out_tokens, out_lp
 
 
 def _bucket(tokens, positions, slot_mapping, page_table, context_lens, q_index,

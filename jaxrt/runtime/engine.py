@@ -54,14 +54,26 @@ from .detokenize import IncrementalDetokenizer
 from .request import (BeamOutput, Request, RequestOutput, SamplingParams, StreamDelta,
                       validate_prompt_ids)
 from .sampler import SampledToken, Sampler, SamplingBatch
-from .scheduler import (BucketPolicy, Scheduler, SchedulerConfig, StepInputs,
-                        build_step_inputs)
+from .programs import greedy_sampling
+from .scheduler import (BucketPolicy, ScheduledBatch, ScheduledSeq, Scheduler,
+                        SchedulerConfig, StepInputs, build_step_inputs)
 
 Prompt = str | Seq[int]
 
 # runner -> buckets already run once: engines sharing a runner pay its first-run set-up once.
 _FIRST_RUN_DONE: "weakref.WeakKeyDictionary[Any, set]" = weakref.WeakKeyDictionary()
-IDLE_POLL_SECONDS = 0.02  # a background warm-up waits this long between looks for idleness
+IDLE_POLL_SECONDS = 0.02
+DEFAULT_DECODE_STEPS = 8  # on accelerators; see _decode_steps
+_NO_TOP_IDS = np.zeros(0, np.int32)           # a token sampled without top-n logprobs
+_NO_TOP_LOGPROBS = np.zeros(0, np.float32)  # a background warm-up waits this long between looks for idleness
+
+
+@dataclass(frozen=True)
+class _DecodeCall:
+    """A decode loop on the device: row i is rows[i] (num_tokens steps from start);
+    out = (tokens [K, S], logprobs [K, S]), device arrays."""
+    rows: list
+    out: tuple
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,7 @@ class EngineStats:
     compile_seconds: float        # runner + sampler, warmup included
     compiles_after_warmup: int    # should stay 0: a compile on the request path
     warming_up: bool = False      # a background warm-up is still compiling
+    decode_loops: int = 0         # runner calls that ran several decode steps
 
 
 class Engine:
@@ -91,10 +104,12 @@ class Engine:
                  num_pages: int | None = None,
                  max_model_len: int | None = None, dtype: Any = None, max_logprobs: int = 20,
                  seed: int | None = None, q_block: int = 16, bucket_growth: int | None = None,
-                 min_bucket_tokens: int = 16, warmup: bool | str = "auto",
+                 min_bucket_tokens: int = 16, decode_steps: int | None = None,
+                 warmup: bool | str = "auto",
                  strict_compiles: bool = False, compile_threads: int | None = None,
                  log: Any = "stderr"):
         compile_threads = _compile_threads(compile_threads)  # refused before loading
+        decode_steps = _decode_steps(decode_steps)
         mode = _warmup_mode(warmup, strict_compiles)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed must be an integer or None, got {seed!r}")
@@ -146,6 +161,10 @@ class Engine:
                                    growth=bucket_growth or _default_growth(),
                                    token_floor=min_bucket_tokens)
         self.sampler = Sampler(self.vocab_size, max_logprobs)
+        # Runners with the step programs (jaxrt.runtime.programs) sample on the device and
+        # run decode loops; others return logits to the sampler and step one at a time.
+        self._fused = callable(getattr(model, "run_sampled", None))
+        self.decode_steps = decode_steps if callable(getattr(model, "decode", None)) else 1
         self._pad_slot = int(model.num_pages) * ps
         # Requests without a seed draw theirs from here: from the OS unless `seed` is given
         # (fresh engines must not repeat each other's "random" samples).
@@ -160,6 +179,9 @@ class Engine:
         self._warm = self._serving = False  # _serving: compiles now land on requests
         self._warmup_seconds = self._compile_seconds = 0.0
         self._compiles_after_warmup = self._steps = self._generated = 0
+        self._decode_loops = 0
+        self._inflight: _DecodeCall | None = None  # a decode call queued, not yet applied
+        self.pipeline_decode = True  # queue the next decode call before applying one
         self._compile_lock = threading.RLock()   # one compile at a time, either thread
         self._run_lock = threading.Lock()  # the runner's cache: one run at a time
         self._step_lock = threading.RLock()  # scheduler state: one step, add or abort
@@ -183,26 +205,33 @@ class Engine:
 
     def _warmup_tasks(self) -> tuple[list[tuple], int]:
         """Every compile, in the order a background warm-up takes them, and how many of
-        the first ones one short request needs (the smallest decode and mixed buckets,
-        their samplers without penalties); the rest go by size."""
+        the first ones one short request needs (the smallest decode and mixed buckets;
+        their samplers too where the runner does not sample itself); the rest go by
+        size: step buckets, decode loops, then the full sampler's variants."""
         buckets = self.policy.all_buckets()
         first = [b for b in buckets if b.Q == 1][:1] + [b for b in buckets if b.Q != 1][:1]
         rest = sorted((b for b in buckets if b not in first), key=lambda b: (b.T, b.Q))
-        needed = sorted({b.N for b in first})
+        needed = [] if self._fused else sorted({b.N for b in first})
         samplers = [("sampler", n, p) for n in sorted({b.N for b in buckets})
                     for p in (False, True) if not (n in needed and not p)]
+        loops = [("decode", s) for s in self.policy.decode_sizes] \
+            if self.decode_steps > 1 else []
         tasks = ([("step", b) for b in first] + [("sampler", n, False) for n in needed]
-                 + [("step", b) for b in rest] + samplers)
+                 + [("step", b) for b in rest] + loops + samplers)
         return tasks, len(first) + len(needed)
 
     def _task_done(self, task: tuple) -> bool:
-        return task[1] in self._compiled if task[0] == "step" \
-            else self.sampler.is_compiled(task[1], task[2])
+        if task[0] == "sampler":
+            return self.sampler.is_compiled(task[1], task[2])
+        return _task_key(task) in self._compiled
 
     def _compile_task(self, task: tuple) -> float:
         """Compile one warm-up task (no bookkeeping: thread-safe); returns the seconds."""
         if task[0] == "step":
             return self.runner.compile_for(*task[1].as_tuple())
+        if task[0] == "decode":
+            return self.runner.compile_decode(task[1], self.policy.max_pages_per_seq,
+                                              self.decode_steps)
         return self.sampler.compile_for(task[1], task[2])
 
     def _run_task(self, task: tuple) -> None:
@@ -210,9 +239,9 @@ class Engine:
             if self._task_done(task):
                 return
             self._compile_seconds += self._compile_task(task)
-            if task[0] == "step":
-                self._first_run(task[1])
-                self._compiled.add(task[1])
+            if task[0] != "sampler":
+                self._first_run(task)
+                self._compiled.add(_task_key(task))
 
     def warmup(self) -> float:
         """Compile every step bucket and sampler variant not compiled yet (waiting for a
@@ -230,7 +259,7 @@ class Engine:
             return self._warmup_seconds
         tasks, _ = self._warmup_tasks()
         start = time.perf_counter()
-        steps = sum(t[0] == "step" for t in tasks)
+        steps = sum(t[0] != "sampler" for t in tasks)
         if self._compile_threads > 1 and len(tasks) > 1:
             self._compile_concurrently(tasks)
         else:
@@ -240,7 +269,7 @@ class Engine:
         self._warmup_seconds += time.perf_counter() - start
         self._warm = True
         if self._log is not None:
-            print(f"\rjaxrt: warmup compiled {steps} step buckets and {len(tasks) - steps} "
+            print(f"\rjaxrt: warmup compiled {steps} step programs and {len(tasks) - steps} "
                   f"sampler variants in {self._warmup_seconds:.2f} s", file=self._log, flush=True)
         return self._warmup_seconds
 
@@ -261,9 +290,9 @@ class Engine:
                     f.cancel()
                 raise
             for task in tasks:  # one-time device set-up, in order, outside the pool
-                if task[0] == "step" and task[1] not in self._compiled:
-                    self._first_run(task[1])
-                    self._compiled.add(task[1])
+                if task[0] != "sampler" and _task_key(task) not in self._compiled:
+                    self._first_run(task)
+                    self._compiled.add(_task_key(task))
 
     def _warm_in_background(self) -> None:
         tasks, k = self._warmup_tasks()
@@ -312,10 +341,10 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _first_run(self, b) -> None:
-        """Run a compiled bucket once on padding (every slot dropped, no context): on an
-        accelerator an executable's first run pays one-time set-up (loading it onto the
-        device) that must not land on the first request's TTFT. The cache is left
+    def _first_run(self, task: tuple) -> None:
+        """Run a compiled step program once on padding (every slot dropped, no context):
+        on an accelerator an executable's first run pays one-time set-up (loading it onto
+        the device) that must not land on the first request's TTFT. The cache is left
         untouched. Not on a CPU: there a first run costs what later ones do (SmolLM2, a
         512-token bucket: 0.63 vs 0.60 s), so it would only add work."""
         import jax
@@ -325,18 +354,25 @@ class Engine:
             done = _FIRST_RUN_DONE.setdefault(self.runner, set())
         except TypeError:  # a runner that cannot be weakly referenced: run every time
             done = set()
-        key = b.as_tuple()
+        key = (_task_key(task), self.decode_steps)
         if key in done:
             return
         done.add(key)
-        i32 = np.int32
-        zeros_t = np.zeros(b.T, i32)
+        i32, mp = np.int32, self.policy.max_pages_per_seq
         with self._run_lock:  # a background warm-up runs this beside the request path
-            out = self.runner.run(zeros_t, zeros_t, np.full(b.T, self._pad_slot, i32),
-                                  np.zeros((b.S, b.MP), i32), np.zeros(b.S, i32),
-                                  np.full((b.S, b.Q), b.T, i32), np.zeros(b.N, i32))
-            if hasattr(out, "block_until_ready"):
-                out.block_until_ready()
+            if task[0] == "decode":
+                s = task[1]
+                out = self.runner.decode(np.zeros(s, i32), np.zeros(s, i32),
+                                         np.zeros((s, mp), i32), np.zeros(s, i32),
+                                         self.decode_steps, greedy_sampling(s))
+            else:
+                b = task[1]
+                zeros_t = np.zeros(b.T, i32)
+                out = self.runner.run(zeros_t, zeros_t, np.full(b.T, self._pad_slot, i32),
+                                      np.zeros((b.S, b.MP), i32), np.zeros(b.S, i32),
+                                      np.full((b.S, b.Q), b.T, i32), np.zeros(b.N, i32))
+            import jax
+            jax.block_until_ready(out)
 
     def _progress(self, line: str) -> None:
         if self._log is not None:
@@ -420,33 +456,70 @@ class Engine:
             return self._step_locked()
 
     def _step_locked(self) -> list[RequestOutput]:
+        if self._inflight is not None:  # a decode call queued by the last step
+            call, self._inflight = self._inflight, None
+            return self._advance(call)
+        if self.decode_steps > 1:
+            rows = self.scheduler.schedule_decode_steps(self.decode_steps,
+                                                        self._can_decode_on_device)
+            if rows is not None:
+                return self._decode_steps(rows)
         batch = self.scheduler.schedule()
         if not batch.seqs:
             if self.scheduler.has_unfinished():
                 raise AssertionError("scheduler made no progress with requests pending")
             return []
         inputs = build_step_inputs(batch, self.block_manager, self.policy, self._pad_slot)
-        if inputs.bucket not in self._compiled:
-            with self._compile_lock:  # a background warm-up may be compiling it now
-                if inputs.bucket not in self._compiled:
-                    self._note_compile(f"step bucket {inputs.bucket}")
-                    self._compile_seconds += self.runner.compile_for(
-                        *inputs.bucket.as_tuple())
-                    self._compiled.add(inputs.bucket)
-        with self._run_lock:
-            logits = self.runner.run(*inputs.args())
-        sampled = self._sample(logits, inputs)
+        self._ensure_compiled(("step", inputs.bucket))
+        sampled = self._run_and_sample(inputs)
         finished = self.scheduler.update(batch, sampled, time.perf_counter())
         self._steps += 1
         self._generated += len(inputs.logit_seqs)
+        return self._finished(finished)
+
+    def _finished(self, finished: list[Request]) -> list[RequestOutput]:
         for req in finished:
             self._live.pop(req.request_id, None)
         return [self._output(r) for r in finished]
 
-    def _sample(self, logits, inputs: StepInputs) -> dict[int, SampledToken]:
-        rows = [(s.request.params, s.request.seed, len(s.seq.output_ids),
-                 s.request.prompt_ids, s.seq.output_ids) for s in inputs.logit_seqs]
-        batch = SamplingBatch.build(rows, inputs.bucket.N, self.vocab_size)
+    def _ensure_compiled(self, task: tuple) -> None:
+        if _task_key(task) in self._compiled:
+            return
+        with self._compile_lock:  # a background warm-up may be compiling it now
+            if _task_key(task) not in self._compiled:
+                self._note_compile(f"{task[0]} {task[1]}")
+                self._compile_seconds += self._compile_task(task)
+                self._compiled.add(_task_key(task))
+
+    @staticmethod
+    def _can_decode_on_device(req: Request) -> bool:
+        """The step programs' own sampling serves this request (no penalties, no top-n
+        logprobs, no beams)."""
+        p = req.params
+        return not (p.uses_penalties or p.logprobs or p.is_beam_search)
+
+    def _sampling_rows(self, seqs) -> list:
+        return [(s.request.params, s.request.seed, len(s.seq.output_ids),
+                 s.request.prompt_ids, s.seq.output_ids) for s in seqs]
+
+    def _run_and_sample(self, inputs: StepInputs) -> dict[int, SampledToken]:
+        seqs = inputs.logit_seqs
+        batch = SamplingBatch.build(self._sampling_rows(seqs), inputs.bucket.N,
+                                    self.vocab_size)
+        full = batch.needs_full_sampler or any(s.request.params.is_beam_search for s in seqs)
+        if self._fused:
+            with self._run_lock:
+                tokens, token_lp, logits = self.runner.run_sampled(*inputs.args(),
+                                                                   batch.packed())
+            if not full:
+                import jax
+                tokens, token_lp = jax.device_get((tokens, token_lp))
+                return {s.seq.seq_id: SampledToken(int(tokens[i]), float(token_lp[i]),
+                                                   _NO_TOP_IDS, _NO_TOP_LOGPROBS)
+                        for i, s in enumerate(seqs)}
+        else:
+            with self._run_lock:
+                logits = self.runner.run(*inputs.args())
         n, penalties = inputs.bucket.N, batch.has_penalties
         if not self.sampler.is_compiled(n, penalties):
             with self._compile_lock:
@@ -454,7 +527,105 @@ class Engine:
                     self._note_compile(f"sampler N={n}")
                     self._compile_seconds += self.sampler.compile_for(n, penalties)
         out = self.sampler(logits, batch)
-        return {s.seq.seq_id: out[i] for i, s in enumerate(inputs.logit_seqs)}
+        return {s.seq.seq_id: out[i] for i, s in enumerate(seqs)}
+
+    def _decode_steps(self, rows: list[ScheduledSeq]) -> list[RequestOutput]:
+        """Up to `decode_steps` tokens of every running sequence per runner call (rows
+        from `Scheduler.schedule_decode_steps`)."""
+        return self._advance(self._dispatch_decode(rows, None))
+
+    def _advance(self, call: "_DecodeCall") -> list[RequestOutput]:
+        """Queue the next decode call first where the batch can go on decoding (it starts
+        from this call's tokens on the device), then read and apply this call's tokens:
+        the host's bookkeeping overlaps the device's next call. A request that stops in
+        this call leaves its row of the next call wasted; that row's tokens are dropped."""
+        rows = self._next_decode_rows(call) if self.pipeline_decode else None
+        if rows is not None:
+            self._inflight = self._dispatch_decode(rows, call)
+        return self._apply_decode(call)
+
+    def _next_decode_rows(self, call: "_DecodeCall") -> list[ScheduledSeq] | None:
+        """The rows of the call after `call`, assuming no request in it stops before its
+        last step, with their slots reserved; None when the batch must go back to the
+        scheduler (a request waits or stopped, or the cache is short of pages)."""
+        sched, k = self.scheduler, self.decode_steps
+        if sched.waiting or len(sched.running) != len(call.rows):
+            return None
+        rows = []
+        for r in call.rows:
+            req, seq = r.request, r.seq
+            if req.is_finished:
+                return None
+            start = r.start + r.num_tokens     # its last token's position then
+            made = start + 1 - seq.prompt_len  # output tokens once `call` is applied
+            steps = min(k, req.params.max_tokens - made, self.max_model_len - start - 1)
+            if steps > 0:
+                rows.append(ScheduledSeq(req, seq, start, steps, True))
+        # the next call reads this one's tokens [K, S]: only within one decode bucket
+        if not rows or self._decode_size(len(rows)) != call.out[0].shape[1]:
+            return None
+        for r in rows:
+            if not self.block_manager.append_slots(r.seq.seq_id, r.start + r.num_tokens):
+                return None
+        return rows
+
+    def _decode_size(self, rows: int) -> int:
+        return next(n for n in self.policy.decode_sizes if n >= rows)
+
+    def _dispatch_decode(self, rows: list[ScheduledSeq],
+                         feed: "_DecodeCall | None") -> "_DecodeCall":
+        """Queue one decode loop over `rows` (row i runs rows[i].num_tokens steps from
+        position rows[i].start); with `feed`, rows start from its tokens on the device."""
+        bm, k = self.block_manager, self.decode_steps
+        s = self._decode_size(len(rows))
+        self._ensure_compiled(("decode", s))
+        i32, mp = np.int32, self.policy.max_pages_per_seq
+        tokens, positions = np.zeros(s, i32), np.zeros(s, i32)
+        page_table, steps_left = np.zeros((s, mp), i32), np.zeros(s, i32)
+        feed_at = np.full((2, s), -1, i32)
+        fed_from = {id(r.seq): (i, r) for i, r in enumerate(feed.rows)} if feed else {}
+        sampling_rows = []
+        for i, r in enumerate(rows):
+            table = bm.page_table(r.seq.seq_id)
+            positions[i], steps_left[i] = r.start, r.num_tokens
+            page_table[i, :len(table)] = table
+            if id(r.seq) in fed_from:      # its token is the last one `feed` samples
+                j, prev = fed_from[id(r.seq)]
+                feed_at[:, i] = (prev.num_tokens - 1, j)
+            else:
+                tokens[i] = r.seq.tokens[r.start]
+            # the output index of the first token this row samples
+            made = r.start + 1 - r.seq.prompt_len
+            sampling_rows.append((r.request.params, r.request.seed, made, (), ()))
+        sampling = SamplingBatch.build(sampling_rows, s, self.vocab_size)
+        with self._run_lock:
+            out = self.runner.decode(tokens, positions, page_table, steps_left, k,
+                                     sampling.packed(), feed=feed.out[0] if feed else None,
+                                     feed_at=feed_at)
+        self._decode_loops += 1
+        return _DecodeCall(rows, out)
+
+    def _apply_decode(self, call: "_DecodeCall") -> list[RequestOutput]:
+        """Read a decode call's tokens and apply them one step at a time, as `_step`
+        would: stops end a request and drop the rest of its row."""
+        import jax
+        out_tokens, out_lp = jax.device_get(call.out)                    # [K, S]
+        now = time.perf_counter()
+        finished: list[Request] = []
+        for step in range(self.decode_steps):
+            live = [(i, r) for i, r in enumerate(call.rows)
+                    if step < r.num_tokens and not r.request.is_finished]
+            if not live:
+                break
+            batch = ScheduledBatch([ScheduledSeq.of(r.request, r.seq, 1) for _, r in live],
+                                   [])
+            sampled = {r.seq.seq_id: SampledToken(int(out_tokens[step, i]),
+                                                  float(out_lp[step, i]), _NO_TOP_IDS,
+                                                  _NO_TOP_LOGPROBS) for i, r in live}
+            finished += self.scheduler.update(batch, sampled, now)
+            self._steps += 1
+            self._generated += len(live)
+        return self._finished(finished)
 
     # ---- outputs --------------------------------------------------------------------
 
@@ -560,7 +731,8 @@ class Engine:
                            b.prefix_cache_hit_rate, b.evictions, b.num_pages, b.pages_in_use,
                            b.free_pages, len(self.policy.all_buckets()), self._warmup_seconds,
                            self._compile_seconds, self._compiles_after_warmup,
-                           self._background is not None and self._background.is_alive())
+                           self._background is not None and self._background.is_alive(),
+                           self._decode_loops)
 
 
 def _is_one_prompt(x) -> bool:
@@ -592,11 +764,30 @@ def _stop_warmups() -> None:
         engine.close()
 
 
+def _task_key(task: tuple):
+    """What `Engine._compiled` records for a step program task."""
+    return task[1] if task[0] == "step" else task
+
+
 def _describe(task: tuple, i: int, n: int) -> str:
     if task[0] == "step":
         b = task[1]
         return f"step {i + 1}/{n} (T={b.T} S={b.S} Q={b.Q} MP={b.MP} N={b.N})"
+    if task[0] == "decode":
+        return f"decode loop {i + 1}/{n} (S={task[1]})"
     return f"sampler {i + 1}/{n} (N={task[1]})"
+
+
+def _decode_steps(value: int | None) -> int:
+    """Decode steps per runner call: 1 on a CPU, where a step's compute dwarfs the
+    host's share; DEFAULT_DECODE_STEPS beside an accelerator, whose steps are short
+    enough that the host's per-step work and launches would otherwise idle it."""
+    if value is None:
+        import jax
+        return 1 if jax.default_backend() == "cpu" else DEFAULT_DECODE_STEPS
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"decode_steps must be a positive integer, got {value!r}")
+    return value
 
 
 def _compile_threads(value: int | None) -> int:

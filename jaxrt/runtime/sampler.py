@@ -65,6 +65,7 @@ class SamplingBatch:
     seed_lo: np.ndarray         # u32[N]
     seed_hi: np.ndarray         # u32[N]
     step: np.ndarray            # i32[N], the request's output position
+    num_top_wanted: int = 0     # the most top logprobs a row asked for
     prompt_mask: np.ndarray | None = None    # bool[N, V]: token occurs in the prompt
     output_counts: np.ndarray | None = None  # i32[N, V]: occurrences in the output
 
@@ -94,6 +95,7 @@ class SamplingBatch:
             b.frequency_penalty[i] = p.frequency_penalty
             b.seed_lo[i], b.seed_hi[i] = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
             b.step[i] = step
+            b.num_top_wanted = max(b.num_top_wanted, p.logprobs or 0)
             if penalized and p.uses_penalties:
                 b.prompt_mask[i, np.asarray(prompt, np.int64)] = True
                 np.add.at(b.output_counts[i], np.asarray(output, np.int64), 1)
@@ -102,6 +104,18 @@ class SamplingBatch:
     @property
     def has_penalties(self) -> bool:
         return self.output_counts is not None
+
+    @property
+    def needs_full_sampler(self) -> bool:
+        """Penalties or top-n logprobs: what the step executables' own sampling lacks."""
+        return self.has_penalties or self.num_top_wanted > 0
+
+    def packed(self) -> tuple[np.ndarray, np.ndarray]:
+        """(f32[N, 3], i32[N, 4]): the arguments of `unpack_sampling`, two transfers."""
+        floats = np.stack([self.temperature, self.top_p, self.min_p], axis=1)
+        ints = np.stack([self.top_k, self.seed_lo.view(np.int32), self.seed_hi.view(np.int32),
+                         self.step], axis=1)
+        return floats, ints
 
     def arrays(self) -> tuple[np.ndarray, ...]:
         base = (self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty,
@@ -165,12 +179,12 @@ def gumbel_noise(seed_lo, seed_hi, step, vocab_size: int):
     return -jnp.log(-jnp.log(uniform))
 
 
-def _sample(logits, temperature, top_k, top_p, min_p, repetition, presence, frequency,
-            seed_lo, seed_hi, step, prompt_mask=None, output_counts=None, *, num_top):
+def sample_tokens(logits, temperature, top_k, top_p, min_p, seed_lo, seed_hi, step):
+    """Steps 2-4 above for logits f32[N, V] (penalties already applied): the sampled tokens
+    i32[N], their logprobs f32[N] and the processed logprobs f32[N, V]. Traced inside the
+    step executables (`jaxrt.runtime.programs`) and inside the full sampler below, so both
+    draw the same tokens."""
     logits = logits.astype(jnp.float32)                                  # [N, V]
-    if output_counts is not None:
-        logits = apply_penalties(logits, prompt_mask, output_counts, repetition, presence,
-                                 frequency)
     greedy = temperature <= 0.0
     temp = jnp.where(greedy, 1.0, temperature)
     scaled = logits / temp[:, None]
@@ -188,6 +202,26 @@ def _sample(logits, temperature, top_k, top_p, min_p, repetition, presence, freq
                          lambda: jnp.zeros(scaled.shape[:1], jnp.int32))
     tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
     token_lp = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    return tokens, token_lp, logprobs
+
+
+def unpack_sampling(floats, ints):
+    """`SamplingBatch.packed()` arrays -> the per-row arguments of `sample_tokens`
+    after `logits`: floats f32[N, 3] (temperature, top_p, min_p), ints i32[N, 4] (top_k,
+    seed_lo, seed_hi, step; the seeds are u32 bits)."""
+    seeds = jax.lax.bitcast_convert_type(ints[:, 1:3], jnp.uint32)
+    return (floats[:, 0], ints[:, 0], floats[:, 1], floats[:, 2], seeds[:, 0], seeds[:, 1],
+            ints[:, 3])
+
+
+def _sample(logits, temperature, top_k, top_p, min_p, repetition, presence, frequency,
+            seed_lo, seed_hi, step, prompt_mask=None, output_counts=None, *, num_top):
+    logits = logits.astype(jnp.float32)                                  # [N, V]
+    if output_counts is not None:
+        logits = apply_penalties(logits, prompt_mask, output_counts, repetition, presence,
+                                 frequency)
+    tokens, token_lp, logprobs = sample_tokens(logits, temperature, top_k, top_p, min_p,
+                                               seed_lo, seed_hi, step)
     top_lp, top_ids = jax.lax.top_k(logprobs, num_top)
     return tokens, token_lp, top_ids.astype(jnp.int32), top_lp
 

@@ -166,6 +166,35 @@ class Scheduler:
         entries = [s for req in self.running for s in plan.get(req.request_id, ())]
         return ScheduledBatch(entries, preempted)
 
+    def schedule_decode_steps(self, num_steps: int, eligible: Callable[[Request], bool]
+                              ) -> list[ScheduledSeq] | None:
+        """Several decode steps at once, or None for a regular `schedule()`.
+
+        Only when nothing waits (a multi-step call delays admissions by its length), every
+        running request is `eligible` and decodes one sequence with one uncomputed token,
+        and the cache has the slots: entry i then covers `num_tokens` steps of its
+        sequence (at most `num_steps`, fewer where max_tokens or max_model_len end it
+        sooner), whose slots are reserved here. The caller applies the tokens with
+        `update`, one step at a time."""
+        if self.waiting or not self.running:
+            return None
+        rows = []
+        for req in self.running:
+            if len(req.seqs) != 1 or req.params.is_beam_search or not eligible(req):
+                return None
+            seq = req.seqs[0]
+            if seq.num_uncomputed != 1:
+                return None
+            steps = min(num_steps, req.params.max_tokens - len(seq.output_ids),
+                        self.config.max_model_len - len(seq.tokens))
+            rows.append(ScheduledSeq(req, seq, seq.num_computed, max(steps, 1), True))
+        if max(r.num_tokens for r in rows) < 2:
+            return None
+        for r in rows:  # slots already reserved stay with their sequences
+            if not self.bm.append_slots(r.seq.seq_id, r.start + r.num_tokens):
+                return None
+        return rows
+
     def _admit(self, plan: dict[str, list[ScheduledSeq]], budget: int) -> None:
         cfg, bm = self.config, self.bm
         slots = sum(r.num_seq_slots for r in self.running)

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrt.runtime.programs import StepPrograms, greedy_sampling, pack
+
 VOCAB = 64
 DIM = 8
 RING = 61          # distance coefficients repeat every RING positions
@@ -95,8 +97,15 @@ def _step(params, kv, tokens, positions, slot_mapping, page_table, context_lens,
     return _logits(jnp, out[logit_index], w_out), kv
 
 
-_JITTED = jax.jit(_step, donate_argnums=(1,))
-_COMPILED: dict[tuple, object] = {}   # shared by every FakeRunner: compile once per shape
+def _step_contract(params, tokens, positions, slot_mapping, page_table, context_lens,
+                   q_index, logit_index, kv):
+    """`_step` in the argument order of the `@step` contract (jaxrt.runtime.programs)."""
+    return _step(params, kv, tokens, positions, slot_mapping, page_table, context_lens,
+                 q_index, logit_index)
+
+
+# shared by every FakeRunner of one cache shape: compile once per shape
+_PROGRAMS: dict[tuple[int, int], StepPrograms] = {}
 _PARAMS: list = []
 
 
@@ -173,33 +182,71 @@ class FakeRunner:
         self._kv = jnp.zeros((num_pages, page_size, DIM), jnp.uint32)
         self._written = np.zeros(num_pages * page_size, bool)
 
-    def _key(self, T, S, Q, MP, N):
-        return (T, S, Q, MP, N, self.num_pages, self.page_size)
+    @property
+    def _programs(self) -> StepPrograms:
+        key = (self.num_pages, self.page_size)
+        if key not in _PROGRAMS:
+            _PROGRAMS[key] = StepPrograms(_step_contract, page_size=self.page_size,
+                                          pad_slot=self.num_pages * self.page_size)
+        return _PROGRAMS[key]
 
     def compile_for(self, T: int, S: int, Q: int, MP: int, N: int) -> float:
-        key = self._key(T, S, Q, MP, N)
-        if key in _COMPILED:
-            return 0.0
-        i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
-        start = time.perf_counter()
-        _COMPILED[key] = _JITTED.lower(_params(), self._kv, i32(T), i32(T), i32(T),
-                                       i32(S, MP), i32(S), i32(S, Q), i32(N)).compile()
-        return time.perf_counter() - start
+        return self._programs.compile_step((T, S, Q, MP, N), _params(), self._kv)
+
+    def compile_decode(self, S: int, MP: int, num_steps: int) -> float:
+        return self._programs.compile_decode(S, MP, num_steps, _params(), self._kv)
+
+    def run_sampled(self, tokens, positions, slot_mapping, page_table, context_lens,
+                    q_index, logit_index, sampling):
+        args = (tokens, positions, slot_mapping, page_table, context_lens, q_index,
+                logit_index)
+        self._check(args)
+        shape = (len(tokens), *page_table.shape[:1], q_index.shape[1], page_table.shape[1],
+                 len(logit_index))
+        if not self._programs.has(("step", *shape)):
+            self.compiles_in_run += 1
+            self.compile_for(*shape)
+        out_tokens, out_lp, logits, self._kv = self._programs.run_step(
+            shape, _params(), pack([*args, *sampling]), self._kv)
+        self.runs += 1
+        return out_tokens, out_lp, logits
 
     def run(self, tokens, positions, slot_mapping, page_table, context_lens, q_index,
             logit_index) -> jax.Array:
-        args = (tokens, positions, slot_mapping, page_table, context_lens, q_index,
-                logit_index)
+        return self.run_sampled(tokens, positions, slot_mapping, page_table, context_lens,
+                                q_index, logit_index, greedy_sampling(len(logit_index)))[2]
+
+    def decode(self, tokens, positions, page_table, steps_left, num_steps, sampling,
+               feed=None, feed_at=None):
+        """As StepExecutable.decode; checks the contract of every step the loop runs by
+        computing its inputs here as the loop does on the device."""
+        s, mp = page_table.shape
+        ps, pad = self.page_size, self.num_pages * self.page_size
+        rows = np.arange(s, dtype=np.int32)
+        for k in range(num_steps):
+            pos = (positions + k).astype(np.int32)
+            live = k < steps_left
+            page = page_table[rows, np.minimum(pos // ps, mp - 1)]
+            slots = np.where(live, page * ps + pos % ps, pad).astype(np.int32)
+            ctx = np.where(live, pos + 1, 0).astype(np.int32)
+            q_index = np.where(live, rows, s).astype(np.int32)[:, None]
+            # the tokens fed are the loop's own: only their count and places are checked
+            self._check((np.zeros(s, np.int32), pos, slots, page_table, ctx, q_index, rows))
+        if not self._programs.has(("decode", s, mp, num_steps)):
+            self.compiles_in_run += 1
+            self.compile_decode(s, mp, num_steps)
+        if feed_at is None:
+            feed_at = np.full((2, s), -1, np.int32)
+        packed = pack([tokens, positions, page_table, steps_left, feed_at, *sampling])
+        out_tokens, out_lp, self._kv = self._programs.run_decode(
+            s, mp, num_steps, _params(), packed, feed, self._kv)
+        self.runs += 1
+        return out_tokens, out_lp
+
+    def _check(self, args) -> None:
         if self.check:
             check_step_inputs(args, num_pages=self.num_pages, page_size=self.page_size,
                               written=self._written)
-        shape = (len(tokens), *page_table.shape[:1], q_index.shape[1], page_table.shape[1],
-                 len(logit_index))
-        if self._key(*shape) not in _COMPILED:
-            self.compiles_in_run += 1
-            self.compile_for(*shape)
-        logits, self._kv = _COMPILED[self._key(*shape)](_params(), self._kv, *args)
-        real = slot_mapping < self.num_pages * self.page_size
-        self._written[slot_mapping[real]] = True
-        self.runs += 1
-        return logits
+        slots = args[2]
+        real = slots < self.num_pages * self.page_size
+        self._written[slots[real]] = True

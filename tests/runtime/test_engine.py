@@ -349,10 +349,10 @@ def test_abort_from_another_thread_mid_step_is_safe(fake_runner):
         def __getattr__(self, name):
             return getattr(self._inner, name)
 
-        def run(self, *args):
+        def run_sampled(self, *args):  # the step the engine runs
             self.in_run.set()
             _time.sleep(0.01)
-            return self._inner.run(*args)
+            return self._inner.run_sampled(*args)
 
     runner = SlowRun(fake_runner)
     engine = make_engine(runner)
@@ -394,3 +394,52 @@ def test_unseeded_sampling_differs_across_fresh_engines(fake_runner):
     assert [o.ids for o in draw(seed=7)] == [o.ids for o in draw(seed=7)]
     with pytest.raises(ValueError, match="seed"):
         make_engine(fake_runner, seed="7")
+
+
+def test_decode_loop_runs_several_steps_per_call(fake_runner):
+    """Greedy and seeded requests decode `decode_steps` tokens per runner call, with the
+    tokens the dense reference gives; a request asking for top-n logprobs (which the
+    loop does not serve) sends its batch back to one step per call."""
+    engine = make_engine(fake_runner, decode_steps=4)
+    runs, fed = fake_runner.runs, []
+    decode = fake_runner.decode
+
+    def spy(*args, feed=None, feed_at=None):
+        fed.append(feed is not None and bool((feed_at[0] >= 0).any()))
+        return decode(*args, feed=feed, feed_at=feed_at)
+
+    fake_runner.decode = spy
+    try:
+        outs = engine.generate(PROMPTS, SamplingParams(max_tokens=12, ignore_eos=True))
+    finally:
+        del fake_runner.decode
+    # the second and third calls were queued before the previous one's tokens were read
+    assert fed == [False, True, True]
+    assert [o.ids for o in outs] == [reference_greedy(p, 12, ignore_eos=True)
+                                     for p in PROMPTS]
+    s = engine.stats()
+    assert s.decode_loops > 0 and s.generated_tokens == 48
+    # two prefill steps (53 prompt tokens, a 48-token budget), then the 10 or 11 tokens
+    # left at up to 4 per call: 3 calls, 12 steps' worth in 5 runner calls
+    assert fake_runner.runs - runs == 5 and s.decode_loops == 3
+    sampled = SamplingParams(max_tokens=9, temperature=1.0, seed=5, ignore_eos=True)
+    alone = make_engine(fake_runner, decode_steps=1).generate([PROMPTS[0]], sampled)[0]
+    looped = engine.generate([PROMPTS[0], PROMPTS[2]], sampled)[0]
+    assert looped.ids == alone.ids and looped.cumulative_logprob == pytest.approx(
+        alone.cumulative_logprob, abs=1e-5)
+    loops = engine.stats().decode_loops
+    engine.generate([PROMPTS[0], PROMPTS[1]],
+                    [SamplingParams(max_tokens=6), SamplingParams(max_tokens=6, logprobs=2)])
+    assert engine.stats().decode_loops == loops
+
+
+def test_decode_loop_stops_at_eos_and_max_tokens(fake_runner):
+    """Tokens a loop computed past a request's end are dropped, and the pages it
+    reserved are freed."""
+    engine = make_engine(fake_runner, decode_steps=8)
+    for prompt in PROMPTS:
+        want = reference_greedy(prompt, 13)
+        out = engine.generate([prompt], SamplingParams(max_tokens=13))[0]
+        assert out.ids == want
+        assert out.finish_reason == ("stop" if want[-1] == EOS else "length")
+    assert engine.stats().pages_in_use == 0

@@ -6,6 +6,12 @@ Mixes share prompt prefixes (so prefix caching and page sharing happen), mix len
 around page boundaries, and, for exact runners, include seeded random sampling and
 penalties (a request's randomness depends only on its seed and step).
 
+Every property also draws `decode_steps` (1, or 3 decode steps per runner call) for the
+engines under test; the references step one token at a time. Runners that are not
+bit-exact ask for logprobs, which the decode loop does not serve, so for them
+`test_decode_loop_changes_nothing` drops the logprobs and checks any difference against
+the single-step run's near-ties.
+
 Parametrized by `runner_factory` (conftest.py): the fake runner by default; real models
 via JAXRT_RUNTIME_RUNNERS. For runners that are not bit-exact across batch shapes
 (`exact=False`, real models in floating point), only greedy requests are drawn and two
@@ -13,7 +19,7 @@ outputs may part only where the two best logprobs are within `NEAR_TIE` of each 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -67,8 +73,15 @@ def workloads(draw, factory, max_requests=6):
     return jobs
 
 
+def draw_steps(data) -> int:
+    steps = data.draw(st.sampled_from([1, 3]), label="decode_steps")
+    event(f"decode_steps={steps}")
+    return steps
+
+
 def engine(factory, **kw) -> Engine:
-    return Engine(factory.make(), **{**BASE, **factory.engine_kwargs, **kw})
+    return Engine(factory.make(), **{"decode_steps": 1, **BASE, **factory.engine_kwargs,
+                                     **kw})
 
 
 def batched(factory, jobs, **kw) -> list[RequestOutput]:
@@ -99,7 +112,7 @@ def assert_same(factory, got: list[RequestOutput], want: list[RequestOutput], wh
 @given(data=st.data())
 def test_batched_equals_one_at_a_time(runner_factory, data):
     jobs = data.draw(workloads(runner_factory))
-    assert_same(runner_factory, batched(runner_factory, jobs),
+    assert_same(runner_factory, batched(runner_factory, jobs, decode_steps=draw_steps(data)),
                 one_at_a_time(runner_factory, jobs), "batched vs alone")
 
 
@@ -108,7 +121,7 @@ def test_batched_equals_one_at_a_time(runner_factory, data):
 def test_prefix_caching_changes_nothing(runner_factory, data):
     jobs = data.draw(workloads(runner_factory))
     want = batched(runner_factory, jobs, enable_prefix_caching=False)
-    e = engine(runner_factory)
+    e = engine(runner_factory, decode_steps=draw_steps(data))
     # staggered arrivals: later requests reuse pages of earlier (running or finished) ones
     ids, outs = [], {}
     for j in jobs:
@@ -129,7 +142,8 @@ def test_prefix_caching_changes_nothing(runner_factory, data):
 def test_chunked_prefill_changes_nothing(runner_factory, data, budget):
     jobs = data.draw(workloads(runner_factory))
     want = batched(runner_factory, jobs, enable_chunked_prefill=False)
-    got = batched(runner_factory, jobs, max_num_batched_tokens=budget)
+    got = batched(runner_factory, jobs, max_num_batched_tokens=budget,
+                  decode_steps=draw_steps(data))
     assert_same(runner_factory, got, want, f"chunked (budget {budget})")
 
 
@@ -140,7 +154,7 @@ def test_preemption_changes_nothing(runner_factory, data):
     want = batched(runner_factory, jobs)
     # the smallest pool that still holds one maximal sequence
     tiny = -(-MAX_LEN // runner_factory.page_size)
-    e = engine(runner_factory, num_pages=tiny)
+    e = engine(runner_factory, num_pages=tiny, decode_steps=draw_steps(data))
     got = e.generate([list(j.prompt) for j in jobs], [j.params for j in jobs])
     assert_same(runner_factory, got, want, "tiny page pool")
     assert e.stats().pages_in_use == 0
@@ -165,15 +179,19 @@ def test_preemption_does_happen(runner_factory):
 def test_aborts_leave_the_others_unchanged(runner_factory, data):
     jobs = data.draw(workloads(runner_factory, max_requests=8))
     want = batched(runner_factory, jobs)
-    e = engine(runner_factory)
+    steps = draw_steps(data)
+    e = engine(runner_factory, decode_steps=steps)
     ids = [e.add_request(list(j.prompt), j.params) for j in jobs]
     # Abort one to about a third of the requests, each after it has produced `after`
     # tokens (0: while it waits): never after it finished, so every abort happens.
     first = data.draw(st.integers(0, len(jobs) - 1))
     doomed = {i: data.draw(st.integers(0, want[i].ids and len(want[i].ids) - 1))
               for i in range(len(jobs)) if i == first or data.draw(st.integers(0, 2)) == 0}
-    if not runner_factory.exact:
-        doomed[first] = 0  # its greedy path may end sooner than `want`'s: abort it waiting
+    # A real model's greedy path may end sooner than `want`'s, and a decode loop may take
+    # a request from before its abort point to its end in one call: abort one waiting.
+    exact_points = runner_factory.exact and steps == 1
+    if not exact_points:
+        doomed[first] = 0
     outs, aborted = {}, set()
     while e.has_unfinished():
         for i, after in doomed.items():
@@ -185,8 +203,9 @@ def test_aborts_leave_the_others_unchanged(runner_factory, data):
                 aborted.add(i)
         for out in e.step():
             outs[out.request_id] = out
-    if runner_factory.exact:  # a real model's greedy path may end sooner than `want`'s
+    if exact_points:
         assert aborted == set(doomed), "an abort did not happen"
+    assert first in aborted, "the request aborted while waiting was not"
     assert aborted, "no request was aborted"
     event(f"aborted {len(aborted)} of {len(jobs)}")
     for i, (rid, w) in enumerate(zip(ids, want)):
@@ -197,3 +216,29 @@ def test_aborts_leave_the_others_unchanged(runner_factory, data):
         else:
             assert_same(runner_factory, [got], [w], f"request {i} with aborts around")
     assert e.stats().pages_in_use == 0
+
+
+@PROPERTY
+@given(data=st.data())
+def test_decode_loop_changes_nothing(runner_factory, data):
+    """Several decode steps per runner call (tokens fed back, slots and context lengths
+    derived on the device) give what one step per call gives. The loop serves only
+    requests without top-n logprobs, so the jobs here ask for none; where a real model's
+    outputs part, the single-step run (with logprobs) must show a near-tie there."""
+    jobs = data.draw(workloads(runner_factory))
+    steps = data.draw(st.sampled_from([3, 8]), label="decode_steps")
+    plain = [Job(j.prompt, replace(j.params, logprobs=None)) for j in jobs]
+    e = engine(runner_factory, decode_steps=steps)
+    got = e.generate([list(j.prompt) for j in plain], [j.params for j in plain])
+    want = batched(runner_factory, jobs, decode_steps=1)
+    event(f"decode loops ran: {e.stats().decode_loops > 0}")
+    for i, (g, w) in enumerate(zip(got, want)):
+        if g.ids == w.ids and g.finish_reason == w.finish_reason:
+            continue
+        assert not runner_factory.exact, f"decode loop: request {i}: {g.ids} != {w.ids}"
+        k = next(k for k, (a, b) in enumerate(zip(g.ids + [None], w.ids + [None]))
+                 if a != b)
+        assert k < len(w.logprobs), f"decode loop: request {i} differs past its end"
+        top = sorted(w.logprobs[k].values(), reverse=True)
+        assert len(top) >= 2 and top[0] - top[1] < NEAR_TIE, \
+            f"decode loop: request {i} differs at token {k} without a near-tie"

@@ -1,0 +1,195 @@
+"""The device programs a runner compiles around one model step.
+
+A step is a pure function `step(params, tokens, positions, slot_mapping, page_table,
+context_lens, q_index, logit_index, kv) -> (logits f32[N, V], kv)` (the `@step` contract,
+docs/architecture.md). `StepPrograms` compiles two programs around it, per shape:
+
+- the **sampled step**: one step, then sampling (`sampler.sample_tokens`: greedy,
+  temperature, min-p/top-k/top-p, seeds) on the device. It returns the sampled tokens and
+  their logprobs, and keeps the logits on the device for the requests that need the full
+  sampler (penalties, top-n logprobs, beams);
+- the **decode loop**: `num_steps` decode steps of S sequences in one call. Step k feeds
+  step k-1's sampled tokens back on the device and derives the slots and context lengths
+  from the page table, so the host sends one batch of inputs and reads one batch of
+  outputs per `num_steps` tokens. Row s runs `steps_left[s]` steps (the slots the host
+  reserved for it); after that it writes to the padding slot and attends to nothing.
+  A loop may start from the tokens of an earlier loop still on the device (`feed`), so
+  the host can queue the next call before it reads the last one's tokens.
+
+Every call takes its integer and float inputs packed into one int32 buffer (floats as
+their bits), so a call is one host-to-device copy, whatever the number of arrays.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from .sampler import sample_tokens, unpack_sampling
+
+StepFn = Callable[..., tuple[Any, Any]]
+SAMPLING_FLOATS, SAMPLING_INTS = 3, 4   # columns of SamplingBatch.packed()
+
+
+def pack(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """int32 and float32 arrays -> one flat int32 buffer (floats as their bits)."""
+    return np.concatenate([np.ascontiguousarray(a).view(np.int32).reshape(-1)
+                           for a in arrays])
+
+
+def _unpack(buf, layout: Sequence[tuple[tuple[int, ...], Any]]) -> list:
+    """The inverse of `pack` inside a trace: layout = [(shape, dtype), ...]."""
+    out, at = [], 0
+    for shape, dtype in layout:
+        n = int(np.prod(shape, dtype=np.int64))
+        part = buf[at:at + n].reshape(shape)
+        out.append(part if dtype == jnp.int32 else lax.bitcast_convert_type(part, dtype))
+        at += n
+    return out
+
+
+def step_layout(T: int, S: int, Q: int, MP: int, N: int) -> list:
+    i32, f32 = jnp.int32, jnp.float32
+    return [((T,), i32), ((T,), i32), ((T,), i32), ((S, MP), i32), ((S,), i32),
+            ((S, Q), i32), ((N,), i32), ((N, SAMPLING_FLOATS), f32),
+            ((N, SAMPLING_INTS), i32)]
+
+
+def decode_layout(S: int, MP: int) -> list:
+    i32, f32 = jnp.int32, jnp.float32
+    return [((S,), i32), ((S,), i32), ((S, MP), i32), ((S,), i32), ((2, S), i32),
+            ((S, SAMPLING_FLOATS), f32), ((S, SAMPLING_INTS), i32)]
+
+
+def buffer_size(layout) -> int:
+    return sum(int(np.prod(shape, dtype=np.int64)) for shape, _ in layout)
+
+
+def sampled_step(step: StepFn, layout) -> Callable:
+    """(params, packed, kv) -> (tokens i32[N], logprobs f32[N], logits f32[N, V], kv)."""
+    def run(params, packed, kv):
+        *args, floats, ints = _unpack(packed, layout)
+        logits, kv = step(params, *args, kv)
+        tokens, token_lp, _ = sample_tokens(logits, *unpack_sampling(floats, ints))
+        return tokens, token_lp, logits, kv
+    return run
+
+
+def decode_loop(step: StepFn, layout, *, page_size: int, pad_slot: int,
+                num_steps: int) -> Callable:
+    """(params, packed, feed, kv) -> (tokens i32[K, S], logprobs f32[K, S], kv): K =
+    num_steps decode steps from tokens[S] at positions[S] (each row's one uncomputed
+    token). `feed` i32[K, S] is an earlier call's output tokens, still on the device:
+    row s starts from feed[feed_at[0, s], feed_at[1, s]] instead of tokens[s] where
+    feed_at[0, s] >= 0, so a call can be queued before the last one's tokens are read."""
+    def run(params, packed, feed, kv):
+        tokens, positions, page_table, steps_left, feed_at, floats, ints = \
+            _unpack(packed, layout)
+        fed = feed[jnp.maximum(feed_at[0], 0), jnp.maximum(feed_at[1], 0)]
+        tokens = jnp.where(feed_at[0] >= 0, fed, tokens)
+        temperature, top_k, top_p, min_p, seed_lo, seed_hi, step0 = \
+            unpack_sampling(floats, ints)
+        s, mp = page_table.shape
+        rows = jnp.arange(s, dtype=jnp.int32)
+
+        def body(k, carry):
+            tok, kv, out_tokens, out_lp = carry
+            pos = positions + k                                           # [S]
+            live = k < steps_left
+            page = jnp.take_along_axis(
+                page_table, jnp.minimum(pos // page_size, mp - 1)[:, None], axis=1)[:, 0]
+            slots = jnp.where(live, page * page_size + pos % page_size, pad_slot)
+            ctx = jnp.where(live, pos + 1, 0)
+            q_index = jnp.where(live, rows, s)[:, None]  # finished rows are padding
+            logits, kv = step(params, tok, pos, slots, page_table, ctx, q_index, rows, kv)
+            new, lp, _ = sample_tokens(logits, temperature, top_k, top_p, min_p, seed_lo,
+                                       seed_hi, step0 + k)
+            return (new, kv, out_tokens.at[k].set(new), out_lp.at[k].set(lp))
+
+        init = (tokens, kv, jnp.zeros((num_steps, s), jnp.int32),
+                jnp.zeros((num_steps, s), jnp.float32))
+        _, kv, out_tokens, out_lp = lax.fori_loop(0, num_steps, body, init)
+        return out_tokens, out_lp, kv
+    return run
+
+
+class StepPrograms:
+    """Compiled sampled steps and decode loops of one step function, by shape.
+
+    `params_struct` and `kv_struct` are the ShapeDtypeStructs (or arrays) programs are
+    lowered against; `pad_slot` is a slot past the cache (writes there are dropped)."""
+
+    def __init__(self, step: StepFn, *, page_size: int, pad_slot: int):
+        self._step, self.page_size, self.pad_slot = step, page_size, pad_slot
+        self._compiled: dict[tuple, Any] = {}
+        self.compile_seconds = 0.0
+
+    def has(self, key: tuple) -> bool:
+        return key in self._compiled
+
+    def trace_step(self, shape: tuple[int, int, int, int, int], params_struct, kv_struct):
+        """The sampled step of a bucket, traced (jax.stages.Traced): lower and compile."""
+        layout = step_layout(*shape)
+        return self._trace(sampled_step(self._step, layout), layout, params_struct,
+                           kv_struct)
+
+    def compile_step(self, shape: tuple[int, int, int, int, int], params_struct,
+                     kv_struct) -> float:
+        key = ("step", *shape)
+        if key in self._compiled:
+            return 0.0
+        return self._finish(key, lambda: self.trace_step(shape, params_struct, kv_struct))
+
+    def compile_decode(self, S: int, MP: int, num_steps: int, params_struct,
+                       kv_struct) -> float:
+        key = ("decode", S, MP, num_steps)
+        if key in self._compiled:
+            return 0.0
+        layout = decode_layout(S, MP)
+        fn = decode_loop(self._step, layout, page_size=self.page_size,
+                         pad_slot=self.pad_slot, num_steps=num_steps)
+        feed = jax.ShapeDtypeStruct((num_steps, S), jnp.int32)
+        return self._finish(key, lambda: self._trace(fn, layout, params_struct, kv_struct,
+                                                     feed))
+
+    @staticmethod
+    def _trace(fn, layout, params_struct, kv_struct, *extra):
+        buf = jax.ShapeDtypeStruct((buffer_size(layout),), jnp.int32)
+        return jax.jit(fn, donate_argnums=(2 + len(extra),)).trace(params_struct, buf,
+                                                                   *extra, kv_struct)
+
+    def _finish(self, key, trace) -> float:
+        start = time.perf_counter()
+        self._compiled[key] = trace().lower().compile()
+        seconds = time.perf_counter() - start
+        self.compile_seconds += seconds
+        return seconds
+
+    def run_step(self, shape, params, packed: np.ndarray, kv):
+        """-> (tokens, logprobs, logits, kv), all on the device."""
+        return self._compiled[("step", *shape)](params, packed, kv)
+
+    def run_decode(self, S: int, MP: int, num_steps: int, params, packed: np.ndarray,
+                   feed, kv):
+        """-> (tokens [K, S], logprobs [K, S], kv), on the device. `feed`: an earlier
+        decode call's tokens [K, S], or None (then every row starts from its token)."""
+        if feed is None:
+            feed = self._no_feed(num_steps, S)
+        return self._compiled[("decode", S, MP, num_steps)](params, packed, feed, kv)
+
+    def _no_feed(self, num_steps: int, S: int):
+        key = ("no-feed", num_steps, S)
+        if key not in self._compiled:
+            self._compiled[key] = jnp.zeros((num_steps, S), jnp.int32)
+        return self._compiled[key]
+
+
+def greedy_sampling(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Packed sampling arguments of n greedy rows (`SamplingBatch.packed()` layout)."""
+    floats = np.zeros((n, SAMPLING_FLOATS), np.float32)
+    floats[:, 1] = 1.0  # top_p
+    return floats, np.zeros((n, SAMPLING_INTS), np.int32)
