@@ -90,11 +90,21 @@ def bench_model(name: str, args, bw: float) -> dict:
                                                        ignore_eos=True))
             rates.append((len(o.ids) - 1) / (o.token_times[-1] - o.token_times[0]))
         rate = float(np.median(rates))
+        profile = None
+        if args.profile:
+            from bench.profile_trace import profile_steps
+            with profile_steps(eng) as prof:
+                eng.generate(prompt, SamplingParams(max_tokens=args.output_len,
+                                                    ignore_eos=True))
+            profile = prof.analyze()
+            print(json.dumps({"model": name, "decode_steps": k, "profile": profile}),
+                  flush=True)
         row = {"decode_steps": k, "warmup_s": warm, "decode_tok_s_b1": rate,
                "fraction_of_roofline": rate / out["roofline_tok_s"],
                "wall_per_token_us": 1e6 / rate,
                "host_per_token_us": 1e6 / rate - dev * 1e6, "ttft_s": o.ttft,
-               "compiles_after_warmup": eng.stats().compiles_after_warmup}
+               "compiles_after_warmup": eng.stats().compiles_after_warmup,
+               "profile": profile}
         if offline:
             eng = Engine(exe, decode_steps=k, max_num_seqs=256, max_num_batched_tokens=4096,
                          warmup=True, log=sys.stderr)
@@ -116,6 +126,8 @@ def main():
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--profile", action="store_true",
+                   help="trace one batch-1 generation per run (bench/profile_trace.py)")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "bench/results"),
                                                  "decode.json"))
     args = p.parse_args()
