@@ -33,6 +33,10 @@ def main():
     p.add_argument("--context", type=int, default=192)
     p.add_argument("--dense-attention", action="store_true")
     p.add_argument("--greedy-only", action="store_true")
+    p.add_argument("--static-blocks", action="store_true",
+                   help="paged attention loops with static trip counts")
+    p.add_argument("--no-cond", action="store_true",
+                   help="sampling without lax.cond (draw computed for every batch)")
     p.add_argument("--label", default="")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -49,6 +53,13 @@ def main():
             t = jnp.argmax(logits, axis=-1).astype(jnp.int32)
             return t, jnp.take_along_axis(lp, t[:, None], axis=-1)[:, 0], lp
         programs.sample_tokens = greedy
+    if args.static_blocks:
+        attention._STATIC_TRIPS.set(True)
+    if args.no_cond:  # this process only: every lax.cond computes both branches
+        def select(pred, true_fn, false_fn, *operands):
+            a, b = true_fn(*operands), false_fn(*operands)
+            return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
+        jax.lax.cond = select
     config = config_for(args.model, args.max_model_len)
     loaded = SimpleNamespace(config=config, weights=ViewWeights(config), tokenizer=None,
                              chat_template=None, source=f"random:{args.model}")
@@ -76,6 +87,7 @@ def main():
     loop_token = (time.perf_counter() - t) / n / 8
     row = {"model": args.model, "label": args.label, "xla_flags": os.environ.get("XLA_FLAGS"),
            "dense_attention": args.dense_attention, "greedy_only": args.greedy_only,
+           "static_blocks": args.static_blocks, "no_cond": args.no_cond,
            "compile_s": compile_s, "device_step_us": dev * 1e6,
            "dispatch_us": dispatch * 1e6, "loop_per_token_us": loop_token * 1e6}
     print(json.dumps(row), flush=True)

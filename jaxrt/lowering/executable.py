@@ -166,9 +166,13 @@ class StepExecutable:
         return seconds
 
     def compile_decode(self, S: int, MP: int, num_steps: int) -> float:
-        """Compile the loop of `num_steps` decode steps of S sequences (see `decode`)."""
+        """Compile the loop of `num_steps` decode steps of S sequences (see `decode`).
+        Small batches attend with static trip counts (`attention.decode_static_blocks`)."""
+        from .xla.attention import decode_static_blocks
+        static = decode_static_blocks(S, MP * self.page_size,
+                                      self.kv_bytes_per_token // self.num_layers)
         return self._programs.compile_decode(S, MP, num_steps, self._weight_structs,
-                                             self._kv_struct)
+                                             self._kv_struct, static_blocks=static)
 
     def memory_analysis(self, T: int, S: int, Q: int, MP: int, N: int):
         """XLA's memory statistics of a bucket (compiling it if needed): argument, output,

@@ -493,10 +493,11 @@ class Engine:
 
     @staticmethod
     def _can_decode_on_device(req: Request) -> bool:
-        """The step programs' own sampling serves this request (no penalties, no top-n
-        logprobs, no beams)."""
+        """The decode loops' own sampling serves this request: no penalties, no top-n
+        logprobs, no beams, and no truncation (top-k/top-p/min-p take the sampled step,
+        whose sampler branches on them; see `sample_tokens(truncate=False)`)."""
         p = req.params
-        return not (p.uses_penalties or p.logprobs or p.is_beam_search)
+        return not (p.uses_penalties or p.logprobs or p.is_beam_search or p.truncates)
 
     def _sampling_rows(self, seqs) -> list:
         return [(s.request.params, s.request.seed, len(s.seq.output_ids),

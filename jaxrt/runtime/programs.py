@@ -85,7 +85,10 @@ def decode_loop(step: StepFn, layout, *, page_size: int, pad_slot: int,
     num_steps decode steps from tokens[S] at positions[S] (each row's one uncomputed
     token). `feed` i32[K, S] is an earlier call's output tokens, still on the device:
     row s starts from feed[feed_at[0, s], feed_at[1, s]] instead of tokens[s] where
-    feed_at[0, s] >= 0, so a call can be queued before the last one's tokens are read."""
+    feed_at[0, s] >= 0, so a call can be queued before the last one's tokens are read.
+
+    Rows sample without truncation (`sample_tokens(truncate=False)`): requests with
+    top-k, top-p or min-p take the sampled step instead."""
     def run(params, packed, feed, kv):
         tokens, positions, page_table, steps_left, feed_at, floats, ints = \
             _unpack(packed, layout)
@@ -107,7 +110,7 @@ def decode_loop(step: StepFn, layout, *, page_size: int, pad_slot: int,
             q_index = jnp.where(live, rows, s)[:, None]  # finished rows are padding
             logits, kv = step(params, tok, pos, slots, page_table, ctx, q_index, rows, kv)
             new, lp, _ = sample_tokens(logits, temperature, top_k, top_p, min_p, seed_lo,
-                                       seed_hi, step0 + k)
+                                       seed_hi, step0 + k, truncate=False)
             return (new, kv, out_tokens.at[k].set(new), out_lp.at[k].set(lp))
 
         init = (tokens, kv, jnp.zeros((num_steps, s), jnp.int32),
@@ -145,16 +148,22 @@ class StepPrograms:
         return self._finish(key, lambda: self.trace_step(shape, params_struct, kv_struct))
 
     def compile_decode(self, S: int, MP: int, num_steps: int, params_struct,
-                       kv_struct) -> float:
+                       kv_struct, *, static_blocks: bool = False) -> float:
+        """Compile the decode loop; `static_blocks` traces its paged attention with loops
+        of static trip count (`attention.static_trip_counts`)."""
         key = ("decode", S, MP, num_steps)
         if key in self._compiled:
             return 0.0
+        from ..lowering.xla.attention import static_trip_counts
         layout = decode_layout(S, MP)
         fn = decode_loop(self._step, layout, page_size=self.page_size,
                          pad_slot=self.pad_slot, num_steps=num_steps)
         feed = jax.ShapeDtypeStruct((num_steps, S), jnp.int32)
-        return self._finish(key, lambda: self._trace(fn, layout, params_struct, kv_struct,
-                                                     feed))
+
+        def trace():
+            with static_trip_counts(static_blocks):
+                return self._trace(fn, layout, params_struct, kv_struct, feed)
+        return self._finish(key, trace)
 
     @staticmethod
     def _trace(fn, layout, params_struct, kv_struct, *extra):

@@ -69,6 +69,12 @@ class SamplingParams:
                 or self.frequency_penalty != 0.0)
 
     @property
+    def truncates(self) -> bool:
+        """Random sampling from a truncated distribution (top-k, top-p or min-p)."""
+        return not self.is_greedy and (self.top_k > 0 or self.top_p < 1.0
+                                       or self.min_p > 0.0)
+
+    @property
     def is_beam_search(self) -> bool:
         return self.beam_width > 1
 

@@ -179,27 +179,41 @@ def gumbel_noise(seed_lo, seed_hi, step, vocab_size: int):
     return -jnp.log(-jnp.log(uniform))
 
 
-def sample_tokens(logits, temperature, top_k, top_p, min_p, seed_lo, seed_hi, step):
+def sample_tokens(logits, temperature, top_k, top_p, min_p, seed_lo, seed_hi, step, *,
+                  truncate: bool = True):
     """Steps 2-4 above for logits f32[N, V] (penalties already applied): the sampled tokens
     i32[N], their logprobs f32[N] and the processed logprobs f32[N, V]. Traced inside the
     step executables (`jaxrt.runtime.programs`) and inside the full sampler below, so both
-    draw the same tokens."""
+    draw the same tokens.
+
+    `truncate=False` is for batches where no random row truncates (top-k, top-p, min-p
+    off; `SamplingParams.truncates`): it draws without the mask and without `lax.cond`,
+    whose predicate XLA:GPU reads back to the host (a stall per call; the decode loops
+    use this form). With truncation off both forms draw the same token."""
     logits = logits.astype(jnp.float32)                                  # [N, V]
     greedy = temperature <= 0.0
     temp = jnp.where(greedy, 1.0, temperature)
     scaled = logits / temp[:, None]
     logprobs = jax.nn.log_softmax(scaled, axis=-1)
-    needs_mask = jnp.any(~greedy & ((top_k > 0) | (top_p < 1.0) | (min_p > 0.0)))
 
-    def draw():  # Gumbel-max over the truncated distribution
-        keep = jax.lax.cond(needs_mask, lambda: truncation_mask(scaled, top_k, top_p, min_p),
-                            lambda: jnp.ones(scaled.shape, bool))
+    def draw(masked: bool):  # Gumbel-max over the (truncated) distribution
+        if masked:
+            needs_mask = jnp.any(~greedy & ((top_k > 0) | (top_p < 1.0) | (min_p > 0.0)))
+            keep = jax.lax.cond(needs_mask,
+                                lambda: truncation_mask(scaled, top_k, top_p, min_p),
+                                lambda: jnp.ones(scaled.shape, bool))
+            scores = jnp.where(keep, scaled, -jnp.inf)
+        else:
+            scores = scaled
         gumbel = gumbel_noise(seed_lo, seed_hi, step, scaled.shape[-1])
-        return jnp.argmax(jnp.where(keep, scaled, -jnp.inf) + gumbel, axis=-1)
+        return jnp.argmax(scores + gumbel, axis=-1)
 
-    # An all-greedy batch (the common serving case) skips the [N, V] noise and masks.
-    drawn = jax.lax.cond(jnp.any(~greedy), draw,
-                         lambda: jnp.zeros(scaled.shape[:1], jnp.int32))
+    if truncate:
+        # An all-greedy batch (the common serving case) skips the [N, V] noise and masks.
+        drawn = jax.lax.cond(jnp.any(~greedy), lambda: draw(True),
+                             lambda: jnp.zeros(scaled.shape[:1], jnp.int32))
+    else:  # the noise costs a hash per logit: less than a host round trip
+        drawn = draw(False)
     tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
     token_lp = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     return tokens, token_lp, logprobs

@@ -398,8 +398,8 @@ def test_unseeded_sampling_differs_across_fresh_engines(fake_runner):
 
 def test_decode_loop_runs_several_steps_per_call(fake_runner):
     """Greedy and seeded requests decode `decode_steps` tokens per runner call, with the
-    tokens the dense reference gives; a request asking for top-n logprobs (which the
-    loop does not serve) sends its batch back to one step per call."""
+    tokens the dense reference gives; a request asking for top-n logprobs or truncated
+    sampling (which the loop does not serve) sends its batch back to one step per call."""
     engine = make_engine(fake_runner, decode_steps=4)
     runs, fed = fake_runner.runs, []
     decode = fake_runner.decode
@@ -430,6 +430,10 @@ def test_decode_loop_runs_several_steps_per_call(fake_runner):
     loops = engine.stats().decode_loops
     engine.generate([PROMPTS[0], PROMPTS[1]],
                     [SamplingParams(max_tokens=6), SamplingParams(max_tokens=6, logprobs=2)])
+    assert engine.stats().decode_loops == loops
+    # top-k/top-p/min-p rows sample in the step, whose sampler branches on them
+    truncated = SamplingParams(max_tokens=6, temperature=0.8, top_p=0.9, seed=1)
+    engine.generate([PROMPTS[0], PROMPTS[1]], [SamplingParams(max_tokens=6), truncated])
     assert engine.stats().decode_loops == loops
 
 

@@ -202,3 +202,36 @@ def test_beam_candidates_add_cumulative_logprobs():
     np.testing.assert_allclose(cums, lps + np.array([[-1.0], [-0.2]]))
     with pytest.raises(ValueError):
         beam_candidates(ids, lps, np.zeros(2), beam_width=3)
+
+
+def test_untruncated_form_draws_the_same_tokens():
+    # The decode loops sample with truncate=False (no lax.cond): for rows that do not
+    # truncate (greedy rows and plain temperature rows), tokens and logprobs must equal
+    # the branching form's, whatever mix of greedy and random rows shares the batch.
+    from jaxrt.runtime.sampler import sample_tokens
+    rng = np.random.default_rng(3)
+    n = 8
+    fn = jax.jit(sample_tokens, static_argnames=("truncate",))
+    for trial in range(6):
+        logits = jnp.asarray(random_logits(rng, n))
+        temperature = np.where(rng.random(n) < 0.5, 0.0, rng.uniform(0.3, 2.0, n))
+        if trial == 0:
+            temperature[:] = 0.0  # all greedy: the branching form skips the draw
+        args = (logits, jnp.asarray(temperature, jnp.float32), jnp.zeros(n, jnp.int32),
+                jnp.ones(n, jnp.float32), jnp.zeros(n, jnp.float32),
+                jnp.asarray(rng.integers(0, 2**32, n), jnp.uint32),
+                jnp.asarray(rng.integers(0, 2**32, n), jnp.uint32),
+                jnp.asarray(rng.integers(0, 100, n), jnp.int32))
+        want = jax.device_get(fn(*args, truncate=True))
+        got = jax.device_get(fn(*args, truncate=False))
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+        assert (temperature > 0).any() == (trial != 0)
+
+
+def test_truncating_params_are_flagged():
+    assert not SamplingParams().truncates  # greedy
+    assert not SamplingParams(temperature=0.0, top_k=5).truncates  # greedy ignores it
+    assert not SamplingParams(temperature=0.7).truncates
+    for kw in ({"top_k": 5}, {"top_p": 0.9}, {"min_p": 0.1}):
+        assert SamplingParams(temperature=0.7, **kw).truncates
