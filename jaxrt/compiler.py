@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from jaxrt.errors import SettingError
 from .frontends.config import ModelConfig
 from .frontends.errors import ModelFormatError
 from .frontends.tokenizer import Tokenizer
@@ -64,7 +65,7 @@ class Target:
             memory = available_host_memory()
             cap_gib = CPU_KV_CACHE_CAP_GIB if cap_gib is None else cap_gib
         if cap_gib is not None and not cap_gib > 0:
-            raise ValueError(f"kv_cache_max_gib must be > 0, got {cap_gib}")
+            raise SettingError(f"kv_cache_max_gib must be > 0, got {cap_gib}")
         default = "f32" if backend == "cpu" else "bf16"
         return cls(backend, memory, _dtype_name(dtype) if dtype else default,
                    int(cap_gib * _GIB) if cap_gib else 0)
@@ -100,7 +101,7 @@ def _dtype_name(dtype: str) -> str:
     aliases = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "auto": None}
     name = aliases.get(dtype, dtype)
     if name not in ("f32", "bf16", "f16"):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        raise SettingError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     return name
 
 

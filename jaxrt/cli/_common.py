@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import sys
 
+from jaxrt.errors import InputError
+
 
 def read_ir(path: str):
     """Parse an IR text file ('-' = stdin); errors carry file:line:col."""
@@ -19,7 +21,7 @@ def read_ir(path: str):
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file") from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start})") from None
     return parse(text, path)
 
 

@@ -12,6 +12,8 @@ import sys
 import math
 import time
 
+from jaxrt.errors import InputError, SettingError
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help=".gguf file, Hugging Face directory, engine dir or alias")
@@ -52,19 +54,19 @@ def check_cache_options(args) -> None:
     for flag, value in (("--max-model-len", args.max_model_len),
                         ("--num-pages", args.num_pages)):
         if value is not None and value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
+            raise SettingError(f"{flag} must be >= 1, got {value}")
     fraction, cap = args.kv_cache_memory_fraction, args.kv_cache_max_gib
     if fraction is not None and not 0 < fraction <= 1:
-        raise ValueError(f"--kv-cache-memory-fraction must be in (0, 1], got {fraction}")
+        raise SettingError(f"--kv-cache-memory-fraction must be in (0, 1], got {fraction}")
     if cap is not None and not 0 < cap < math.inf:
-        raise ValueError(f"--kv-cache-max-gib must be a number > 0, got {cap}")
+        raise SettingError(f"--kv-cache-max-gib must be a number > 0, got {cap}")
 
 
 def chat_prompt(model, text: str, system: str | None) -> str:
     from jaxrt.frontends.tokenizer import render_chat
     template = getattr(model, "chat_template", None)
     if not template:
-        raise ValueError("--chat: the model file has no chat template")
+        raise InputError("--chat: the model file has no chat template")
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": text}]
     tok = model.tokenizer
@@ -93,7 +95,7 @@ def run(args) -> int:
                                           ("--kv-cache-max-gib", args.kv_cache_max_gib))
                  if value is not None]
         if fixed:
-            raise ValueError(f"{', '.join(fixed)}: {args.model} is an engine directory, "
+            raise SettingError(f"{', '.join(fixed)}: {args.model} is an engine directory, "
                              f"compiled with its dtype and KV cache fixed (jaxrt compile)")
         source = load_engine(resolve_model(args.model)[1])
         context = source.kv_plan["max_model_len"]
@@ -108,15 +110,15 @@ def run(args) -> int:
     prompt_ids = source.tokenizer.encode(text, add_special_tokens=not args.chat)
     max_len = len(prompt_ids) + args.max_tokens
     if max_len > context:
-        raise ValueError(f"prompt ({len(prompt_ids)} tokens) + --max-tokens {args.max_tokens} "
+        raise SettingError(f"prompt ({len(prompt_ids)} tokens) + --max-tokens {args.max_tokens} "
                          f"exceeds {whose} of {context} tokens: shorten the prompt or lower "
                          f"--max-tokens")
     if args.max_model_len is not None:
         if args.max_model_len > context:
-            raise ValueError(f"--max-model-len {args.max_model_len} exceeds {whose} of "
+            raise SettingError(f"--max-model-len {args.max_model_len} exceeds {whose} of "
                              f"{context} tokens")
         if max_len > args.max_model_len:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + --max-tokens "
+            raise SettingError(f"prompt ({len(prompt_ids)} tokens) + --max-tokens "
                              f"{args.max_tokens} exceeds --max-model-len {args.max_model_len}"
                              f": raise --max-model-len or lower --max-tokens")
     # Reject bad parameters before anything is compiled.

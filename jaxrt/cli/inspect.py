@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from jaxrt.errors import SettingError
 from ..ir.weights import resident_weights
 
 from ._common import is_ir_file, read_ir
@@ -28,7 +29,7 @@ def _bindings(items: list[str]) -> dict[str, int]:
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name.isidentifier() or not value.isdigit():
-            raise ValueError(f"--bind {item!r}: expected NAME=N with N a non-negative integer")
+            raise SettingError(f"--bind {item!r}: expected NAME=N with N a non-negative integer")
         out[name] = int(value)
     return out
 
@@ -53,7 +54,7 @@ def run(args) -> int:
     if args.format == "dot":
         name = args.function or next(iter(module.functions), None)
         if name not in module.functions:
-            raise ValueError(f"--function {name}: no such function "
+            raise SettingError(f"--function {name}: no such function "
                              f"(functions: {', '.join(module.functions) or 'none'})")
         sys.stdout.write(to_dot(module.functions[name]) + "\n")
         return 0

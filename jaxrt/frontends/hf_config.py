@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from jaxrt.errors import InputError
 from .config import ModelConfig, RopeScaling
 
 # model_type -> (builder arch, default rope theta, default tie_word_embeddings)
@@ -37,7 +38,7 @@ def config_from_hf_dict(d: Mapping[str, Any]) -> ModelConfig:
         d = {"model_type": "gemma3_text", **d["text_config"]}  # multimodal wrapper
     model_type = d.get("model_type", "")
     if model_type not in _FAMILIES:
-        raise ValueError(f"unsupported model_type {model_type!r}; known: {sorted(_FAMILIES)}")
+        raise InputError(f"unsupported model_type {model_type!r}; known: {sorted(_FAMILIES)}")
     arch, default_theta, default_tie = _FAMILIES[model_type]
     _reject_unsupported(d, model_type)
 
@@ -48,7 +49,7 @@ def config_from_hf_dict(d: Mapping[str, Any]) -> ModelConfig:
     act_key = "hidden_activation" if d.get("hidden_activation") else "hidden_act"
     act = d.get(act_key) or "silu"
     if act not in _ACTIVATIONS:
-        raise ValueError(f"unsupported {act_key} {act!r}")
+        raise InputError(f"unsupported {act_key} {act!r}")
     layer_types, window = _layer_types(d, model_type, layers)
 
     if arch == "gemma3":
@@ -56,7 +57,7 @@ def config_from_hf_dict(d: Mapping[str, Any]) -> ModelConfig:
         rope_theta, scaling = _rope(full, max_position, default_theta)
         local_theta, local_scaling = _rope(local, max_position, _GEMMA3_LOCAL_THETA)
         if local_scaling.kind != "none":
-            raise ValueError("rope scaling on sliding-attention layers is not supported")
+            raise InputError("rope scaling on sliding-attention layers is not supported")
         extra = dict(rope_local_theta=local_theta,
                      query_pre_attn_scalar=float(d.get("query_pre_attn_scalar") or 256),
                      # transformers' Gemma3Attention never applies
@@ -99,10 +100,10 @@ def _reject_unsupported(d: Mapping[str, Any], model_type: str) -> None:
     # Llama/Gemma's attention_bias also biases o_proj, which ModelConfig cannot express.
     for key in ("attention_bias", "mlp_bias", "use_bidirectional_attention"):
         if d.get(key):
-            raise ValueError(f"{model_type}: {key}=true is not supported")
+            raise InputError(f"{model_type}: {key}=true is not supported")
     prf = d.get("partial_rotary_factor")
     if prf is not None and float(prf) != 1.0:
-        raise ValueError(f"{model_type}: partial_rotary_factor={prf} is not supported")
+        raise InputError(f"{model_type}: partial_rotary_factor={prf} is not supported")
 
 
 def _opt_float(x) -> float | None:
@@ -130,14 +131,14 @@ def _layer_types(d: Mapping[str, Any], model_type: str,
                  for i in range(layers)]
     unknown = sorted({n for n in names if n not in _LAYER_TYPES})
     if unknown:
-        raise ValueError(f"{model_type}: unsupported layer types {unknown}")
+        raise InputError(f"{model_type}: unsupported layer types {unknown}")
     if len(names) != layers:
-        raise ValueError(f"{model_type}: {len(names)} layer_types for {layers} layers")
+        raise InputError(f"{model_type}: {len(names)} layer_types for {layers} layers")
     types = tuple(_LAYER_TYPES[n] for n in names)
     if "sliding" not in types:
         return types, None
     if not window:
-        raise ValueError(f"{model_type}: sliding layers without a sliding_window")
+        raise InputError(f"{model_type}: sliding layers without a sliding_window")
     return types, int(window)
 
 
@@ -174,4 +175,4 @@ def _rope(params: Mapping[str, Any], max_position: int,
             high_freq_factor=float(params.get("high_freq_factor", 4.0)),
             original_max_position=int(params.get("original_max_position_embeddings")
                                       or max_position))
-    raise ValueError(f"unsupported rope type {kind!r}")
+    raise InputError(f"unsupported rope type {kind!r}")

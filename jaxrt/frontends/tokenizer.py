@@ -47,6 +47,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
+from ..errors import TemplateError
 from .errors import ModelFormatError
 from .sources import CACHE_ENV
 
@@ -586,7 +587,7 @@ def render_chat(template: str, messages: Sequence[Mapping[str, Any]], *,
                                add_generation_prompt=add_generation_prompt,
                                bos_token=bos_token, eos_token=eos_token, **extra)
     except jinja2.TemplateError as e:
-        raise ValueError(f"chat template: {_one_line(e)}") from None
+        raise TemplateError(f"chat template: {_one_line(e)}") from None
 
 
 _ENV = None

@@ -26,6 +26,7 @@ import math
 import re
 from typing import Any
 
+from ..errors import InputError
 from .module import Function, Module, Value, make_op
 from .opdef import OPS, OpDef, VerifyError
 from .ops import weight as weight_op
@@ -33,7 +34,7 @@ from .types import DType, TensorType
 from .weights import WeightDef, infer_def
 
 
-class ParseError(Exception):
+class ParseError(InputError):
     """Malformed or ill-typed IR text; `str(e)` is "file:line:col: message" (1-based)."""
 
     def __init__(self, message: str, filename: str = "<string>", line: int = 1, col: int = 1):

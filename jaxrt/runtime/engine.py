@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxrt.errors import InputError, SettingError
 from .block_manager import BlockManager
 from .detokenize import IncrementalDetokenizer
 from .request import (BeamOutput, Request, RequestOutput, SamplingParams, StreamDelta,
@@ -112,7 +113,7 @@ class Engine:
         decode_steps = _decode_steps(decode_steps)
         mode = _warmup_mode(warmup, strict_compiles)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"seed must be an integer or None, got {seed!r}")
+            raise SettingError(f"seed must be an integer or None, got {seed!r}")
         if isinstance(model, (str, os.PathLike)):
             model, tok, eos, model_len = _load(
                 os.fspath(model), dtype=dtype, page_size=page_size or 16, num_pages=num_pages,
@@ -132,23 +133,24 @@ class Engine:
         self.vocab_size = int(model.vocab_size)
         ps = int(model.page_size)
         if page_size is not None and page_size != ps:
-            raise ValueError(f"page_size={page_size}, but the runner's cache has pages of {ps}")
+            raise SettingError(f"page_size={page_size}, but the runner's cache has pages of {ps}")
         pages = int(num_pages) if num_pages is not None else int(model.num_pages)
         if not 1 <= pages <= model.num_pages:
-            raise ValueError(f"num_pages={pages}: the runner's cache has {model.num_pages}")
+            raise SettingError(f"num_pages={pages}: the runner's cache has {model.num_pages}")
         capacity = pages * ps
         if max_model_len is None:
             max_model_len = min(capacity, model_len or capacity)
         if max_model_len > capacity:
-            raise ValueError(f"max_model_len={max_model_len} needs {math.ceil(max_model_len / ps)}"
-                             f" pages; the KV cache has {pages} of {ps} tokens: lower "
-                             f"max_model_len or give the cache more pages (num_pages, "
-                             f"kv_cache_max_gib, kv_cache_memory_fraction)")
+            raise SettingError(f"max_model_len={max_model_len} needs "
+                               f"{math.ceil(max_model_len / ps)} pages; the KV cache has "
+                               f"{pages} of {ps} tokens: lower max_model_len or give the "
+                               f"cache more pages (num_pages, kv_cache_max_gib, "
+                               f"kv_cache_memory_fraction)")
         if max_num_batched_tokens is None:
             max_num_batched_tokens = max(max_num_seqs, 512 if enable_chunked_prefill
                                          else max_model_len)
         if max_logprobs < 2:
-            raise ValueError(f"max_logprobs must be >= 2, got {max_logprobs}")
+            raise SettingError(f"max_logprobs must be >= 2, got {max_logprobs}")
         self.max_model_len, self.page_size, self.num_pages = max_model_len, ps, pages
         self.max_logprobs = max_logprobs
         self.config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len,
@@ -393,24 +395,24 @@ class Engine:
                       request_id: str | None) -> Request:
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+            raise SettingError(f"params must be SamplingParams, got {type(params).__name__}")
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer; pass token ids")
+                raise InputError("a text prompt needs a tokenizer; pass token ids")
             prompt = self.tokenizer.encode(prompt)
         ids = validate_prompt_ids(prompt, self.vocab_size)
         params.validate(self.vocab_size, self.max_model_len, len(ids),
                         max_logprobs=self.max_logprobs)
         if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer to detokenize the output")
+            raise InputError("stop strings need a tokenizer to detokenize the output")
         if params.beam_width > self.config.max_num_seqs:
-            raise ValueError(f"beam_width={params.beam_width} exceeds max_num_seqs="
+            raise SettingError(f"beam_width={params.beam_width} exceeds max_num_seqs="
                              f"{self.config.max_num_seqs}")
         # the last sampled token is never written to the cache
         need = params.beam_width * self.block_manager.pages_needed(
             len(ids) + params.max_tokens - 1)
         if need > self.num_pages:
-            raise ValueError(f"the request needs up to {need} KV pages; the cache has "
+            raise InputError(f"the request needs up to {need} KV pages; the cache has "
                              f"{self.num_pages}")
         rid = str(request_id) if request_id is not None else f"req-{next(self._ids)}"
         if rid in self._live:
@@ -675,7 +677,7 @@ class Engine:
             params = [params] * len(prompts)
         params = list(params)
         if len(params) != len(prompts):
-            raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+            raise SettingError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
         reqs = [self._make_request(p, sp, None) for p, sp in zip(prompts, params)]
         mine = {self._enqueue(r) for r in reqs}
         done: dict[str, RequestOutput] = {}
@@ -691,7 +693,7 @@ class Engine:
         could still turn out to start a stop string is held back until it cannot."""
         req = self._make_request(prompt, params, request_id)
         if req.params.is_beam_search:
-            raise ValueError("stream() does not support beam search; use generate()")
+            raise SettingError("stream() does not support beam search; use generate()")
         return self._stream(req)
 
     def _stream(self, req: Request) -> Iterator[StreamDelta]:
@@ -746,9 +748,9 @@ def _warmup_mode(warmup: bool | str, strict: bool) -> bool | str:
         import jax
         return True if strict or jax.default_backend() != "cpu" else "background"
     if warmup not in (True, False, "background"):
-        raise ValueError(f"warmup={warmup!r}: expected True, False, 'background' or 'auto'")
+        raise SettingError(f"warmup={warmup!r}: expected True, False, 'background' or 'auto'")
     if warmup == "background" and strict:
-        raise ValueError("warmup='background' compiles on the request path; "
+        raise SettingError("warmup='background' compiles on the request path; "
                          "strict_compiles=True forbids that")
     return warmup
 
@@ -786,7 +788,7 @@ def _decode_steps(value: int | None) -> int:
         import jax
         return 1 if jax.default_backend() == "cpu" else DEFAULT_DECODE_STEPS
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"decode_steps must be a positive integer, got {value!r}")
+        raise SettingError(f"decode_steps must be a positive integer, got {value!r}")
     return value
 
 
@@ -800,14 +802,14 @@ def _compile_threads(value: int | None) -> int:
             try:
                 value = int(env)
             except ValueError:
-                raise ValueError(f"JAXRT_COMPILE_THREADS={env!r} is not an integer") from None
+                raise SettingError(f"JAXRT_COMPILE_THREADS={env!r} is not an integer") from None
     if value is None:
         import jax
         if jax.default_backend() == "cpu":
             return 1
         return max(1, min(8, (os.cpu_count() or 2) // 2))
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"compile_threads must be a positive integer, got {value!r}")
+        raise SettingError(f"compile_threads must be a positive integer, got {value!r}")
     return value
 
 
@@ -833,7 +835,7 @@ def _load(model: str, *, dtype, page_size: int, num_pages: int | None,
     if resolve_model(model)[0] == "engine":
         target = None  # planned when it was compiled: no passes run
         if max_cache_gib is not None:
-            raise ValueError(f"kv_cache_max_gib={max_cache_gib}: {model} is an engine "
+            raise SettingError(f"kv_cache_max_gib={max_cache_gib}: {model} is an engine "
                              f"directory; its KV cache was planned when it was compiled")
     else:
         target = Target.detect(dtype, kv_cache_max_gib=max_cache_gib)

@@ -14,6 +14,8 @@ from typing import Any, Sequence as Seq
 
 import numpy as np
 
+from jaxrt.errors import InputError, SettingError
+
 FINISH_REASONS = ("stop", "length", "abort")  # RequestOutput.finish_reason once finished
 
 
@@ -76,10 +78,10 @@ class SamplingParams:
                  max_logprobs: int | None = None) -> None:
         """Raise ValueError naming the first bad field (nothing is scheduled before this)."""
         def bad(name, why):
-            raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r}: {why}")
+            raise SettingError(f"SamplingParams.{name}={getattr(self, name)!r}: {why}")
 
         if not _is_int(prompt_len) or prompt_len <= 0:
-            raise ValueError("the prompt is empty: at least one token is required")
+            raise InputError("the prompt is empty: at least one token is required")
         if not _is_int(self.max_tokens) or self.max_tokens <= 0:
             bad("max_tokens", "must be an integer >= 1")
         if prompt_len + self.max_tokens > max_model_len:
@@ -138,11 +140,11 @@ def validate_prompt_ids(ids: Seq[int], vocab_size: int) -> list[int]:
     out = []
     for i, t in enumerate(ids):
         if not _is_int(t) or not 0 <= t < vocab_size:
-            raise ValueError(f"prompt token id {t!r} at index {i} is outside the vocabulary "
+            raise InputError(f"prompt token id {t!r} at index {i} is outside the vocabulary "
                              f"[0, {vocab_size})")
         out.append(int(t))
     if not out:
-        raise ValueError("the prompt is empty: at least one token is required")
+        raise InputError("the prompt is empty: at least one token is required")
     return out
 
 

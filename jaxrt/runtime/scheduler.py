@@ -34,6 +34,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from jaxrt.errors import SettingError
 from .block_manager import BlockManager
 from .detokenize import IncrementalDetokenizer
 from .request import Request, RequestState, Sequence
@@ -49,12 +50,12 @@ class SchedulerConfig:
 
     def __post_init__(self):
         if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+            raise SettingError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must "
+            raise SettingError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must "
                              f"be >= max_num_seqs ({self.max_num_seqs})")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
-            raise ValueError(f"without chunked prefill max_num_batched_tokens "
+            raise SettingError(f"without chunked prefill max_num_batched_tokens "
                              f"({self.max_num_batched_tokens}) must be >= max_model_len "
                              f"({self.max_model_len})")
 
