@@ -62,7 +62,7 @@ def check_cache_options(args) -> None:
         raise SettingError(f"--kv-cache-max-gib must be a number > 0, got {cap}")
 
 
-def chat_prompt(model, text: str, system: str | None) -> str:
+def chat_prompt(model, text: str, system: str | None, args_model: str = "") -> str:
     from jaxrt.frontends.tokenizer import render_chat
     template = getattr(model, "chat_template", None)
     if not template:
@@ -71,7 +71,8 @@ def chat_prompt(model, text: str, system: str | None) -> str:
         {"role": "user", "content": text}]
     tok = model.tokenizer
     return render_chat(template, messages, add_generation_prompt=True,
-                       bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
+                       bos_token=tok.bos_token or "", eos_token=tok.eos_token or "",
+                       source=f"{getattr(model, 'source', '') or args_model}: chat template")
 
 
 def run(args) -> int:
