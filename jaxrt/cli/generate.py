@@ -79,8 +79,14 @@ def run(args) -> int:
     from jaxrt.compiler import Target, compile_loaded, layers_choice, load_engine
     from jaxrt.frontends.sources import load_model, resolve_model
     from jaxrt.runtime.engine import Engine
+    from jaxrt.frontends.tokenizer import check_text
     from jaxrt.runtime.request import SamplingParams
 
+    # Undecodable bytes in argv arrive as lone surrogates: refused here, naming the option.
+    for flag, texts in (("--prompt", [args.prompt]), ("--system", [args.system or ""]),
+                        ("--stop", list(args.stop))):
+        for text in texts:
+            check_text(text, flag)
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop),
@@ -105,10 +111,13 @@ def run(args) -> int:
         source = load_model(args.model)
         context = source.config.max_position
         whose = "the model's context"
-    text = chat_prompt(source, args.prompt, args.system) if args.chat else args.prompt
+    text = chat_prompt(source, args.prompt, args.system, args.model) if args.chat \
+        else args.prompt
     # A rendered chat template spells out its special tokens (BOS included) itself, so it
     # is encoded without adding any: what transformers' apply_chat_template does.
-    prompt_ids = source.tokenizer.encode(text, add_special_tokens=not args.chat)
+    prompt_ids = source.tokenizer.encode(text, add_special_tokens=not args.chat,
+                                         what="the rendered chat prompt" if args.chat
+                                         else "--prompt")
     max_len = len(prompt_ids) + args.max_tokens
     if max_len > context:
         raise SettingError(f"prompt ({len(prompt_ids)} tokens) + --max-tokens {args.max_tokens} "

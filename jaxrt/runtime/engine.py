@@ -399,7 +399,7 @@ class Engine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InputError("a text prompt needs a tokenizer; pass token ids")
-            prompt = self.tokenizer.encode(prompt)
+            prompt = self.tokenizer.encode(prompt, what="prompt")
         ids = validate_prompt_ids(prompt, self.vocab_size)
         params.validate(self.vocab_size, self.max_model_len, len(ids),
                         max_logprobs=self.max_logprobs)
@@ -416,7 +416,7 @@ class Engine:
                              f"{self.num_pages}")
         rid = str(request_id) if request_id is not None else f"req-{next(self._ids)}"
         if rid in self._live:
-            raise ValueError(f"request id {rid!r} is already in use")
+            raise SettingError(f"request id {rid!r} is already in use")
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         return Request(rid, ids, params, time.perf_counter(), seed, self.eos_token_ids)
 
