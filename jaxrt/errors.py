@@ -12,6 +12,7 @@ traceback.
 from __future__ import annotations
 
 import os
+import stat
 
 
 class InputError(ValueError):
@@ -38,7 +39,7 @@ class ResourceLimitError(InputError):
 MAX_TEXT_FILE_BYTES = 256 << 20
 
 
-def read_text_file(path: str, what: str = "file", *,
+def read_text_file(path: str, what: str = "a text file", *,
                    limit: int = MAX_TEXT_FILE_BYTES) -> str:
     """A whole regular file as UTF-8 text, at most `limit` bytes. Refuses non-regular files
     (devices, FIFOs: /dev/zero never ends), larger files, and bytes that are not UTF-8, with
@@ -46,26 +47,28 @@ def read_text_file(path: str, what: str = "file", *,
     return read_bytes_file(path, what, limit=limit, text=True)
 
 
-def read_bytes_file(path: str, what: str = "file", *, limit: int = MAX_TEXT_FILE_BYTES,
+def read_bytes_file(path: str, what: str = "a file", *, limit: int = MAX_TEXT_FILE_BYTES,
                     text: bool = False):
     try:
+        # stat first: opening a FIFO would block, reading /dev/zero would never end
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise InputError(f"{path}: not a regular file; expected {what}")
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
-            import stat
             if not stat.S_ISREG(st.st_mode):
-                raise InputError(f"{path}: not a regular file (a {what} must be one)")
+                raise InputError(f"{path}: not a regular file; expected {what}")
             if st.st_size > limit:
-                raise ResourceLimitError(f"{path}: {what} of {st.st_size} bytes is larger than "
-                                         f"the {limit}-byte limit")
+                raise ResourceLimitError(f"{path}: {st.st_size} bytes, over the {limit}-byte "
+                                         f"limit for {what}")
             data = f.read(limit + 1)
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
     except IsADirectoryError:
-        raise InputError(f"{path}: is a directory, expected a {what}") from None
+        raise InputError(f"{path}: is a directory; expected {what}") from None
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
     if len(data) > limit:  # grew while reading
-        raise ResourceLimitError(f"{path}: {what} is larger than the {limit}-byte limit")
+        raise ResourceLimitError(f"{path}: over the {limit}-byte limit for {what}")
     if not text:
         return data
     try:
