@@ -62,6 +62,34 @@ def check_cache_options(args) -> None:
         raise SettingError(f"--kv-cache-max-gib must be a number > 0, got {cap}")
 
 
+# CLI options that set SamplingParams fields (named in their errors)
+_FLAGS = {"--max-tokens", "--temperature", "--top-k", "--top-p", "--min-p", "--seed",
+          "--beam-width", "--length-penalty", "--repetition-penalty", "--stop", "--logprobs"}
+
+
+def _build(args, source, is_engine, Target, compile_loaded, layers_choice, Engine, seqs,
+           max_len, budget):
+    """The compiled model and its warmed-up Engine for this one request."""
+    if is_engine:
+        model = source
+    else:
+        target = Target.detect(args.dtype, kv_cache_max_gib=args.kv_cache_max_gib)
+        model = compile_loaded(
+            source, target=target, max_model_len=args.max_model_len or max_len,
+            max_num_seqs=seqs, max_num_batched_tokens=budget, num_pages=args.num_pages or 0,
+            memory_fraction=args.kv_cache_memory_fraction or 0.9,
+            outline_layers=layers_choice(args.layers))
+    runner = model.executable()
+    # One request: one prefill bucket and one decode bucket per beam count, each sized to
+    # the whole request, so warm-up compiles only what this run uses.
+    engine = Engine(runner, tokenizer=model.tokenizer, max_num_seqs=seqs,
+                    num_pages=args.num_pages if is_engine else None,
+                    max_model_len=max_len, max_num_batched_tokens=budget,
+                    min_bucket_tokens=budget, warmup=True,
+                    log=None if args.json else sys.stderr)
+    return model, engine
+
+
 def chat_prompt(model, text: str, system: str | None, args_model: str = "") -> str:
     from jaxrt.frontends.tokenizer import render_chat
     template = getattr(model, "chat_template", None)
@@ -132,28 +160,24 @@ def run(args) -> int:
                              f"{args.max_tokens} exceeds --max-model-len {args.max_model_len}"
                              f": raise --max-model-len or lower --max-tokens")
     # Reject bad parameters before anything is compiled.
-    params.validate(source.config.vocab_size, context, len(prompt_ids))
+    try:
+        # max_logprobs: the Engine's default, which this command runs with
+        params.validate(source.config.vocab_size, context, len(prompt_ids), max_logprobs=20)
+    except SettingError as e:  # name the option that set the field
+        flag = "--" + getattr(e, "setting", "").replace("_", "-")
+        raise SettingError(f"{flag}: {e}" if flag in _FLAGS else str(e)) from None
     seqs = max(1, args.beam_width)  # a sequence per beam, each up to max_len tokens
     budget = min(512, max(16, 1 << (len(prompt_ids) - 1).bit_length()))
-    if is_engine:
-        model = source
-    else:
-        target = Target.detect(args.dtype, kv_cache_max_gib=args.kv_cache_max_gib)
-        model = compile_loaded(
-            source, target=target, max_model_len=args.max_model_len or max_len,
-            max_num_seqs=seqs, max_num_batched_tokens=budget, num_pages=args.num_pages or 0,
-            memory_fraction=args.kv_cache_memory_fraction or 0.9,
-            outline_layers=layers_choice(args.layers))
-    runner = model.executable()
-    load_s = time.perf_counter() - start
-    # One request: one prefill bucket and one decode bucket per beam count, each sized to
-    # the whole request, so warm-up compiles only what this run uses.
-    engine = Engine(runner, tokenizer=model.tokenizer, max_num_seqs=seqs,
-                    num_pages=args.num_pages if is_engine else None,
-                    max_model_len=max_len, max_num_batched_tokens=budget,
-                    min_bucket_tokens=budget, warmup=True,
-                    log=None if args.json else sys.stderr)
+    try:
+        model, engine = _build(args, source, is_engine, Target, compile_loaded, layers_choice,
+                               Engine, seqs, max_len, budget)
+    except InputError as e:
+        if seqs == 1:
+            raise
+        # every beam is a sequence: say which option asked for them
+        raise SettingError(f"--beam-width {seqs} needs {seqs} sequences: {e}") from None
     compile_s = engine.stats().warmup_seconds
+    load_s = time.perf_counter() - start - compile_s
     t0 = time.perf_counter()
     (out,) = engine.generate([prompt_ids], params)
     wall = time.perf_counter() - t0

@@ -28,7 +28,7 @@ def _bindings(items: list[str]) -> dict[str, int]:
     out = {}
     for item in items:
         name, sep, value = item.partition("=")
-        if not sep or not name.isidentifier() or not value.isdigit():
+        if not sep or not name.isidentifier() or not (value.isascii() and value.isdigit()):
             raise SettingError(f"--bind {item!r}: expected NAME=N with N a non-negative integer")
         out[name] = int(value)
     return out

@@ -114,6 +114,8 @@ class Engine:
         mode = _warmup_mode(warmup, strict_compiles)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise SettingError(f"seed must be an integer or None, got {seed!r}")
+        if seed is not None and not 0 <= seed < 2**64:
+            raise SettingError(f"seed must be in [0, 2**64), got {seed}")
         if isinstance(model, (str, os.PathLike)):
             model, tok, eos, model_len = _load(
                 os.fspath(model), dtype=dtype, page_size=page_size or 16, num_pages=num_pages,
@@ -160,7 +162,8 @@ class Engine:
         self.scheduler = Scheduler(self.config, self.block_manager, detok)
         self.policy = BucketPolicy(max_num_seqs, max_num_batched_tokens,
                                    math.ceil(max_model_len / ps), q_block=q_block,
-                                   growth=bucket_growth or _default_growth(),
+                                   growth=(_default_growth() if bucket_growth is None
+                                           else bucket_growth),
                                    token_floor=min_bucket_tokens)
         self.sampler = Sampler(self.vocab_size, max_logprobs)
         # Runners with the step programs (jaxrt.runtime.programs) sample on the device and
@@ -395,7 +398,9 @@ class Engine:
                       request_id: str | None) -> Request:
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
-            raise SettingError(f"params must be SamplingParams, got {type(params).__name__}")
+            raise SettingError(f"params must be a SamplingParams, got a "
+                               f"{type(params).__name__} (e.g. SamplingParams(**d) for a "
+                               f"dict of its fields)")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InputError("a text prompt needs a tokenizer; pass token ids")

@@ -78,7 +78,9 @@ class SamplingParams:
                  max_logprobs: int | None = None) -> None:
         """Raise ValueError naming the first bad field (nothing is scheduled before this)."""
         def bad(name, why):
-            raise SettingError(f"SamplingParams.{name}={getattr(self, name)!r}: {why}")
+            e = SettingError(f"SamplingParams.{name}={getattr(self, name)!r:.60}: {why}")
+            e.setting = name
+            raise e
 
         if not _is_int(prompt_len) or prompt_len <= 0:
             raise InputError("the prompt is empty: at least one token is required")
@@ -98,6 +100,8 @@ class SamplingParams:
             bad("min_p", "must be in [0, 1]")
         if self.seed is not None and not _is_int(self.seed):
             bad("seed", "must be an integer or None")
+        if self.seed is not None and not 0 <= self.seed < 2**64:  # never taken mod 2**64
+            bad("seed", "must be in [0, 2**64)")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "stop strings must be non-empty strings")
         for t in self.stop_token_ids:

@@ -391,8 +391,15 @@ class Scheduler:
 
 # ---- step arrays ----------------------------------------------------------------------
 
+# BucketPolicy field -> the Engine argument that sets it
+_SETTING_NAMES = {"growth": "bucket_growth", "token_floor": "min_bucket_tokens"}
+
+
 def _ladder(floor: int, cap: int, growth: int = 2) -> tuple[int, ...]:
     """floor, growth * floor, growth^2 * floor, ... below cap, then cap itself."""
+    if floor < 1 or growth < 2:  # would never reach cap
+        raise SettingError(f"a bucket ladder needs floor >= 1 and growth >= 2, got "
+                           f"{floor}, {growth}")
     sizes, s = [], floor
     while s < cap:
         sizes.append(s)
@@ -422,6 +429,16 @@ class BucketPolicy:
     # Each bucket is one compile: a larger growth factor compiles fewer buckets and pads
     # more (up to growth x the work). 2 suits CPUs; accelerators compile slowly.
     growth: int = 2
+
+    def __post_init__(self):
+        # A ladder needs growth >= 2 and a floor >= 1 to end; q_block divides.
+        for name, least in (("max_num_seqs", 1), ("max_num_batched_tokens", 1),
+                            ("max_pages_per_seq", 1), ("q_block", 1), ("token_floor", 1),
+                            ("growth", 2)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise SettingError(f"{_SETTING_NAMES.get(name, name)} must be an integer "
+                                   f">= {least}, got {value!r}")
 
     @property
     def decode_sizes(self) -> tuple[int, ...]:
