@@ -69,10 +69,7 @@ def config_from_engine(d: Any, fail) -> ModelConfig:
     if not isinstance(d, dict):
         raise fail(f"config must be an object, got {d!r:.40}")
     fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
-    _exact_keys(d, set(fields), "config.", fail,
-                optional={n for n, f in fields.items()
-                          if f.default is not dataclasses.MISSING
-                          or f.default_factory is not dataclasses.MISSING})
+    _exact_keys(d, set(fields), "config.", fail)  # save_engine writes every field
     out: dict[str, Any] = {}
     for name, value in d.items():
         where = f"config.{name}"
@@ -122,7 +119,7 @@ def _rope_scaling(value: Any, fail) -> RopeScaling:
     if not isinstance(value, dict):
         raise fail(f"config.rope_scaling must be an object, got {value!r:.40}")
     fields = {f.name for f in dataclasses.fields(RopeScaling)}
-    _exact_keys(value, fields, "config.rope_scaling.", fail, optional=fields)
+    _exact_keys(value, fields, "config.rope_scaling.", fail)
     for k, v in value.items():
         if k == "kind":
             if v not in ("none", "linear", "llama3"):
@@ -171,6 +168,14 @@ def check_module(module, meta: dict[str, Any], ir_path: str, meta_path: str) -> 
             0 < plan["max_model_len"] <= pages * page_size:
         raise ModelFormatError(ir_path, f"kv_cache max_model_len {plan.get('max_model_len')!r}"
                                         f" does not fit {pages} pages of {page_size} tokens")
+    recorded = module.attributes.get("config")
+    try:
+        same = json.loads(json.dumps(recorded)) == config.to_dict()
+    except (TypeError, ValueError):
+        same = False
+    if not same:  # the IR is what runs: a config that disagrees with it is refused
+        raise ModelFormatError(meta_path, f"config differs from the one recorded in "
+                                          f"{os.path.basename(ir_path)}")
 
 
 def check_kv_budget(module, ir_path: str, budget_bytes: int) -> None:

@@ -60,7 +60,7 @@ def read_bytes_file(path: str, what: str = "a file", *, limit: int = MAX_TEXT_FI
             if st.st_size > limit:
                 raise ResourceLimitError(f"{path}: {st.st_size} bytes, over the {limit}-byte "
                                          f"limit for {what}")
-            data = f.read(limit + 1)
+            data = f.read(st.st_size + 1)  # never a buffer sized by the limit
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
     except IsADirectoryError:
