@@ -114,6 +114,10 @@ class Engine:
         mode = _warmup_mode(warmup, strict_compiles)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise SettingError(f"seed must be an integer or None, got {seed!r}")
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_logprobs", max_logprobs),
+                            ("q_block", q_block), ("min_bucket_tokens", min_bucket_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise SettingError(f"{name} must be an integer, got {value!r:.40}")
         if seed is not None and not 0 <= seed < 2**64:
             raise SettingError(f"seed must be in [0, 2**64), got {seed}")
         if isinstance(model, (str, os.PathLike)):
