@@ -77,6 +77,24 @@ def read_bytes_file(path: str, what: str = "a file", *, limit: int = MAX_TEXT_FI
         raise InputError(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
+def check_text(text: object, what: str) -> str:
+    """`text` if it is a str of valid Unicode, else an InputError naming `what`. Lone
+    surrogates are what undecodable bytes become (command-line arguments decode with
+    surrogateescape): the tokenizer cannot encode them."""
+    if not isinstance(text, str):
+        raise InputError(f"{what} must be text (str), got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        ch = text[e.start]
+        if 0xDC80 <= ord(ch) <= 0xDCFF:  # surrogateescape: an undecodable byte
+            raise InputError(f"{what} is not valid UTF-8: undecodable byte "
+                             f"0x{ord(ch) - 0xDC00:02x} at character {e.start}") from None
+        raise InputError(f"{what} is not valid Unicode text: lone surrogate "
+                         f"{ch!r} at character {e.start}") from None
+    return text
+
+
 def one_line(text: object) -> str:
     return " ".join(str(text).split())
 

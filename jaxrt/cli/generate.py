@@ -131,7 +131,7 @@ def run(args) -> int:
                  if value is not None]
         if fixed:
             raise SettingError(f"{', '.join(fixed)}: {args.model} is an engine directory, "
-                             f"compiled with its dtype and KV cache fixed (jaxrt compile)")
+                               f"compiled with its dtype and KV cache fixed (jaxrt compile)")
         source = load_engine(resolve_model(args.model)[1])
         context = source.kv_plan["max_model_len"]
         whose = "the engine's max-model-len"
@@ -149,16 +149,16 @@ def run(args) -> int:
     max_len = len(prompt_ids) + args.max_tokens
     if max_len > context:
         raise SettingError(f"prompt ({len(prompt_ids)} tokens) + --max-tokens {args.max_tokens} "
-                         f"exceeds {whose} of {context} tokens: shorten the prompt or lower "
-                         f"--max-tokens")
+                           f"exceeds {whose} of {context} tokens: shorten the prompt or lower "
+                           f"--max-tokens")
     if args.max_model_len is not None:
         if args.max_model_len > context:
             raise SettingError(f"--max-model-len {args.max_model_len} exceeds {whose} of "
-                             f"{context} tokens")
+                               f"{context} tokens")
         if max_len > args.max_model_len:
             raise SettingError(f"prompt ({len(prompt_ids)} tokens) + --max-tokens "
-                             f"{args.max_tokens} exceeds --max-model-len {args.max_model_len}"
-                             f": raise --max-model-len or lower --max-tokens")
+                               f"{args.max_tokens} exceeds --max-model-len {args.max_model_len}"
+                               f": raise --max-model-len or lower --max-tokens")
     # Reject bad parameters before anything is compiled.
     try:
         # max_logprobs: the Engine's default, which this command runs with

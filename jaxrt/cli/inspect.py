@@ -55,7 +55,7 @@ def run(args) -> int:
         name = args.function or next(iter(module.functions), None)
         if name not in module.functions:
             raise SettingError(f"--function {name}: no such function "
-                             f"(functions: {', '.join(module.functions) or 'none'})")
+                               f"(functions: {', '.join(module.functions) or 'none'})")
         sys.stdout.write(to_dot(module.functions[name]) + "\n")
         return 0
     summary = module_summary(module, bindings)

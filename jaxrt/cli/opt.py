@@ -32,7 +32,7 @@ def run(args) -> int:
         for name in args.dump_after:
             if name != "all" and name not in known:
                 raise SettingError(f"--dump-after {name}: no such pass in the pipeline "
-                                 f"{args.pipeline!r}")
+                                   f"{args.pipeline!r}")
         hooks.append(DumpAfter("all" if "all" in args.dump_after else args.dump_after,
                                sys.stderr))
     if args.stats:

@@ -46,7 +46,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from ..errors import InputError
+from ..errors import check_text
 from .errors import ModelFormatError
 from .sources import CACHE_ENV
 
@@ -119,24 +119,6 @@ class Tokenizer:
     @property
     def backend(self) -> tokenizers.Tokenizer:
         return self._tok
-
-
-def check_text(text: Any, what: str) -> str:
-    """`text` if it is a str of valid Unicode, else an InputError naming `what`. Lone
-    surrogates are what undecodable bytes become (command-line arguments decode with
-    surrogateescape): the tokenizer cannot encode them."""
-    if not isinstance(text, str):
-        raise InputError(f"{what} must be text (str), got {type(text).__name__}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        ch = text[e.start]
-        if 0xDC80 <= ord(ch) <= 0xDCFF:  # surrogateescape: an undecodable byte
-            raise InputError(f"{what} is not valid UTF-8: undecodable byte "
-                             f"0x{ord(ch) - 0xDC00:02x} at character {e.start}") from None
-        raise InputError(f"{what} is not valid Unicode text: lone surrogate "
-                         f"{ch!r} at character {e.start}") from None
-    return text
 
 
 def _one_line(e: BaseException) -> str:

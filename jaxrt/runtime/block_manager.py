@@ -58,7 +58,7 @@ class BlockManager:
     def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True):
         if num_pages < 1 or page_size < 1:
             raise SettingError(f"need num_pages >= 1 and page_size >= 1, got {num_pages}, "
-                             f"{page_size}")
+                               f"{page_size}")
         self.num_pages, self.page_size = num_pages, page_size
         self.enable_prefix_caching = enable_prefix_caching
         self._ref = [0] * num_pages

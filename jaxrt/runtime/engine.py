@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxrt.errors import InputError, SettingError
+from jaxrt.errors import InputError, SettingError, check_text
 from .block_manager import BlockManager
 from .detokenize import IncrementalDetokenizer
 from .request import (BeamOutput, Request, RequestOutput, SamplingParams, StreamDelta,
@@ -408,7 +408,7 @@ class Engine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InputError("a text prompt needs a tokenizer; pass token ids")
-            prompt = self.tokenizer.encode(prompt, what="prompt")
+            prompt = self.tokenizer.encode(check_text(prompt, "prompt"))
         ids = validate_prompt_ids(prompt, self.vocab_size)
         params.validate(self.vocab_size, self.max_model_len, len(ids),
                         max_logprobs=self.max_logprobs)

@@ -53,11 +53,11 @@ class SchedulerConfig:
             raise SettingError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise SettingError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must "
-                             f"be >= max_num_seqs ({self.max_num_seqs})")
+                               f"be >= max_num_seqs ({self.max_num_seqs})")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise SettingError(f"without chunked prefill max_num_batched_tokens "
-                             f"({self.max_num_batched_tokens}) must be >= max_model_len "
-                             f"({self.max_model_len})")
+                               f"({self.max_num_batched_tokens}) must be >= max_model_len "
+                               f"({self.max_model_len})")
 
 
 @dataclass(frozen=True)

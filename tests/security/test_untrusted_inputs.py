@@ -353,3 +353,14 @@ def test_project_errors_are_input_errors():
     for cls in (ModelFormatError, ParseError, VerifyError, PipelineError, KVPlanError,
                 CliError, TemplateError, SettingError):
         assert issubclass(cls, InputError) and issubclass(cls, ValueError)
+
+
+def test_engine_names_an_invalid_prompt_and_a_dict_of_params():
+    from jaxrt.runtime.engine import Engine
+    from tests.runtime.fake_model import FakeRunner
+    with Engine(FakeRunner(num_pages=16, page_size=4), max_num_seqs=2,
+                max_num_batched_tokens=16, max_model_len=16, warmup=False, log=None) as engine:
+        with pytest.raises(InputError, match="prompt is not valid UTF-8"):
+            engine.generate("\udcffab")
+        with pytest.raises(SettingError, match=r"SamplingParams\(\*\*d\)"):
+            engine.generate(["ab"], {"max_tokens": 2})
