@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from jaxrt.errors import SettingError
 from .frontends.config import ModelConfig
 from .frontends.errors import ModelFormatError
 from .frontends.tokenizer import Tokenizer
@@ -64,7 +65,7 @@ class Target:
             memory = available_host_memory()
             cap_gib = CPU_KV_CACHE_CAP_GIB if cap_gib is None else cap_gib
         if cap_gib is not None and not cap_gib > 0:
-            raise ValueError(f"kv_cache_max_gib must be > 0, got {cap_gib}")
+            raise SettingError(f"kv_cache_max_gib must be > 0, got {cap_gib}")
         default = "f32" if backend == "cpu" else "bf16"
         return cls(backend, memory, _dtype_name(dtype) if dtype else default,
                    int(cap_gib * _GIB) if cap_gib else 0)
@@ -100,7 +101,7 @@ def _dtype_name(dtype: str) -> str:
     aliases = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "auto": None}
     name = aliases.get(dtype, dtype)
     if name not in ("f32", "bf16", "f16"):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        raise SettingError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     return name
 
 
@@ -241,22 +242,30 @@ def load_engine(path: str) -> CompiledModel:
     from .frontends.hf_reader import read_safetensors_header
     from .ir.parser import parse
     from .ir.verify import verify
+    from .engine_format import (check_kv_budget, check_module, check_tokenizer_file,
+                                read_engine_meta)
+    from .errors import InputError, read_text_file
+    if not os.path.isdir(path):
+        raise ModelFormatError(path, "not an engine directory")
     meta_path = os.path.join(path, "engine.json")
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelFormatError(meta_path, f"unreadable engine.json: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != ENGINE_FORMAT:
-        raise ModelFormatError(meta_path, f"unsupported engine format "
-                                          f"{meta.get('format') if isinstance(meta, dict) else meta!r}")
+    meta = read_engine_meta(path, ENGINE_FORMAT)  # schema-checked; config is a ModelConfig
     ir_path = os.path.join(path, "model.jxr")
     try:
-        with open(ir_path) as f:
-            module = parse(f.read(), ir_path)
-    except FileNotFoundError:
-        raise ModelFormatError(ir_path, "missing") from None
+        text = read_text_file(ir_path, "an IR text file (model.jxr)")
+    except InputError as e:
+        raise ModelFormatError(ir_path, str(e).removeprefix(ir_path + ": ")) from None
+    module = parse(text, ir_path)
+    del text
     verify(module)
+    check_module(module, meta, ir_path, meta_path)
+    # The cache is sized by the file: refuse one over this device's budget before any
+    # allocation (the weights come out of the same memory).
+    target = Target.detect()
+    budget = int(target.device_memory_bytes * 0.9) - sum(
+        t.nbytes() for t in module.weights.values())
+    if target.kv_cache_cap_bytes:
+        budget = min(budget, target.kv_cache_cap_bytes)
+    check_kv_budget(module, ir_path, budget)
     weights_path = os.path.join(path, "weights.safetensors")
     header = read_safetensors_header(weights_path)  # validates before the library reads
     for name, t in module.weights.items():
@@ -270,14 +279,17 @@ def load_engine(path: str) -> CompiledModel:
                                                  f"IR says {t}")
     with safe_open(weights_path, framework="numpy") as f:
         weights = {name: f.get_tensor(name) for name in module.weights}
-    tokenizer = Tokenizer.from_file(os.path.join(path, "tokenizer.json"),
-                                    **_tokenizer_meta(meta))
+    tok_path = os.path.join(path, "tokenizer.json")
+    check_tokenizer_file(tok_path)
+    tokenizer = Tokenizer.from_file(tok_path, **_tokenizer_meta(meta))
     template = None
     tpath = os.path.join(path, "chat_template.jinja")
-    if os.path.exists(tpath):
-        with open(tpath) as f:
-            template = f.read()
-    config = ModelConfig.from_dict(meta["config"])
+    if os.path.lexists(tpath):
+        try:
+            template = read_text_file(tpath, "a chat template")
+        except InputError as e:
+            raise ModelFormatError(tpath, str(e).removeprefix(tpath + ": ")) from None
+    config = meta["config"]
     return CompiledModel(module, weights, tokenizer, config, template, path,
                          meta.get("pipeline", ""))
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import sys
 
+from jaxrt.errors import read_text_file
+
 
 def read_ir(path: str):
     """Parse an IR text file ('-' = stdin); errors carry file:line:col."""
@@ -11,15 +13,7 @@ def read_ir(path: str):
 
     if path == "-":
         return parse(sys.stdin.read(), "<stdin>")
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"{path}: is a directory, expected an IR text file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    text = read_text_file(path, "an IR text file")  # capped; /dev/zero and FIFOs refused
     return parse(text, path)
 
 

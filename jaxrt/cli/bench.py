@@ -48,8 +48,14 @@ def _engine(model, args, max_num_seqs: int, prefix_caching: bool, max_len: int):
 
 def run(args) -> int:
     from jaxrt.compiler import layers_choice, load
+    from jaxrt.errors import SettingError
     from jaxrt.runtime.benchmark import Workload, format_table, run_workload
 
+    # Refused before anything loads, naming the option (0 is an error, never the default).
+    for flag, value, least in (("--max-num-seqs", args.max_num_seqs, 1),
+                               ("--bucket-growth", args.bucket_growth, 2)):
+        if value is not None and value < least:
+            raise SettingError(f"{flag} must be >= {least}, got {value}")
     start = time.perf_counter()
     scenarios: list[tuple[str, Workload, int, bool]] = []
     if args.suite:
@@ -64,8 +70,8 @@ def run(args) -> int:
         ]
     else:
         w = Workload(args.num_requests, args.input_len, args.output_len, args.shared_prefix)
-        scenarios.append(("workload", w, args.max_num_seqs or args.num_requests,
-                          not args.no_prefix_caching))
+        seqs = args.num_requests if args.max_num_seqs is None else args.max_num_seqs
+        scenarios.append(("workload", w, seqs, not args.no_prefix_caching))
     max_len = max(w.input_len + w.output_len for _, w, _, _ in scenarios)
     max_seqs = max(s for _, _, s, _ in scenarios)
     model = load(args.model, dtype=args.dtype, max_model_len=max_len, max_num_seqs=max_seqs,

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from jaxrt.errors import InputError
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help=".gguf file, Hugging Face directory or alias")
@@ -26,7 +28,7 @@ def run(args) -> int:
     from jaxrt.frontends.sources import resolve_model
 
     if resolve_model(args.model)[0] == "engine":
-        raise ValueError(f"{args.model}: already an engine directory")
+        raise InputError(f"{args.model}: already an engine directory")
     start = time.perf_counter()
     model = load(args.model, pipeline=args.pipeline, dtype=args.dtype,
                  page_size=args.page_size, max_model_len=args.max_model_len,

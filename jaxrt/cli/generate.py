@@ -12,6 +12,8 @@ import sys
 import math
 import time
 
+from jaxrt.errors import InputError, SettingError
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help=".gguf file, Hugging Face directory, engine dir or alias")
@@ -52,32 +54,67 @@ def check_cache_options(args) -> None:
     for flag, value in (("--max-model-len", args.max_model_len),
                         ("--num-pages", args.num_pages)):
         if value is not None and value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
+            raise SettingError(f"{flag} must be >= 1, got {value}")
     fraction, cap = args.kv_cache_memory_fraction, args.kv_cache_max_gib
     if fraction is not None and not 0 < fraction <= 1:
-        raise ValueError(f"--kv-cache-memory-fraction must be in (0, 1], got {fraction}")
+        raise SettingError(f"--kv-cache-memory-fraction must be in (0, 1], got {fraction}")
     if cap is not None and not 0 < cap < math.inf:
-        raise ValueError(f"--kv-cache-max-gib must be a number > 0, got {cap}")
+        raise SettingError(f"--kv-cache-max-gib must be a number > 0, got {cap}")
 
 
-def chat_prompt(model, text: str, system: str | None) -> str:
+# CLI options that set SamplingParams fields (named in their errors)
+_FLAGS = {"--max-tokens", "--temperature", "--top-k", "--top-p", "--min-p", "--seed",
+          "--beam-width", "--length-penalty", "--repetition-penalty", "--stop", "--logprobs"}
+
+
+def _build(args, source, is_engine, Target, compile_loaded, layers_choice, Engine, seqs,
+           max_len, budget):
+    """The compiled model and its warmed-up Engine for this one request."""
+    if is_engine:
+        model = source
+    else:
+        target = Target.detect(args.dtype, kv_cache_max_gib=args.kv_cache_max_gib)
+        model = compile_loaded(
+            source, target=target, max_model_len=args.max_model_len or max_len,
+            max_num_seqs=seqs, max_num_batched_tokens=budget, num_pages=args.num_pages or 0,
+            memory_fraction=args.kv_cache_memory_fraction or 0.9,
+            outline_layers=layers_choice(args.layers))
+    runner = model.executable()
+    # One request: one prefill bucket and one decode bucket per beam count, each sized to
+    # the whole request, so warm-up compiles only what this run uses.
+    engine = Engine(runner, tokenizer=model.tokenizer, max_num_seqs=seqs,
+                    num_pages=args.num_pages if is_engine else None,
+                    max_model_len=max_len, max_num_batched_tokens=budget,
+                    min_bucket_tokens=budget, warmup=True,
+                    log=None if args.json else sys.stderr)
+    return model, engine
+
+
+def chat_prompt(model, text: str, system: str | None, args_model: str = "") -> str:
     from jaxrt.frontends.tokenizer import render_chat
     template = getattr(model, "chat_template", None)
     if not template:
-        raise ValueError("--chat: the model file has no chat template")
+        raise InputError("--chat: the model file has no chat template")
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": text}]
     tok = model.tokenizer
     return render_chat(template, messages, add_generation_prompt=True,
-                       bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
+                       bos_token=tok.bos_token or "", eos_token=tok.eos_token or "",
+                       source=f"{getattr(model, 'source', '') or args_model}: chat template")
 
 
 def run(args) -> int:
     from jaxrt.compiler import Target, compile_loaded, layers_choice, load_engine
     from jaxrt.frontends.sources import load_model, resolve_model
     from jaxrt.runtime.engine import Engine
+    from jaxrt.frontends.tokenizer import check_text
     from jaxrt.runtime.request import SamplingParams
 
+    # Undecodable bytes in argv arrive as lone surrogates: refused here, naming the option.
+    for flag, texts in (("--prompt", [args.prompt]), ("--system", [args.system or ""]),
+                        ("--stop", list(args.stop))):
+        for text in texts:
+            check_text(text, flag)
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop),
@@ -93,8 +130,8 @@ def run(args) -> int:
                                           ("--kv-cache-max-gib", args.kv_cache_max_gib))
                  if value is not None]
         if fixed:
-            raise ValueError(f"{', '.join(fixed)}: {args.model} is an engine directory, "
-                             f"compiled with its dtype and KV cache fixed (jaxrt compile)")
+            raise SettingError(f"{', '.join(fixed)}: {args.model} is an engine directory, "
+                               f"compiled with its dtype and KV cache fixed (jaxrt compile)")
         source = load_engine(resolve_model(args.model)[1])
         context = source.kv_plan["max_model_len"]
         whose = "the engine's max-model-len"
@@ -102,46 +139,45 @@ def run(args) -> int:
         source = load_model(args.model)
         context = source.config.max_position
         whose = "the model's context"
-    text = chat_prompt(source, args.prompt, args.system) if args.chat else args.prompt
+    text = chat_prompt(source, args.prompt, args.system, args.model) if args.chat \
+        else args.prompt
     # A rendered chat template spells out its special tokens (BOS included) itself, so it
     # is encoded without adding any: what transformers' apply_chat_template does.
-    prompt_ids = source.tokenizer.encode(text, add_special_tokens=not args.chat)
+    prompt_ids = source.tokenizer.encode(text, add_special_tokens=not args.chat,
+                                         what="the rendered chat prompt" if args.chat
+                                         else "--prompt")
     max_len = len(prompt_ids) + args.max_tokens
     if max_len > context:
-        raise ValueError(f"prompt ({len(prompt_ids)} tokens) + --max-tokens {args.max_tokens} "
-                         f"exceeds {whose} of {context} tokens: shorten the prompt or lower "
-                         f"--max-tokens")
+        raise SettingError(f"prompt ({len(prompt_ids)} tokens) + --max-tokens {args.max_tokens} "
+                           f"exceeds {whose} of {context} tokens: shorten the prompt or lower "
+                           f"--max-tokens")
     if args.max_model_len is not None:
         if args.max_model_len > context:
-            raise ValueError(f"--max-model-len {args.max_model_len} exceeds {whose} of "
-                             f"{context} tokens")
+            raise SettingError(f"--max-model-len {args.max_model_len} exceeds {whose} of "
+                               f"{context} tokens")
         if max_len > args.max_model_len:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + --max-tokens "
-                             f"{args.max_tokens} exceeds --max-model-len {args.max_model_len}"
-                             f": raise --max-model-len or lower --max-tokens")
+            raise SettingError(f"prompt ({len(prompt_ids)} tokens) + --max-tokens "
+                               f"{args.max_tokens} exceeds --max-model-len {args.max_model_len}"
+                               f": raise --max-model-len or lower --max-tokens")
     # Reject bad parameters before anything is compiled.
-    params.validate(source.config.vocab_size, context, len(prompt_ids))
+    try:
+        # max_logprobs: the Engine's default, which this command runs with
+        params.validate(source.config.vocab_size, context, len(prompt_ids), max_logprobs=20)
+    except SettingError as e:  # name the option that set the field
+        flag = "--" + getattr(e, "setting", "").replace("_", "-")
+        raise SettingError(f"{flag}: {e}" if flag in _FLAGS else str(e)) from None
     seqs = max(1, args.beam_width)  # a sequence per beam, each up to max_len tokens
     budget = min(512, max(16, 1 << (len(prompt_ids) - 1).bit_length()))
-    if is_engine:
-        model = source
-    else:
-        target = Target.detect(args.dtype, kv_cache_max_gib=args.kv_cache_max_gib)
-        model = compile_loaded(
-            source, target=target, max_model_len=args.max_model_len or max_len,
-            max_num_seqs=seqs, max_num_batched_tokens=budget, num_pages=args.num_pages or 0,
-            memory_fraction=args.kv_cache_memory_fraction or 0.9,
-            outline_layers=layers_choice(args.layers))
-    runner = model.executable()
-    load_s = time.perf_counter() - start
-    # One request: one prefill bucket and one decode bucket per beam count, each sized to
-    # the whole request, so warm-up compiles only what this run uses.
-    engine = Engine(runner, tokenizer=model.tokenizer, max_num_seqs=seqs,
-                    num_pages=args.num_pages if is_engine else None,
-                    max_model_len=max_len, max_num_batched_tokens=budget,
-                    min_bucket_tokens=budget, warmup=True,
-                    log=None if args.json else sys.stderr)
+    try:
+        model, engine = _build(args, source, is_engine, Target, compile_loaded, layers_choice,
+                               Engine, seqs, max_len, budget)
+    except InputError as e:
+        if seqs == 1:
+            raise
+        # every beam is a sequence: say which option asked for them
+        raise SettingError(f"--beam-width {seqs} needs {seqs} sequences: {e}") from None
     compile_s = engine.stats().warmup_seconds
+    load_s = time.perf_counter() - start - compile_s
     t0 = time.perf_counter()
     (out,) = engine.generate([prompt_ids], params)
     wall = time.perf_counter() - t0

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from jaxrt.errors import SettingError
 from ..ir.weights import resident_weights
 
 from ._common import is_ir_file, read_ir
@@ -27,8 +28,8 @@ def _bindings(items: list[str]) -> dict[str, int]:
     out = {}
     for item in items:
         name, sep, value = item.partition("=")
-        if not sep or not name.isidentifier() or not value.isdigit():
-            raise ValueError(f"--bind {item!r}: expected NAME=N with N a non-negative integer")
+        if not sep or not name.isidentifier() or not (value.isascii() and value.isdigit()):
+            raise SettingError(f"--bind {item!r}: expected NAME=N with N a non-negative integer")
         out[name] = int(value)
     return out
 
@@ -53,8 +54,8 @@ def run(args) -> int:
     if args.format == "dot":
         name = args.function or next(iter(module.functions), None)
         if name not in module.functions:
-            raise ValueError(f"--function {name}: no such function "
-                             f"(functions: {', '.join(module.functions) or 'none'})")
+            raise SettingError(f"--function {name}: no such function "
+                               f"(functions: {', '.join(module.functions) or 'none'})")
         sys.stdout.write(to_dot(module.functions[name]) + "\n")
         return 0
     summary = module_summary(module, bindings)

@@ -5,6 +5,9 @@ import argparse
 import importlib
 import os
 import sys
+import traceback
+
+from jaxrt.errors import SettingError, is_user_error, one_line
 
 # subcommand -> module in jaxrt.cli (each defines add_arguments(parser) and run(args) -> int)
 SUBCOMMANDS = {
@@ -17,23 +20,8 @@ SUBCOMMANDS = {
 }
 
 
-class CliError(Exception):
+class CliError(SettingError):
     """A user-facing error: printed as one line, exit code 2."""
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean bad input (not a bug): printed without a traceback."""
-    errors: list[type[BaseException]] = [CliError, ValueError, FileNotFoundError,
-                                         IsADirectoryError, PermissionError, UnicodeDecodeError]
-    for mod, name in (("jaxrt.ir.opdef", "VerifyError"), ("jaxrt.ir.parser", "ParseError"),
-                      ("jaxrt.passes.manager", "PipelineError"),
-                      ("jaxrt.passes.rewrite", "RewriteError"),
-                      ("jaxrt.frontends.errors", "ModelFormatError")):
-        try:
-            errors.append(getattr(importlib.import_module(mod), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,12 +47,18 @@ def main(argv: list[str] | None = None) -> int:
         # stdout closed early (`jaxrt opt ... | head`): not an error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except _user_errors() as e:
+    except Exception as e:  # noqa: BLE001 - decided below, in one place
         if os.environ.get("JAXRT_TRACEBACK"):
             raise
-        message = " ".join(str(e).split()) or type(e).__name__
-        print(f"jaxrt {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        if is_user_error(e):
+            message = one_line(e) or type(e).__name__
+            print(f"jaxrt {args.command}: error: {message}", file=sys.stderr)
+            return 2
+        # Not caused by the input: a bug in jaxrt. Say so, with the traceback to report.
+        traceback.print_exc()
+        print(f"jaxrt {args.command}: internal error (a bug in jaxrt, please report it): "
+              f"{type(e).__name__}: {one_line(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

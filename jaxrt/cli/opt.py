@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jaxrt.errors import SettingError
 from ._common import read_ir, write_text
 
 
@@ -30,8 +31,8 @@ def run(args) -> int:
         known = {p.name for p in passes}
         for name in args.dump_after:
             if name != "all" and name not in known:
-                raise ValueError(f"--dump-after {name}: no such pass in the pipeline "
-                                 f"{args.pipeline!r}")
+                raise SettingError(f"--dump-after {name}: no such pass in the pipeline "
+                                   f"{args.pipeline!r}")
         hooks.append(DumpAfter("all" if "all" in args.dump_after else args.dump_after,
                                sys.stderr))
     if args.stats:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from jaxrt.errors import InputError
 from ..ir import Module, verify
 from .config import ModelConfig
 from .gemma3 import build_gemma3
@@ -19,7 +20,7 @@ def build_module(config: ModelConfig) -> Module:
     try:
         builder = BUILDERS[config.arch]
     except KeyError:
-        raise ValueError(f"no builder for architecture {config.arch!r}; "
+        raise InputError(f"no builder for architecture {config.arch!r}; "
                          f"known: {sorted(BUILDERS)}") from None
     module = builder(config)
     verify(module)

@@ -7,6 +7,7 @@ the logits head. Per-architecture files (`llama.py`, `gemma3.py`) only arrange t
 """
 from __future__ import annotations
 
+from jaxrt.errors import InputError
 from ..ir import Builder, DType, Module, TensorType, Value, ops
 from .config import ModelConfig
 
@@ -46,15 +47,15 @@ class DecoderBuilder:
     def __init__(self, config: ModelConfig, *, norm_offset: float = 0.0, qk_norm: bool = False,
                  name: str | None = None):
         if config.hidden_act not in _GATED:
-            raise ValueError(f"unsupported hidden_act {config.hidden_act!r}; "
+            raise InputError(f"unsupported hidden_act {config.hidden_act!r}; "
                              f"expected one of {sorted(_GATED)}")
         bad = [t for t in config.layer_types if t not in ("full", "sliding")]
         if bad:
-            raise ValueError(f"unknown layer types {sorted(set(bad))}")
+            raise InputError(f"unknown layer types {sorted(set(bad))}")
         if "sliding" in config.layer_types and not config.sliding_window:
-            raise ValueError("sliding layers need config.sliding_window")
+            raise InputError("sliding layers need config.sliding_window")
         if config.num_heads % config.num_kv_heads:
-            raise ValueError(f"{config.num_heads} heads are not a multiple of "
+            raise InputError(f"{config.num_heads} heads are not a multiple of "
                              f"{config.num_kv_heads} kv heads")
         self.config = config
         self.norm_offset = float(norm_offset)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from jaxrt.errors import InputError
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -54,7 +56,7 @@ class ModelConfig:
             kind = "sliding" if self.sliding_window else "full"
             object.__setattr__(self, "layer_types", (kind,) * self.num_layers)
         if len(self.layer_types) != self.num_layers:
-            raise ValueError(f"{len(self.layer_types)} layer types for {self.num_layers} layers")
+            raise InputError(f"{len(self.layer_types)} layer types for {self.num_layers} layers")
 
     @property
     def attn_scale(self) -> float:

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import os
 
+from ..errors import InputError
 
-class ModelFormatError(Exception):
+
+class ModelFormatError(InputError):
     """A model file or directory that cannot be read: missing, truncated, malformed or
     describing something we do not support. `str(e)` is one line, "path: message"."""
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+from jaxrt.errors import InputError
 from ..ir import Module
 from .builder import DecoderBuilder, layer_prefix
 from .config import ModelConfig
@@ -23,7 +24,7 @@ from .config import ModelConfig
 
 def build_gemma3(config: ModelConfig) -> Module:
     if config.query_pre_attn_scalar is None:
-        raise ValueError("gemma3 needs query_pre_attn_scalar")
+        raise InputError("gemma3 needs query_pre_attn_scalar")
     d = DecoderBuilder(config, norm_offset=1.0, qk_norm=True)
     x = d.embed(scale=math.sqrt(config.hidden_size))  # [T, hidden]
     for layer in range(config.num_layers):

@@ -224,6 +224,8 @@ def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
                 raise ModelFormatError(path, f"too small for a GGUF header ({size} bytes)")
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
                 return _parse(_Cursor(buf, size, path))
+    except ModelFormatError:  # already names the problem (and is a ValueError)
+        raise
     except FileNotFoundError:
         raise ModelFormatError(path, "no such file") from None
     except IsADirectoryError:

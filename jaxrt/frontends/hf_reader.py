@@ -21,6 +21,7 @@ from typing import Any
 import ml_dtypes  # noqa: F401  (registers numpy's bfloat16, which safetensors hands back)
 import numpy as np
 
+from ..errors import InputError
 from .errors import ModelFormatError
 from .hf_config import config_from_hf_dict
 from .loaded import LazyWeights, LoadedModel, check_weight_shapes
@@ -299,6 +300,8 @@ def read_hf_dir(path: str | os.PathLike) -> LoadedModel:
                                f"{len(found)} weights")
     try:
         config = config_from_hf_dict(hf)
+    except InputError as e:  # names the key
+        raise ModelFormatError(os.path.join(root, "config.json"), str(e)) from None
     except (ValueError, KeyError, TypeError, ArithmeticError, AttributeError) as e:
         raise ModelFormatError(os.path.join(root, "config.json"),
                                f"{type(e).__name__}: {e}") from None

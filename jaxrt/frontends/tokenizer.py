@@ -39,7 +39,6 @@ import secrets
 import struct
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -47,6 +46,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
+from ..errors import check_text
 from .errors import ModelFormatError
 from .sources import CACHE_ENV
 
@@ -89,7 +89,10 @@ class Tokenizer:
 
     # ---- use --------------------------------------------------------------------
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, *,
+               what: str = "text") -> list[int]:
+        """Token ids of `text`; `what` names it in errors (e.g. "prompt")."""
+        check_text(text, what)
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -571,62 +574,8 @@ def _eog_ids(tokens, types, ids) -> tuple[int, ...]:
 
 # ---- chat templates ------------------------------------------------------------------
 
-def render_chat(template: str, messages: Sequence[Mapping[str, Any]], *,
-                add_generation_prompt: bool = True, bos_token: str | None = None,
-                eos_token: str | None = None, **extra: Any) -> str:
-    """Render a Hugging Face chat template the way `apply_chat_template(tokenize=False)`
-    does: sandboxed jinja2 with trim_blocks/lstrip_blocks, loop controls, a non-escaping
-    `tojson`, `raise_exception` and `strftime_now`."""
-    import jinja2
-
-    env = _chat_env()
-    try:
-        compiled = env.from_string(template)
-        return compiled.render(messages=[dict(m) for m in messages], tools=None, documents=None,
-                               add_generation_prompt=add_generation_prompt,
-                               bos_token=bos_token, eos_token=eos_token, **extra)
-    except jinja2.TemplateError as e:
-        raise ValueError(f"chat template: {_one_line(e)}") from None
-
-
-_ENV = None
-
-
-def _chat_env():
-    global _ENV
-    if _ENV is not None:
-        return _ENV
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class _Generation(jinja2.ext.Extension):
-        """`{% generation %}...{% endgeneration %}` (assistant-mask markers): body as is."""
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body) \
-                .set_lineno(lineno)
-
-        def _render(self, caller):
-            return caller()
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                          sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_Generation, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    _ENV = env
-    return env
+# Rendering lives in chat_template.py (sandboxed, bounded in time and memory).
+from .chat_template import render_chat  # noqa: E402,F401  (re-exported)
 
 
 # The Gemma 3 instruction template (google/gemma-3-*-it tokenizer_config.json), used when a

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
+from ..errors import InputError
 from .types import DType, TensorType
 
 
@@ -23,7 +24,7 @@ class Trait(enum.Enum):
     CONSTANT_LIKE = "constant_like"  # value known at compile time (constant, iota)
 
 
-class VerifyError(Exception):
+class VerifyError(InputError):
     """An IR invariant is broken. `where` names the function/value when known."""
 
     def __init__(self, message: str, where: str | None = None):

@@ -26,6 +26,7 @@ import math
 import re
 from typing import Any
 
+from ..errors import InputError
 from .module import Function, Module, Value, make_op
 from .opdef import OPS, OpDef, VerifyError
 from .ops import weight as weight_op
@@ -33,7 +34,7 @@ from .types import DType, TensorType
 from .weights import WeightDef, infer_def
 
 
-class ParseError(Exception):
+class ParseError(InputError):
     """Malformed or ill-typed IR text; `str(e)` is "file:line:col: message" (1-based)."""
 
     def __init__(self, message: str, filename: str = "<string>", line: int = 1, col: int = 1):
@@ -44,16 +45,20 @@ class ParseError(Exception):
         super().__init__(f"{filename}:{line}:{col}: {message}")
 
 
+# String literals (`"..."`, `@"..."`) are scanned by hand (_Tokens.string_end): a regex
+# alternation repeated per character keeps backtracking state for every character (~290
+# bytes each), where a scan needs none.
 _TOKEN = re.compile(r"""
     (?P<skip>[ \t\r\n]+|//[^\n]*)
   | (?P<punct>->|[(){}\[\],:=])
   | (?P<num>-?[0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?|-inf\b)
-  | (?P<sym>@(?:[A-Za-z_][A-Za-z0-9_.\-]*|"(?:[^"\\\n]|\\.)*"))
+  | (?P<sym>@(?:[A-Za-z_][A-Za-z0-9_.\-]*|(?=")))
   | (?P<val>%[\w.]+)
-  | (?P<str>"(?:[^"\\\n]|\\.)*")
+  | (?P<str>(?="))
   | (?P<word>[^\W0-9][\w.]*)
   | (?P<bad>(?s:.))
 """, re.VERBOSE)
+_STRING_STOP = re.compile(r'["\\\n]')
 
 _MAX_NESTING = 64  # attribute lists/dicts; keeps recursion far from Python's limit
 _KEYWORDS = {"true": True, "false": False, "none": None, "inf": math.inf, "nan": math.nan}
@@ -68,24 +73,43 @@ class _Parser:
     def __init__(self, text: str, filename: str):
         self.text = text
         self.filename = filename
-        self.toks = self._tokenize()  # (kind, text, offset); kind is the text for punctuation
+        # (kind, text, offset); kind is the text for punctuation. Read on demand: only the
+        # current token is ever looked at (no backtracking), so none is kept.
+        self.toks = _Window(self._tokenize())
         self.i = 0
 
     # ---- tokens -------------------------------------------------------------------------
 
-    def _tokenize(self) -> list[tuple[str, str, int]]:
-        toks = []
-        for m in _TOKEN.finditer(self.text):
+    def _tokenize(self):
+        """Tokens (kind, text, offset), one at a time: memory stays linear in the input."""
+        text, pos, end = self.text, 0, len(self.text)
+        while pos < end:
+            m = _TOKEN.match(text, pos)
             kind = m.lastgroup
+            if kind in ("str", "sym") and m.end() < end and text[m.end()] == '"' \
+                    and (kind == "str" or m.end() == pos + 1):
+                stop = self._string_end(m.end())
+                tok, start, pos = text[pos:stop], pos, stop
+            else:
+                tok, start, pos = m.group(), m.start(), m.end()
             if kind == "skip":
                 continue
-            tok = m.group()
             if kind == "bad":
-                raise self.error("unterminated string" if tok == '"' else
-                                 f"unexpected character {tok!r}", m.start())
-            toks.append((tok if kind == "punct" else kind, tok, m.start()))
-        toks.append(("eof", "", len(self.text)))
-        return toks
+                raise self.error(f"unexpected character {tok!r}", start)
+            yield (tok if kind == "punct" else kind, tok, start)
+        yield ("eof", "", end)
+
+    def _string_end(self, start: int) -> int:
+        """The offset after the string literal whose opening quote is at `start`."""
+        pos = start + 1
+        while True:
+            m = _STRING_STOP.search(self.text, pos)
+            if m is None or m.group() == "\n" or (m.group() == "\\" and
+                                                   m.end() >= len(self.text)):
+                raise self.error("unterminated string", start)
+            if m.group() == '"':
+                return m.end()
+            pos = m.end() + 1  # a backslash escapes the next character
 
     def error(self, message: str, pos: int | None = None) -> ParseError:
         if pos is None:
@@ -396,7 +420,11 @@ class _Parser:
             if text == "-inf":
                 return -math.inf
             if "." in text or "e" in text or "E" in text:
-                return float(text)
+                value = float(text)
+                if math.isinf(value):  # 1e999999: not silently infinity
+                    raise self.error(f"float literal {text!r:.40} is out of range (use inf)",
+                                     pos)
+                return value
             try:
                 return int(text)
             except ValueError as e:
@@ -411,6 +439,26 @@ class _Parser:
             except ValueError:
                 raise self.error(f"unknown attribute value {text!r}", pos) from None
         raise self.error(f"expected an attribute value, got {_describe(tok)}", pos)
+
+
+class _Window:
+    """`toks[i]` for a non-decreasing i over a token generator, keeping only the token at
+    the current index."""
+
+    def __init__(self, tokens):
+        self._tokens = tokens
+        self._index = -1
+        self._tok: tuple[str, str, int] = ("eof", "", 0)
+
+    def __getitem__(self, i: int) -> tuple[str, str, int]:
+        while self._index < i:
+            if self._tok[0] == "eof" and self._index >= 0:
+                return self._tok
+            self._tok = next(self._tokens)
+            self._index += 1
+        if i != self._index:
+            raise IndexError(f"token {i} was already read")  # a parser bug, not input
+        return self._tok
 
 
 def _describe(tok: tuple[str, str, int]) -> str:

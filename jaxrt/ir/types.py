@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from jaxrt.errors import InputError
+
 try:  # ml_dtypes ships with jaxlib; without it bf16/fp8 references fall back to f32.
     import ml_dtypes as _mld
 except ImportError:  # pragma: no cover - jaxlib always brings it
@@ -54,7 +56,7 @@ class DType(enum.Enum):
         try:
             return _BY_SPELLING[text]
         except KeyError:
-            raise ValueError(f"unknown dtype {text!r}") from None
+            raise InputError(f"unknown dtype {text!r}") from None
 
     @staticmethod
     def from_numpy(dt) -> "DType":
@@ -63,7 +65,7 @@ class DType(enum.Enum):
                  "int8": DType.int8, "int32": DType.int32, "bool": DType.bool_,
                  "float8_e4m3fn": DType.f8e4m3, "float8_e5m2": DType.f8e5m2}
         if name not in table:
-            raise ValueError(f"no IR dtype for numpy dtype {name}")
+            raise InputError(f"no IR dtype for numpy dtype {name}")
         return table[name]
 
     def __repr__(self) -> str:
@@ -89,9 +91,9 @@ class TensorType:
             if isinstance(d, bool) or not isinstance(d, (int, str)):
                 raise TypeError(f"bad dim {d!r} in shape {self.shape}")
             if isinstance(d, int) and d < 0:
-                raise ValueError(f"negative dim {d} in shape {self.shape}")
+                raise InputError(f"negative dim {d} in shape {self.shape}")
             if isinstance(d, str) and not d.isidentifier():
-                raise ValueError(f"symbolic dim {d!r} is not an identifier")
+                raise InputError(f"symbolic dim {d!r} is not an identifier")
 
     @property
     def rank(self) -> int:
@@ -142,6 +144,6 @@ def broadcast_shapes(*shapes: tuple[Dim, ...]) -> tuple[Dim, ...]:
             if dim == 1:
                 dim = d
             elif dim != d:
-                raise ValueError(f"shapes {list(shapes)} do not broadcast")
+                raise InputError(f"shapes {list(shapes)} do not broadcast")
         out.append(dim)
     return tuple(out)

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
+from jaxrt.errors import InputError
 from .opdef import VerifyError
 from .types import DType, TensorType
 
@@ -205,7 +206,7 @@ def check_data(name: str, arr: np.ndarray, t: TensorType) -> np.ndarray:
     """`arr` as the data of weight `name`: exactly its declared shape and dtype."""
     arr = np.asarray(arr)
     if tuple(arr.shape) != t.shape or arr.dtype != t.dtype.to_numpy():
-        raise ValueError(f"weight {name}: data is {arr.dtype}{list(arr.shape)}, the module "
+        raise InputError(f"weight {name}: data is {arr.dtype}{list(arr.shape)}, the module "
                          f"declares {t} (a pass must define a cast; data is never cast "
                          f"silently)")
     return arr
@@ -248,7 +249,7 @@ def materialize(module, sources: Mapping[str, np.ndarray], names: Iterable[str] 
     missing = [n for n in module.weights
                if n in refs and not evaluate.get(n, False) and n not in sources]
     if missing:
-        raise ValueError(f"{len(missing)} weight(s) missing, e.g. {missing[:3]}")
+        raise InputError(f"{len(missing)} weight(s) missing, e.g. {missing[:3]}")
     cache: dict[str, np.ndarray] = {}
 
     def get(n: str) -> np.ndarray:

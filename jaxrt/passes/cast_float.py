@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jaxrt.errors import SettingError
 from jaxrt.ir.module import Module
 from jaxrt.ir.substitute import set_float_dtype
 from jaxrt.ir.types import DType
@@ -22,7 +23,7 @@ def unscaled_float_dtype(text: str, needs: str) -> DType:
         allowed = ", ".join(d.value for d in UNSCALED_FLOAT_DTYPES)
         why = (f"needs {needs}; not supported yet" if dtype.is_float or dtype.is_int
                else "is not a number type")
-        raise ValueError(f"dtype {dtype.value} {why} (supported: {allowed})")
+        raise SettingError(f"dtype {dtype.value} {why} (supported: {allowed})")
     return dtype
 
 

@@ -21,6 +21,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterable, Literal, Sequence, TextIO
 
+from jaxrt.errors import InputError
 from jaxrt.ir.module import Module
 from jaxrt.ir.opdef import VerifyError
 from jaxrt.ir.verify import verify
@@ -29,7 +30,7 @@ from .rewrite import RuleSet, apply_rules
 from .stats import PassStats, PipelineStats
 
 
-class PipelineError(ValueError):
+class PipelineError(InputError):
     """A malformed pipeline string, unknown pass or option, or a bad option value."""
 
     def __init__(self, message: str, text: str = "", position: int | None = None):

@@ -30,6 +30,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from jaxrt.errors import SettingError
 from jaxrt.ir.module import Function, Module, Op, Value, make_op
 from jaxrt.ir.ops import constant, mul, scan, weight
 from jaxrt.ir.ops.control import slice_type
@@ -213,7 +214,7 @@ class OutlineLayers(Pass):
 
     def __post_init__(self):
         if self.max_carried < 1 or self.min_repeats < 2:
-            raise ValueError("outline-layers needs max-carried >= 1 and min-repeats >= 2")
+            raise SettingError("outline-layers needs max-carried >= 1 and min-repeats >= 2")
 
     def run(self, module: Module, ctx: PassContext) -> None:
         fn = module.functions.get(self.function)

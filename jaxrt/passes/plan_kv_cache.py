@@ -25,6 +25,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from jaxrt.errors import SettingError
+from jaxrt.errors import InputError
 from jaxrt.ir.analysis.graph import peak_memory
 from jaxrt.ir.module import Module
 from jaxrt.ir.substitute import _rebuild, bind_dims
@@ -38,7 +40,7 @@ KV_ARG = "kv"
 _GIB = 1 << 30
 
 
-class KVPlanError(ValueError):
+class KVPlanError(InputError):
     """The cache cannot be planned (budget too small, bad option, no cache argument)."""
 
 
@@ -77,16 +79,17 @@ class PlanKVCache(Pass):
 
     def __post_init__(self):
         if self.page_size < 2 or self.page_size > 256 or self.page_size & (self.page_size - 1):
-            raise ValueError(f"page-size must be a power of two in [2, 256], got {self.page_size}")
+            raise SettingError(f"page-size must be a power of two in [2, 256], got "
+                               f"{self.page_size}")
         if not 0.0 < self.memory_fraction <= 1.0:
-            raise ValueError(f"memory-fraction must be in (0, 1], got {self.memory_fraction}")
+            raise SettingError(f"memory-fraction must be in (0, 1], got {self.memory_fraction}")
         if self.dtype != "auto":
             unscaled_float_dtype(self.dtype, "a scaled (quantized) cache")
         for opt in ("memory_gib", "max_model_len", "num_pages", "max_cache_gib"):
             if getattr(self, opt) < 0:
-                raise ValueError(f"{opt.replace('_', '-')} must be >= 0")
+                raise SettingError(f"{opt.replace('_', '-')} must be >= 0")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
-            raise ValueError("max-num-seqs and max-num-batched-tokens must be >= 1")
+            raise SettingError("max-num-seqs and max-num-batched-tokens must be >= 1")
 
     def run(self, module: Module, ctx: PassContext) -> None:
         cache = _cache_type(module)

@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from jaxrt.errors import InputError
+
 from jaxrt.ir.module import Function, Module, Op, Value, make_op
 from jaxrt.ir.opdef import Attrs, OpDef, Trait
 from jaxrt.ir.ops import broadcast, constant, weight
@@ -33,7 +35,7 @@ from .pattern import MatchFailure, Pattern
 from .stats import RewriteStats, RuleStats
 
 
-class RewriteError(Exception):
+class RewriteError(InputError):
     """A rule misbehaved (wrong result type) or rewriting did not reach a fixed point."""
 
 

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from jaxrt.errors import SettingError
 from .request import SamplingParams
 
 
@@ -23,9 +24,9 @@ class Workload:
 
     def __post_init__(self):
         if self.num_requests < 1 or self.input_len < 1 or self.output_len < 1:
-            raise ValueError("num_requests, input_len and output_len must be >= 1")
+            raise SettingError("num_requests, input_len and output_len must be >= 1")
         if not 0 <= self.shared_prefix_len < self.input_len:
-            raise ValueError("shared_prefix_len must be in [0, input_len)")
+            raise SettingError("shared_prefix_len must be in [0, input_len)")
 
     def prompts(self, vocab_size: int) -> list[list[int]]:
         rng = np.random.default_rng(self.seed)

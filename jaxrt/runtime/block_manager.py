@@ -27,6 +27,8 @@ from typing import Sequence
 
 import numpy as np
 
+from jaxrt.errors import SettingError
+
 ROOT_HASH = b""
 
 
@@ -55,8 +57,8 @@ class BlockStats:
 class BlockManager:
     def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True):
         if num_pages < 1 or page_size < 1:
-            raise ValueError(f"need num_pages >= 1 and page_size >= 1, got {num_pages}, "
-                             f"{page_size}")
+            raise SettingError(f"need num_pages >= 1 and page_size >= 1, got {num_pages}, "
+                               f"{page_size}")
         self.num_pages, self.page_size = num_pages, page_size
         self.enable_prefix_caching = enable_prefix_caching
         self._ref = [0] * num_pages

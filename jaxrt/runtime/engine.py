@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxrt.errors import InputError, SettingError, check_text
 from .block_manager import BlockManager
 from .detokenize import IncrementalDetokenizer
 from .request import (BeamOutput, Request, RequestOutput, SamplingParams, StreamDelta,
@@ -112,7 +113,13 @@ class Engine:
         decode_steps = _decode_steps(decode_steps)
         mode = _warmup_mode(warmup, strict_compiles)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"seed must be an integer or None, got {seed!r}")
+            raise SettingError(f"seed must be an integer or None, got {seed!r}")
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_logprobs", max_logprobs),
+                            ("q_block", q_block), ("min_bucket_tokens", min_bucket_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise SettingError(f"{name} must be an integer, got {value!r:.40}")
+        if seed is not None and not 0 <= seed < 2**64:
+            raise SettingError(f"seed must be in [0, 2**64), got {seed}")
         if isinstance(model, (str, os.PathLike)):
             model, tok, eos, model_len = _load(
                 os.fspath(model), dtype=dtype, page_size=page_size or 16, num_pages=num_pages,
@@ -132,23 +139,24 @@ class Engine:
         self.vocab_size = int(model.vocab_size)
         ps = int(model.page_size)
         if page_size is not None and page_size != ps:
-            raise ValueError(f"page_size={page_size}, but the runner's cache has pages of {ps}")
+            raise SettingError(f"page_size={page_size}, but the runner's cache has pages of {ps}")
         pages = int(num_pages) if num_pages is not None else int(model.num_pages)
         if not 1 <= pages <= model.num_pages:
-            raise ValueError(f"num_pages={pages}: the runner's cache has {model.num_pages}")
+            raise SettingError(f"num_pages={pages}: the runner's cache has {model.num_pages}")
         capacity = pages * ps
         if max_model_len is None:
             max_model_len = min(capacity, model_len or capacity)
         if max_model_len > capacity:
-            raise ValueError(f"max_model_len={max_model_len} needs {math.ceil(max_model_len / ps)}"
-                             f" pages; the KV cache has {pages} of {ps} tokens: lower "
-                             f"max_model_len or give the cache more pages (num_pages, "
-                             f"kv_cache_max_gib, kv_cache_memory_fraction)")
+            raise SettingError(f"max_model_len={max_model_len} needs "
+                               f"{math.ceil(max_model_len / ps)} pages; the KV cache has "
+                               f"{pages} of {ps} tokens: lower max_model_len or give the "
+                               f"cache more pages (num_pages, kv_cache_max_gib, "
+                               f"kv_cache_memory_fraction)")
         if max_num_batched_tokens is None:
             max_num_batched_tokens = max(max_num_seqs, 512 if enable_chunked_prefill
                                          else max_model_len)
         if max_logprobs < 2:
-            raise ValueError(f"max_logprobs must be >= 2, got {max_logprobs}")
+            raise SettingError(f"max_logprobs must be >= 2, got {max_logprobs}")
         self.max_model_len, self.page_size, self.num_pages = max_model_len, ps, pages
         self.max_logprobs = max_logprobs
         self.config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len,
@@ -158,7 +166,8 @@ class Engine:
         self.scheduler = Scheduler(self.config, self.block_manager, detok)
         self.policy = BucketPolicy(max_num_seqs, max_num_batched_tokens,
                                    math.ceil(max_model_len / ps), q_block=q_block,
-                                   growth=bucket_growth or _default_growth(),
+                                   growth=(_default_growth() if bucket_growth is None
+                                           else bucket_growth),
                                    token_floor=min_bucket_tokens)
         self.sampler = Sampler(self.vocab_size, max_logprobs)
         # Runners with the step programs (jaxrt.runtime.programs) sample on the device and
@@ -393,28 +402,30 @@ class Engine:
                       request_id: str | None) -> Request:
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+            raise SettingError(f"params must be a SamplingParams, got a "
+                               f"{type(params).__name__} (e.g. SamplingParams(**d) for a "
+                               f"dict of its fields)")
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer; pass token ids")
-            prompt = self.tokenizer.encode(prompt)
+                raise InputError("a text prompt needs a tokenizer; pass token ids")
+            prompt = self.tokenizer.encode(check_text(prompt, "prompt"))
         ids = validate_prompt_ids(prompt, self.vocab_size)
         params.validate(self.vocab_size, self.max_model_len, len(ids),
                         max_logprobs=self.max_logprobs)
         if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer to detokenize the output")
+            raise InputError("stop strings need a tokenizer to detokenize the output")
         if params.beam_width > self.config.max_num_seqs:
-            raise ValueError(f"beam_width={params.beam_width} exceeds max_num_seqs="
+            raise SettingError(f"beam_width={params.beam_width} exceeds max_num_seqs="
                              f"{self.config.max_num_seqs}")
         # the last sampled token is never written to the cache
         need = params.beam_width * self.block_manager.pages_needed(
             len(ids) + params.max_tokens - 1)
         if need > self.num_pages:
-            raise ValueError(f"the request needs up to {need} KV pages; the cache has "
+            raise InputError(f"the request needs up to {need} KV pages; the cache has "
                              f"{self.num_pages}")
         rid = str(request_id) if request_id is not None else f"req-{next(self._ids)}"
         if rid in self._live:
-            raise ValueError(f"request id {rid!r} is already in use")
+            raise SettingError(f"request id {rid!r} is already in use")
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         return Request(rid, ids, params, time.perf_counter(), seed, self.eos_token_ids)
 
@@ -676,7 +687,7 @@ class Engine:
             params = [params] * len(prompts)
         params = list(params)
         if len(params) != len(prompts):
-            raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+            raise SettingError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
         reqs = [self._make_request(p, sp, None) for p, sp in zip(prompts, params)]
         mine = {self._enqueue(r) for r in reqs}
         done: dict[str, RequestOutput] = {}
@@ -692,7 +703,7 @@ class Engine:
         could still turn out to start a stop string is held back until it cannot."""
         req = self._make_request(prompt, params, request_id)
         if req.params.is_beam_search:
-            raise ValueError("stream() does not support beam search; use generate()")
+            raise SettingError("stream() does not support beam search; use generate()")
         return self._stream(req)
 
     def _stream(self, req: Request) -> Iterator[StreamDelta]:
@@ -747,9 +758,9 @@ def _warmup_mode(warmup: bool | str, strict: bool) -> bool | str:
         import jax
         return True if strict or jax.default_backend() != "cpu" else "background"
     if warmup not in (True, False, "background"):
-        raise ValueError(f"warmup={warmup!r}: expected True, False, 'background' or 'auto'")
+        raise SettingError(f"warmup={warmup!r}: expected True, False, 'background' or 'auto'")
     if warmup == "background" and strict:
-        raise ValueError("warmup='background' compiles on the request path; "
+        raise SettingError("warmup='background' compiles on the request path; "
                          "strict_compiles=True forbids that")
     return warmup
 
@@ -787,7 +798,7 @@ def _decode_steps(value: int | None) -> int:
         import jax
         return 1 if jax.default_backend() == "cpu" else DEFAULT_DECODE_STEPS
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"decode_steps must be a positive integer, got {value!r}")
+        raise SettingError(f"decode_steps must be a positive integer, got {value!r}")
     return value
 
 
@@ -801,14 +812,14 @@ def _compile_threads(value: int | None) -> int:
             try:
                 value = int(env)
             except ValueError:
-                raise ValueError(f"JAXRT_COMPILE_THREADS={env!r} is not an integer") from None
+                raise SettingError(f"JAXRT_COMPILE_THREADS={env!r} is not an integer") from None
     if value is None:
         import jax
         if jax.default_backend() == "cpu":
             return 1
         return max(1, min(8, (os.cpu_count() or 2) // 2))
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"compile_threads must be a positive integer, got {value!r}")
+        raise SettingError(f"compile_threads must be a positive integer, got {value!r}")
     return value
 
 
@@ -834,7 +845,7 @@ def _load(model: str, *, dtype, page_size: int, num_pages: int | None,
     if resolve_model(model)[0] == "engine":
         target = None  # planned when it was compiled: no passes run
         if max_cache_gib is not None:
-            raise ValueError(f"kv_cache_max_gib={max_cache_gib}: {model} is an engine "
+            raise SettingError(f"kv_cache_max_gib={max_cache_gib}: {model} is an engine "
                              f"directory; its KV cache was planned when it was compiled")
     else:
         target = Target.detect(dtype, kv_cache_max_gib=max_cache_gib)

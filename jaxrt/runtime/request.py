@@ -14,6 +14,8 @@ from typing import Any, Sequence as Seq
 
 import numpy as np
 
+from jaxrt.errors import InputError, SettingError
+
 FINISH_REASONS = ("stop", "length", "abort")  # RequestOutput.finish_reason once finished
 
 
@@ -55,6 +57,11 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
+        for name in ("stop", "stop_token_ids"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, list, tuple)):
+                raise SettingError(f"SamplingParams.{name}={value!r:.60}: must be a list "
+                                   f"(or None)")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
@@ -82,10 +89,12 @@ class SamplingParams:
                  max_logprobs: int | None = None) -> None:
         """Raise ValueError naming the first bad field (nothing is scheduled before this)."""
         def bad(name, why):
-            raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r}: {why}")
+            e = SettingError(f"SamplingParams.{name}={getattr(self, name)!r:.60}: {why}")
+            e.setting = name
+            raise e
 
         if not _is_int(prompt_len) or prompt_len <= 0:
-            raise ValueError("the prompt is empty: at least one token is required")
+            raise InputError("the prompt is empty: at least one token is required")
         if not _is_int(self.max_tokens) or self.max_tokens <= 0:
             bad("max_tokens", "must be an integer >= 1")
         if prompt_len + self.max_tokens > max_model_len:
@@ -102,6 +111,8 @@ class SamplingParams:
             bad("min_p", "must be in [0, 1]")
         if self.seed is not None and not _is_int(self.seed):
             bad("seed", "must be an integer or None")
+        if self.seed is not None and not 0 <= self.seed < 2**64:  # never taken mod 2**64
+            bad("seed", "must be in [0, 2**64)")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "stop strings must be non-empty strings")
         for t in self.stop_token_ids:
@@ -144,11 +155,11 @@ def validate_prompt_ids(ids: Seq[int], vocab_size: int) -> list[int]:
     out = []
     for i, t in enumerate(ids):
         if not _is_int(t) or not 0 <= t < vocab_size:
-            raise ValueError(f"prompt token id {t!r} at index {i} is outside the vocabulary "
+            raise InputError(f"prompt token id {t!r} at index {i} is outside the vocabulary "
                              f"[0, {vocab_size})")
         out.append(int(t))
     if not out:
-        raise ValueError("the prompt is empty: at least one token is required")
+        raise InputError("the prompt is empty: at least one token is required")
     return out
 
 

@@ -34,6 +34,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from jaxrt.errors import SettingError
 from .block_manager import BlockManager
 from .detokenize import IncrementalDetokenizer
 from .request import Request, RequestState, Sequence
@@ -49,14 +50,14 @@ class SchedulerConfig:
 
     def __post_init__(self):
         if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+            raise SettingError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must "
-                             f"be >= max_num_seqs ({self.max_num_seqs})")
+            raise SettingError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must "
+                               f"be >= max_num_seqs ({self.max_num_seqs})")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
-            raise ValueError(f"without chunked prefill max_num_batched_tokens "
-                             f"({self.max_num_batched_tokens}) must be >= max_model_len "
-                             f"({self.max_model_len})")
+            raise SettingError(f"without chunked prefill max_num_batched_tokens "
+                               f"({self.max_num_batched_tokens}) must be >= max_model_len "
+                               f"({self.max_model_len})")
 
 
 @dataclass(frozen=True)
@@ -390,8 +391,15 @@ class Scheduler:
 
 # ---- step arrays ----------------------------------------------------------------------
 
+# BucketPolicy field -> the Engine argument that sets it
+_SETTING_NAMES = {"growth": "bucket_growth", "token_floor": "min_bucket_tokens"}
+
+
 def _ladder(floor: int, cap: int, growth: int = 2) -> tuple[int, ...]:
     """floor, growth * floor, growth^2 * floor, ... below cap, then cap itself."""
+    if floor < 1 or growth < 2:  # would never reach cap
+        raise SettingError(f"a bucket ladder needs floor >= 1 and growth >= 2, got "
+                           f"{floor}, {growth}")
     sizes, s = [], floor
     while s < cap:
         sizes.append(s)
@@ -421,6 +429,16 @@ class BucketPolicy:
     # Each bucket is one compile: a larger growth factor compiles fewer buckets and pads
     # more (up to growth x the work). 2 suits CPUs; accelerators compile slowly.
     growth: int = 2
+
+    def __post_init__(self):
+        # A ladder needs growth >= 2 and a floor >= 1 to end; q_block divides.
+        for name, least in (("max_num_seqs", 1), ("max_num_batched_tokens", 1),
+                            ("max_pages_per_seq", 1), ("q_block", 1), ("token_floor", 1),
+                            ("growth", 2)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise SettingError(f"{_SETTING_NAMES.get(name, name)} must be an integer "
+                                   f">= {least}, got {value!r}")
 
     @property
     def decode_sizes(self) -> tuple[int, ...]:
