@@ -406,7 +406,7 @@ class Engine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("a text prompt needs a tokenizer; pass token ids")
-            prompt = self._encode_text(prompt)
+            prompt = self.encode_prompt(prompt)
         ids = validate_prompt_ids(prompt, self.vocab_size)
         params.validate(self.vocab_size, self.max_model_len, len(ids),
                         max_logprobs=self.max_logprobs)
@@ -427,7 +427,9 @@ class Engine:
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         return Request(rid, ids, params, time.perf_counter(), seed, self.eos_token_ids)
 
-    def _encode_text(self, text: str) -> list[int]:
+    def encode_prompt(self, text: str) -> list[int]:
+        """A text prompt as ids: BOS as the tokenizer adds it; special-token text stays
+        text unless the engine was made with parse_special=True."""
         encode_text = getattr(self.tokenizer, "encode_text", None)
         if encode_text is None or self.parse_special:  # (a tokenizer with no special text)
             return self.tokenizer.encode(text)
