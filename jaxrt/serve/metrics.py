@@ -50,6 +50,12 @@ class ServerMetrics:
         self._preempt = Counter("jaxrt_num_preemptions", "Requests preempted (recomputed)",
                                 ["model_name"], registry=r)
         self._labels = labels
+        # every series exists (at 0) from the start, as scrapers expect
+        for metric in (self._ttft, self._tpot, self._e2e, self._prompt, self._generation,
+                       self._running, self._waiting, self._kv, self._hit, self._preempt):
+            self._l(metric)
+        for reason in ("stop", "length", "abort"):
+            self._requests.labels(finished_reason=reason, **labels)
         self._seen_preemptions = 0
         self._lock = threading.Lock()
 
