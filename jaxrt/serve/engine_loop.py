@@ -73,6 +73,7 @@ class EngineLoop:
         self._aborts: deque[str] = deque()
         self._pending = 0              # accepted by submit(), not finished or refused
         self._stopping = False
+        self._draining = False         # refusing new requests, finishing the others
         self._failed: BaseException | None = None
         self._tracked: dict[str, _Tracked] = {}
         self._groups: list[tuple[str, list[Submission], Sink, float]] = []  # leader, rest
@@ -92,7 +93,7 @@ class EngineLoop:
         """Queue requests (parallel samples of one prompt share `sink`); Overloaded when
         the limit would be passed, ShuttingDown when the loop stops."""
         with self._cond:
-            if self._stopping or self._failed is not None:
+            if self._stopping or self._draining or self._failed is not None:
                 raise ShuttingDown("the server is shutting down" if self._failed is None
                                    else f"the engine failed: {self._failed}")
             if self._pending + len(group) > self.max_pending:
@@ -108,6 +109,11 @@ class EngineLoop:
         with self._cond:
             self._aborts.append(request_id)
             self._cond.notify()
+
+    def drain(self) -> None:
+        """Refuse new requests (ShuttingDown); those accepted go on."""
+        with self._cond:
+            self._draining = True
 
     def shutdown(self, timeout: float | None = 30.0) -> None:
         """Stop taking requests, abort those left (their sinks get an "abort" delta) and

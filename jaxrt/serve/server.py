@@ -7,6 +7,7 @@ then the engine loop aborts whatever is left and its thread is joined.
 """
 from __future__ import annotations
 
+import signal
 import socket
 import sys
 import threading
@@ -38,13 +39,36 @@ def build_app(engine, *, model_name: str, api_key: str | None = None,
 
 
 def _uvicorn_server(app, host: str, port: int, shutdown_timeout: float, on_ready=None):
+    import asyncio
+    import time
+
     import uvicorn
+    loop: EngineLoop = app.state.loop
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None):
             await super().startup(sockets=sockets)
             if self.started and on_ready is not None:  # listening, lifespan started
                 on_ready()
+
+        def handle_exit(self, sig, frame):
+            # uvicorn re-raises a captured SIGINT/SIGTERM after its shutdown (exit 130 /
+            # killed by the signal); a clean stop of `jaxrt serve` is exit 0. A second
+            # SIGINT still forces the exit.
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            self.should_exit = True
+
+        async def shutdown(self, sockets=None):
+            # New requests get 503; accepted ones get shutdown_timeout seconds to finish,
+            # then are aborted by the engine loop, so their streams end with an "abort"
+            # chunk and [DONE] before uvicorn closes the connections.
+            loop.drain()
+            deadline = time.monotonic() + shutdown_timeout
+            while loop.pending and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            await asyncio.to_thread(loop.shutdown)
+            await super().shutdown(sockets=sockets)
 
     config = uvicorn.Config(app, host=host, port=port, log_level="warning",
                             access_log=False, timeout_graceful_shutdown=shutdown_timeout,
