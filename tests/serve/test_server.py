@@ -158,7 +158,10 @@ def test_load_100_streams_10_disconnect(server):
     expect = offline(prompts, SamplingParams(max_tokens=24, ignore_eos=True))
 
     async def one(ac, i):
-        stream = await ac.completions.create(model=MODEL, prompt=prompts[i], max_tokens=24,
+        # the ones that disconnect ask for 60 tokens: they must not finish before the
+        # server notices the closed connection, even on a loaded machine
+        stream = await ac.completions.create(model=MODEL, prompt=prompts[i],
+                                             max_tokens=60 if i % 10 == 3 else 24,
                                              temperature=0, stream=True,
                                              extra_body={"ignore_eos": True})
         text, n = "", 0
