@@ -21,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true",
                    help="wrap the prompt as a user message with the model's chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument("--parse-special", action="store_true",
+                   help="turn special-token text in the prompt (<|im_start|>) into control "
+                        "tokens; by default it is tokenized as plain text")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--temperature", type=float, default=0.0)
@@ -103,6 +106,16 @@ def chat_prompt(model, text: str, system: str | None, args_model: str = "") -> s
                        source=f"{getattr(model, 'source', '') or args_model}: chat template")
 
 
+def chat_ids(model, text: str, system: str | None, parse_special: bool) -> list[int]:
+    from jaxrt.frontends.chat import encode_chat
+    template = getattr(model, "chat_template", None)
+    if not template:
+        raise ValueError("--chat: the model file has no chat template")
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": text}]
+    return encode_chat(model.tokenizer, template, messages, parse_special=parse_special)
+
+
 def run(args) -> int:
     from jaxrt.compiler import Target, compile_loaded, layers_choice, load_engine
     from jaxrt.frontends.sources import load_model, resolve_model
@@ -139,13 +152,12 @@ def run(args) -> int:
         source = load_model(args.model)
         context = source.config.max_position
         whose = "the model's context"
-    text = chat_prompt(source, args.prompt, args.system, args.model) if args.chat \
-        else args.prompt
     # A rendered chat template spells out its special tokens (BOS included) itself, so it
-    # is encoded without adding any: what transformers' apply_chat_template does.
-    prompt_ids = source.tokenizer.encode(text, add_special_tokens=not args.chat,
-                                         what="the rendered chat prompt" if args.chat
-                                         else "--prompt")
+    # is encoded without adding any: what transformers' apply_chat_template does. Special
+    # -token text the user typed stays text unless --parse-special (jaxrt.frontends.chat).
+    prompt_ids = chat_ids(source, args.prompt, args.system, args.parse_special) \
+        if args.chat else (source.tokenizer.encode if args.parse_special
+                           else source.tokenizer.encode_text)(args.prompt)
     max_len = len(prompt_ids) + args.max_tokens
     if max_len > context:
         raise SettingError(f"prompt ({len(prompt_ids)} tokens) + --max-tokens {args.max_tokens} "

@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "generate": "Generate text with a model.",
     "compile": "Compile a model into an engine directory.",
     "bench": "Run an offline serving benchmark.",
+    "serve": "Serve a model over the OpenAI HTTP API.",
 }
 
 

@@ -91,9 +91,35 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True, *,
                what: str = "text") -> list[int]:
-        """Token ids of `text`; `what` names it in errors (e.g. "prompt")."""
+        """Special-token text in `text` (`<|im_start|>`) becomes the control token: for
+        text the caller wrote as a prompt format. User text goes through `encode_text`.
+        `what` names the text in errors (e.g. "prompt")."""
         check_text(text, what)
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Like `encode`, but special-token text is tokenized as plain text (llama.cpp's
+        parse_special=false), so user text can never forge a control token.
+        `add_special_tokens` still adds what the post-processor adds (BOS)."""
+        plain = self.__dict__.get("_plain")
+        if plain is None:
+            # a copy of the backend with the flag set: flipping it on the shared one would
+            # race with other threads' `encode`
+            plain = tokenizers.Tokenizer.from_str(self._tok.to_str())
+            plain.encode_special_tokens = True
+            self.__dict__["_plain"] = plain
+        return plain.encode(text, add_special_tokens=add_special_tokens).ids
+
+    @property
+    def special_tokens(self) -> tuple[str, ...]:
+        """The spellings of the special (control) tokens, longest first."""
+        cached = self.__dict__.get("_specials")
+        if cached is None:
+            found = {t.content for t in self._tok.get_added_tokens_decoder().values()
+                     if t.special}
+            cached = self.__dict__["_specials"] = tuple(sorted(found,
+                                                               key=lambda t: (-len(t), t)))
+        return cached
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -108,6 +108,7 @@ class Engine:
                  min_bucket_tokens: int = 16, decode_steps: int | None = None,
                  warmup: bool | str = "auto",
                  strict_compiles: bool = False, compile_threads: int | None = None,
+                 parse_special: bool = False, chat_template: str | None = None,
                  log: Any = "stderr"):
         compile_threads = _compile_threads(compile_threads)  # refused before loading
         decode_steps = _decode_steps(decode_steps)
@@ -121,20 +122,24 @@ class Engine:
         if seed is not None and not 0 <= seed < 2**64:
             raise SettingError(f"seed must be in [0, 2**64), got {seed}")
         if isinstance(model, (str, os.PathLike)):
-            model, tok, eos, model_len = _load(
+            model, tok, eos, model_len, template = _load(
                 os.fspath(model), dtype=dtype, page_size=page_size or 16, num_pages=num_pages,
                 memory_fraction=kv_cache_memory_fraction, max_cache_gib=kv_cache_max_gib,
                 max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                 max_num_batched_tokens=max_num_batched_tokens, outline_layers=outline_layers)
             tokenizer = tokenizer if tokenizer is not None else tok
             eos_token_ids = eos_token_ids if eos_token_ids is not None else eos
+            chat_template = chat_template if chat_template is not None else template
         else:
+            if chat_template is None:
+                chat_template = getattr(model, "chat_template", None)
             tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
             model_len = getattr(model, "max_model_len", None)
             if eos_token_ids is None:
                 eos_token_ids = getattr(model, "eos_token_ids", None) \
                     or getattr(tokenizer, "eos_ids", ())
         self.runner, self.tokenizer = model, tokenizer
+        self.chat_template = chat_template  # for servers; None: the model has none
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids or ())
         self.vocab_size = int(model.vocab_size)
         ps = int(model.page_size)
@@ -178,9 +183,13 @@ class Engine:
         # Requests without a seed draw theirs from here: from the OS unless `seed` is given
         # (fresh engines must not repeat each other's "random" samples).
         self._rng = random.Random(seed)
+        # Text prompts: special-token text (`<|im_start|>`) stays text unless the caller
+        # opts in (llama.cpp's parse_special), so a prompt cannot forge a control token.
+        self.parse_special = bool(parse_special)
         self._ids = itertools.count()
         self._live: dict[str, Request] = {}
         self._stashed: list[RequestOutput] = []
+        self._streamed: set[str] = set()  # ids whose outputs go to a RequestStream
         self._log = sys.stderr if log == "stderr" else log   # None: quiet
         self._strict = strict_compiles
         self._compile_threads = compile_threads
@@ -408,7 +417,7 @@ class Engine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InputError("a text prompt needs a tokenizer; pass token ids")
-            prompt = self.tokenizer.encode(check_text(prompt, "prompt"))
+            prompt = self.encode_prompt(check_text(prompt, "prompt"))
         ids = validate_prompt_ids(prompt, self.vocab_size)
         params.validate(self.vocab_size, self.max_model_len, len(ids),
                         max_logprobs=self.max_logprobs)
@@ -429,8 +438,19 @@ class Engine:
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         return Request(rid, ids, params, time.perf_counter(), seed, self.eos_token_ids)
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """A text prompt as ids: BOS as the tokenizer adds it; special-token text stays
+        text unless the engine was made with parse_special=True."""
+        encode_text = getattr(self.tokenizer, "encode_text", None)
+        if encode_text is None or self.parse_special:  # (a tokenizer with no special text)
+            return self.tokenizer.encode(text)
+        return encode_text(text)
+
     def _enqueue(self, req: Request) -> str:
         with self._step_lock:
+            # checked again here: two threads may both pass _make_request's early check
+            if req.request_id in self._live:
+                raise ValueError(f"request id {req.request_id!r} is already in use")
             self._live[req.request_id] = req
             self.scheduler.add(req)
         return req.request_id
@@ -449,6 +469,7 @@ class Engine:
             if req is None:
                 return None
             self._live.pop(request_id, None)
+            self._streamed.discard(request_id)
             return self._output(req)
 
     def has_unfinished(self) -> bool:
@@ -459,7 +480,8 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """One model step; the outputs of requests that finished (including ones that
         finished while generate()/stream() were stepping for their own requests)."""
-        outs, self._stashed = self._stashed + self._step(), []
+        with self._step_lock:
+            outs, self._stashed = self._stashed + self._step(), []
         return outs
 
     def _step(self) -> list[RequestOutput]:
@@ -491,7 +513,13 @@ class Engine:
     def _finished(self, finished: list[Request]) -> list[RequestOutput]:
         for req in finished:
             self._live.pop(req.request_id, None)
-        return [self._output(r) for r in finished]
+        outs = []
+        for req in finished:
+            if req.request_id in self._streamed:  # its RequestStream reads it
+                self._streamed.discard(req.request_id)
+            else:
+                outs.append(self._output(req))
+        return outs
 
     def _ensure_compiled(self, task: tuple) -> None:
         if _task_key(task) in self._compiled:
@@ -692,9 +720,10 @@ class Engine:
         mine = {self._enqueue(r) for r in reqs}
         done: dict[str, RequestOutput] = {}
         while len(done) < len(reqs):
-            for out in self._step():
-                (done.__setitem__(out.request_id, out) if out.request_id in mine
-                 else self._stashed.append(out))
+            with self._step_lock:
+                for out in self._step():
+                    (done.__setitem__(out.request_id, out) if out.request_id in mine
+                     else self._stashed.append(out))
         return [done[r.request_id] for r in reqs]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None,
@@ -707,35 +736,44 @@ class Engine:
         return self._stream(req)
 
     def _stream(self, req: Request) -> Iterator[StreamDelta]:
-        rid = self._enqueue(req)
-        holdback = max((len(s) for s in req.params.stop), default=1) - 1
-        sent_ids, sent_text = 0, ""
-        detok = IncrementalDetokenizer(self._detokenize) if self.tokenizer is not None \
-            else None
+        # The consumer's next() steps the engine: for one thread (or a few sharing the
+        # engine under its lock). A server has one thread step for everyone
+        # (jaxrt.serve.engine_loop) and reads deltas through `open_stream`.
+        stream = self._open(req, own_output=False)
+        rid = req.request_id
         try:
             while True:
-                if not req.is_finished:  # (it may have finished in someone else's step)
-                    self._stashed += [o for o in self._step() if o.request_id != rid]
-                ids = req.output_ids
-                if req.is_finished:
-                    self._stashed = [o for o in self._stashed if o.request_id != rid]
-                    final = self._output(req)
-                    text = final.text
-                    delta = text[len(sent_text):] if text.startswith(sent_text) else ""
-                    yield StreamDelta(rid, ids[sent_ids:], delta, final.finish_reason, final)
-                    return
-                if len(ids) == sent_ids:
-                    continue
-                if detok is not None:
-                    detok.update(ids)  # half characters stay back in the detokenizer
-                text = detok.text if detok is not None else ""
-                safe = text[:len(text) - holdback]
-                delta = safe[len(sent_text):] if safe.startswith(sent_text) else ""
-                yield StreamDelta(rid, ids[sent_ids:], delta, None, None)
-                sent_ids, sent_text = len(ids), sent_text + delta
+                with self._step_lock:
+                    if not req.is_finished:  # (it may have finished in someone else's step)
+                        self._stashed += [o for o in self._step() if o.request_id != rid]
+                    delta = stream.poll()
+                    if delta is not None and delta.finish_reason is not None:
+                        self._stashed = [o for o in self._stashed if o.request_id != rid]
+                if delta is not None:
+                    yield delta
+                    if delta.finish_reason is not None:
+                        return
         finally:
             if not req.is_finished:
                 self.abort(rid)
+
+    def open_stream(self, prompt: Prompt, params: SamplingParams | None = None,
+                    request_id: str | None = None) -> "RequestStream":
+        """Queue a request and return its `RequestStream`, whose `poll()` gives the delta
+        since the last poll. Nothing steps the engine: the caller's own loop (one thread
+        calling `step()`) does. The request's output is not returned by `step()`."""
+        req = self._make_request(prompt, params, request_id)
+        if req.params.is_beam_search:
+            raise ValueError("streams do not support beam search; use generate()")
+        return self._open(req, own_output=True)
+
+    def _open(self, req: Request, own_output: bool) -> "RequestStream":
+        stream = RequestStream(self, req)
+        with self._step_lock:
+            self._enqueue(req)
+            if own_output:
+                self._streamed.add(req.request_id)
+        return stream
 
     def stats(self) -> EngineStats:
         b = self.block_manager.stats()
@@ -745,6 +783,54 @@ class Engine:
                            self._compile_seconds, self._compiles_after_warmup,
                            self._background is not None and self._background.is_alive(),
                            self._decode_loops)
+
+
+class RequestStream:
+    """One request's deltas: `poll()` returns the tokens (with their logprobs when asked)
+    and text new since the last poll, or None; the last delta has `finish_reason` and the
+    full output. Text that could still turn out to start a stop string is held back until
+    it cannot; half UTF-8 characters stay in the detokenizer. Poll from the thread that
+    steps the engine (or any thread: it takes the engine's lock)."""
+
+    def __init__(self, engine: Engine, req: Request):
+        self.engine, self.request = engine, req
+        self.request_id = req.request_id
+        self._holdback = max((len(s) for s in req.params.stop), default=1) - 1
+        self._sent_ids, self._sent_text, self._done = 0, "", False
+        self._detok = IncrementalDetokenizer(engine._detokenize) \
+            if engine.tokenizer is not None else None
+
+    @property
+    def finished(self) -> bool:
+        return self._done
+
+    def poll(self) -> StreamDelta | None:
+        if self._done:
+            return None
+        req, rid = self.request, self.request_id
+        with self.engine._step_lock:
+            ids = list(req.output_ids)
+            lps = req.logprobs
+            new_lps = [dict(d) for d in lps[self._sent_ids:len(ids)]] \
+                if lps is not None else None
+            if req.is_finished:
+                self._done = True
+                final = self.engine._output(req)
+                text = final.text
+                delta = text[len(self._sent_text):] if text.startswith(self._sent_text) \
+                    else ""
+                return StreamDelta(rid, ids[self._sent_ids:], delta, final.finish_reason,
+                                   final, new_lps)
+        if len(ids) == self._sent_ids:
+            return None
+        if self._detok is not None:
+            self._detok.update(ids)
+        text = self._detok.text if self._detok is not None else ""
+        safe = text[:len(text) - self._holdback]
+        delta = safe[len(self._sent_text):] if safe.startswith(self._sent_text) else ""
+        out = StreamDelta(rid, ids[self._sent_ids:], delta, None, None, new_lps)
+        self._sent_ids, self._sent_text = len(ids), self._sent_text + delta
+        return out
 
 
 def _is_one_prompt(x) -> bool:
@@ -858,4 +944,5 @@ def _load(model: str, *, dtype, page_size: int, num_pages: int | None,
                                                                 ()))
     # The planned length: the model's context, or what max_model_len / an engine directory's
     # compile options asked for.
-    return compiled.executable(wait=False), compiled.tokenizer, eos, compiled.kv_plan["max_model_len"]
+    return (compiled.executable(wait=False), compiled.tokenizer, eos,
+            compiled.kv_plan["max_model_len"], compiled.chat_template)

@@ -279,3 +279,4 @@ class StreamDelta:
     text: str
     finish_reason: str | None = None
     output: RequestOutput | None = None
+    logprobs: list[dict[int, float]] | None = None  # one per id in `ids`, when asked

@@ -1,0 +1,93 @@
+"""jaxrt serve MODEL: the OpenAI-compatible HTTP server (jaxrt.serve).
+
+Prints one line once it is ready; SIGINT or SIGTERM stop it (in-flight requests get
+--shutdown-timeout seconds to finish, then are aborted)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help=".gguf file, Hugging Face directory, engine dir or alias")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on /v1 (else 401)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id clients send (default: MODEL as given)")
+    p.add_argument("--max-pending", type=int, default=256,
+                   help="requests accepted and not finished; past it new ones get 429")
+    p.add_argument("--max-body-bytes", type=int, default=8 << 20)
+    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds in-flight requests get to finish on SIGINT/SIGTERM")
+    p.add_argument("--parse-special", action="store_true",
+                   help="text prompts of /v1/completions may spell control tokens "
+                        "(<|im_start|>); chat messages never do")
+    add_engine_arguments(p)
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--num-pages", type=int, default=None)
+    p.add_argument("--page-size", type=int, default=None)
+    p.add_argument("--kv-cache-memory-fraction", type=float, default=0.9)
+    p.add_argument("--kv-cache-max-gib", type=float, default=None)
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: by device)")
+    p.add_argument("--layers", choices=("auto", "scan", "unrolled"), default="auto")
+    p.add_argument("--decode-steps", type=int, default=None)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--max-logprobs", type=int, default=20)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--warmup", choices=("auto", "true", "false", "background"),
+                   default="auto")
+
+
+def engine_kwargs(args) -> dict:
+    from jaxrt.compiler import layers_choice
+    for flag, value in (("--max-num-seqs", args.max_num_seqs),
+                        ("--max-model-len", args.max_model_len),
+                        ("--max-num-batched-tokens", args.max_num_batched_tokens),
+                        ("--num-pages", args.num_pages), ("--page-size", args.page_size),
+                        ("--decode-steps", args.decode_steps)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if not 0 < args.kv_cache_memory_fraction <= 1:
+        raise ValueError(f"--kv-cache-memory-fraction must be in (0, 1], got "
+                         f"{args.kv_cache_memory_fraction}")
+    warmup = {"true": True, "false": False}.get(args.warmup, args.warmup)
+    return dict(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                max_num_batched_tokens=args.max_num_batched_tokens, num_pages=args.num_pages,
+                page_size=args.page_size,
+                kv_cache_memory_fraction=args.kv_cache_memory_fraction,
+                kv_cache_max_gib=args.kv_cache_max_gib, dtype=args.dtype,
+                outline_layers=layers_choice(args.layers), decode_steps=args.decode_steps,
+                enable_prefix_caching=not args.no_prefix_caching,
+                max_logprobs=args.max_logprobs, seed=args.seed, warmup=warmup)
+
+
+def run(args) -> int:
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    for flag, value in (("--max-pending", args.max_pending),
+                        ("--max-body-bytes", args.max_body_bytes)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if not args.shutdown_timeout >= 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    if args.api_key is not None and not args.api_key:
+        raise ValueError("--api-key must not be empty")
+    from jaxrt.runtime.engine import Engine
+    from jaxrt.serve.server import serve
+
+    engine = Engine(args.model, parse_special=args.parse_special, **engine_kwargs(args))
+    try:
+        serve(engine, model_name=args.served_model_name or args.model, host=args.host,
+              port=args.port, api_key=args.api_key, max_pending=args.max_pending,
+              max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
+              out=sys.stdout)
+    finally:
+        engine.close()
+    return 0

@@ -1,0 +1,182 @@
+"""OpenAI request bodies (pydantic) and their translation to `SamplingParams`.
+
+Strict types (a string is not an integer, `true` is not a number), no NaN or infinity, and
+unknown fields refused with a 400, as OpenAI does. Fields OpenAI has that jaxrt cannot
+honour (`logit_bias`, tools, JSON output, `suffix`, `best_of` != n, prompt logprobs via
+`echo` + `logprobs`) are accepted only at their neutral value and refused otherwise.
+vLLM's extensions are accepted: `top_k`, `min_p`, `repetition_penalty`,
+`stop_token_ids`, `ignore_eos`.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+from ..runtime.request import SamplingParams
+
+_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+MAX_N = 128          # samples per prompt
+MAX_STOP = 16        # stop strings per request
+
+Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Int64 = Annotated[StrictInt, Field(ge=-(2 ** 63), lt=2 ** 63)]
+TokenId = Annotated[StrictInt, Field(ge=0, lt=2 ** 31)]
+
+
+class BadRequest(ValueError):
+    """A request that is well-formed JSON but asks for something not allowed; `param`
+    names the field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class StreamOptions(BaseModel):
+    model_config = _STRICT
+    include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False
+
+
+class _Sampling(BaseModel):
+    """Fields both endpoints share."""
+    model_config = _STRICT
+    model: StrictStr
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    temperature: Annotated[Float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[Float, Field(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[StrictInt, Field(ge=-1)] | None = None   # -1 or 0: off (vLLM)
+    min_p: Annotated[Float, Field(ge=0.0, le=1.0)] | None = None
+    seed: Int64 | None = None
+    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP)] | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=1024)] | None = None
+    presence_penalty: Annotated[Float, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[Float, Field(ge=-2.0, le=2.0)] | None = None
+    repetition_penalty: Annotated[Float, Field(gt=0.0, le=10.0)] | None = None
+    ignore_eos: StrictBool = False
+    user: StrictStr | None = None
+    logit_bias: dict[StrictStr, Float] | None = None
+
+    def _check_common(self) -> None:
+        if self.logit_bias:
+            raise BadRequest("logit_bias is not supported", "logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise BadRequest("stream_options is only allowed when stream is true",
+                             "stream_options")
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if any(not s for s in stops):
+            raise BadRequest("stop strings must be non-empty", "stop")
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else float(self.temperature),
+            top_p=1.0 if self.top_p is None else float(self.top_p),
+            top_k=0 if self.top_k in (None, -1) else self.top_k,
+            min_p=0.0 if self.min_p is None else float(self.min_p),
+            seed=self.seed, stop=stops, stop_token_ids=tuple(self.stop_token_ids or ()),
+            logprobs=logprobs,
+            presence_penalty=float(self.presence_penalty or 0.0),
+            frequency_penalty=float(self.frequency_penalty or 0.0),
+            repetition_penalty=1.0 if self.repetition_penalty is None
+            else float(self.repetition_penalty),
+            ignore_eos=self.ignore_eos)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+Prompt = (StrictStr | Annotated[list[TokenId], Field(min_length=1)]
+          | Annotated[list[StrictStr], Field(min_length=1)]
+          | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)])
+
+
+class CompletionRequest(_Sampling):
+    prompt: Prompt
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = 16
+    echo: StrictBool = False
+    logprobs: Annotated[StrictInt, Field(ge=0)] | None = None
+    best_of: Annotated[StrictInt, Field(ge=1)] | None = None
+    suffix: StrictStr | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
+
+    def check(self) -> None:
+        self._check_common()
+        if self.best_of is not None and self.best_of != self.n:
+            raise BadRequest("best_of must equal n (jaxrt returns every sample)", "best_of")
+        if self.suffix:
+            raise BadRequest("suffix (insertion) is not supported", "suffix")
+        if self.echo and self.logprobs is not None:
+            raise BadRequest("echo with logprobs needs the prompt's logprobs, which jaxrt "
+                             "does not compute", "echo")
+        if self.max_tokens is None:
+            raise BadRequest("max_tokens must be an integer >= 1", "max_tokens")
+
+
+class TextPart(BaseModel):
+    model_config = _STRICT
+    type: Literal["text"]
+    text: StrictStr
+
+
+class Message(BaseModel):
+    model_config = _STRICT
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[TextPart] | None = None
+    name: StrictStr | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ResponseFormat(BaseModel):
+    model_config = _STRICT
+    type: Literal["text"]
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    logprobs: StrictBool = False
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
+    response_format: ResponseFormat | None = None
+    tools: Annotated[list[Any], Field(max_length=0)] | None = None
+    tool_choice: Literal["none"] | None = None
+    parallel_tool_calls: StrictBool | None = None
+
+    def check(self) -> None:
+        self._check_common()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise BadRequest("top_logprobs needs logprobs to be true", "top_logprobs")
+        if (self.max_tokens is not None and self.max_completion_tokens is not None
+                and self.max_tokens != self.max_completion_tokens):
+            raise BadRequest("max_tokens and max_completion_tokens disagree",
+                             "max_completion_tokens")
+
+    @property
+    def max_output_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None \
+            else self.max_tokens
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        out = []
+        for m in self.messages:
+            # "developer" is OpenAI's new name for the system role; templates know "system"
+            role = "system" if m.role == "developer" else m.role
+            out.append({"role": role, "content": m.text()})
+        return out
