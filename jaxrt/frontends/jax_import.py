@@ -484,8 +484,21 @@ def _iota(ctx, *, dtype, shape, dimension, **_):
 def _gather(ctx, x, idx, *, dimension_numbers, slice_sizes, **_):
     # The form jnp.take(x, idx, axis=a) and x[idx] produce: one collapsed axis.
     dn = dimension_numbers
-    v, i = ctx.v(x), ctx.v(idx)
+    v = ctx.v(x)
     r = v.type.rank
+    if (not dn.collapsed_slice_dims and not dn.operand_batching_dims
+            and not isinstance(idx, Value) and np.ndim(idx) == 1
+            and tuple(dn.offset_dims) == tuple(range(r))):
+        # a static slice with constant starts (x[..., a:b] on symbolic shapes)
+        for ax, s in zip(dn.start_index_map, np.asarray(idx)):
+            n, dim = int(slice_sizes[ax]), v.type.shape[ax]
+            if not isinstance(dim, int):
+                ctx.fail(f"slice of symbolic axis {ax}")
+            s = int(np.clip(int(s), 0, dim - n))
+            if (s, n) != (0, dim):
+                v = ctx.b(ops.slice_, v, axis=int(ax), start=s, limit=s + n)
+        return v
+    i = ctx.v(idx)
     if (len(dn.collapsed_slice_dims) != 1 or tuple(dn.start_index_map) != tuple(
             dn.collapsed_slice_dims) or dn.operand_batching_dims or i.type.shape[-1] != 1):
         ctx.fail(f"gather form {dn} (only take along one axis imports)")
