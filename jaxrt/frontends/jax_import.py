@@ -88,6 +88,7 @@ class _Importer:
         self.module, self.weights, self.scan_mode = module, weights, scan_mode
         self.n_consts = 0
         self.n_bodies = 0
+        self.outer_where = ""  # the user's call site of an inlined jit (e.g. jnp.cumsum)
 
     # ---- values -------------------------------------------------------------------------
 
@@ -135,11 +136,15 @@ class _Importer:
 
     def eqn(self, b: Builder, eqn, ins: list) -> list:
         prim = eqn.primitive.name
-        where = _where(eqn)
+        where = _where(eqn) or self.outer_where
         inner = _inner_jaxpr(eqn)
         if inner is not None:  # jit / custom_jvp / custom_vjp / checkpoint: inline
             jaxpr, consts = inner
-            return self.run_jaxpr(b, jaxpr, consts, ins)
+            saved, self.outer_where = self.outer_where, where
+            try:
+                return self.run_jaxpr(b, jaxpr, consts, ins)
+            finally:
+                self.outer_where = saved
         if prim == "scan":
             return self.scan(b, eqn, ins, where)
         static = all(d for d in (_static(o.aval) for o in eqn.outvars))
