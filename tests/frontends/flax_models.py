@@ -123,16 +123,44 @@ def _t(sd, name):
 def load_llama_weights(model: FlaxLlama, hf_model) -> FlaxLlama:
     """Copy a transformers Llama's weights in (nnx.Linear kernels are [in, out])."""
     sd = hf_model.state_dict()
-    model.embed_tokens.embedding.value = _t(sd, "model.embed_tokens.weight")
-    model.norm.weight.value = _t(sd, "model.norm.weight")
+    model.embed_tokens.embedding[...] = _t(sd, "model.embed_tokens.weight")
+    model.norm.weight[...] = _t(sd, "model.norm.weight")
     if not model.tied:
-        model.lm_head.kernel.value = _t(sd, "lm_head.weight").T
+        model.lm_head.kernel[...] = _t(sd, "lm_head.weight").T
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}."
-        layer.input_layernorm.weight.value = _t(sd, p + "input_layernorm.weight")
-        layer.post_attention_layernorm.weight.value = _t(sd, p + "post_attention_layernorm.weight")
+        layer.input_layernorm.weight[...] = _t(sd, p + "input_layernorm.weight")
+        layer.post_attention_layernorm.weight[...] = _t(sd, p + "post_attention_layernorm.weight")
         for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            getattr(layer.self_attn, n).kernel.value = _t(sd, p + f"self_attn.{n}.weight").T
+            getattr(layer.self_attn, n).kernel[...] = _t(sd, p + f"self_attn.{n}.weight").T
         for n in ("gate_proj", "up_proj", "down_proj"):
-            getattr(layer.mlp, n).kernel.value = _t(sd, p + f"mlp.{n}.weight").T
+            getattr(layer.mlp, n).kernel[...] = _t(sd, p + f"mlp.{n}.weight").T
     return model
+
+
+class ScanLlama(nnx.Module):
+    """FlaxLlama with its layers' parameters stacked [L, ...] and run by `jax.lax.scan`
+    (the MaxText `scan_layers` style)."""
+
+    def __init__(self, flat: FlaxLlama):
+        self.cfg, self.tied, self.inv_freq = flat.cfg, flat.tied, flat.inv_freq
+        self.embed_tokens, self.norm = flat.embed_tokens, flat.norm
+        if not self.tied:
+            self.lm_head = flat.lm_head
+        self.graphdef = nnx.split(flat.layers[0], nnx.Param, ...)[0]
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs),
+                               *[nnx.state(layer, nnx.Param) for layer in flat.layers])
+        self.stacked = nnx.data(stacked)
+        self.rest = nnx.split(flat.layers[0], nnx.Param, ...)[2]
+
+    def __call__(self, tokens):
+        x = self.embed_tokens(tokens)
+        positions = jnp.arange(tokens.shape[0])
+
+        def body(h, params):
+            layer = nnx.merge(self.graphdef, params, self.rest)
+            return layer(h, positions, self.inv_freq), None
+
+        x, _ = jax.lax.scan(body, x, self.stacked)
+        x = self.norm(x)
+        return self.embed_tokens.attend(x) if self.tied else self.lm_head(x)
