@@ -117,24 +117,28 @@ class FlaxLlama(nnx.Module):
 # ---- weights from transformers ----------------------------------------------------------------
 
 def _t(sd, name):
-    return jnp.asarray(sd[name].detach().numpy())
+    w = sd[name]
+    return jnp.asarray(w.detach().numpy() if hasattr(w, "detach") else w)
 
 
 def load_llama_weights(model: FlaxLlama, hf_model) -> FlaxLlama:
-    """Copy a transformers Llama's weights in (nnx.Linear kernels are [in, out])."""
-    sd = hf_model.state_dict()
-    model.embed_tokens.embedding[...] = _t(sd, "model.embed_tokens.weight")
-    model.norm.weight[...] = _t(sd, "model.norm.weight")
+    """Copy a transformers Llama's weights in (nnx.Linear kernels are [in, out]); or from a
+    dict of HF-named arrays."""
+    sd = hf_model if isinstance(hf_model, dict) else hf_model.state_dict()
+    model.embed_tokens.embedding.set_value(_t(sd, "model.embed_tokens.weight"))
+    model.norm.weight.set_value(_t(sd, "model.norm.weight"))
     if not model.tied:
-        model.lm_head.kernel[...] = _t(sd, "lm_head.weight").T
+        model.lm_head.kernel.set_value(_t(sd, "lm_head.weight").T)
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}."
-        layer.input_layernorm.weight[...] = _t(sd, p + "input_layernorm.weight")
-        layer.post_attention_layernorm.weight[...] = _t(sd, p + "post_attention_layernorm.weight")
+        layer.input_layernorm.weight.set_value(_t(sd, p + "input_layernorm.weight"))
+        layer.post_attention_layernorm.weight.set_value(
+            _t(sd, p + "post_attention_layernorm.weight"))
         for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            getattr(layer.self_attn, n).kernel[...] = _t(sd, p + f"self_attn.{n}.weight").T
+            getattr(layer.self_attn, n).kernel.set_value(
+                _t(sd, p + f"self_attn.{n}.weight").T)
         for n in ("gate_proj", "up_proj", "down_proj"):
-            getattr(layer.mlp, n).kernel[...] = _t(sd, p + f"mlp.{n}.weight").T
+            getattr(layer.mlp, n).kernel.set_value(_t(sd, p + f"mlp.{n}.weight").T)
     return model
 
 
