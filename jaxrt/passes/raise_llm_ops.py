@@ -8,6 +8,8 @@ kernels see the same ops a hand-written builder emits:
     rms-norm   x * rsqrt(sum(x*x)/n + eps) * w          -> rms_norm(x, w) {eps}
                ... * (1 + w)  (Gemma)                    -> rms_norm(x, w) {offset = 1}
     silu       x * 1/(1 + exp(-x))                       -> silu(x)
+    gelu-tanh  x * 0.5 * (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))  -> gelu(x) {tanh}
+    geglu      gelu(g) * u                               -> geglu(g, u)
     swiglu     silu(g) * u                               -> swiglu(g, u)
     softmax    exp(x - max(x)) / sum(exp(x - max(x)))    -> softmax(x)
     linear     dot_general(x, w[in, out])                -> linear(x, @w.T)  (weight def)
@@ -102,6 +104,28 @@ def raise_silu(rw, x):
 
 def raise_swiglu(rw, g, u):
     return rw(ops.swiglu, g, u) if g.type == u.type else None
+
+
+_CUBE = Pat(ops.mul, "x", Pat(ops.mul, "x", "x"))
+_GELU_TANH = Pat(ops.mul, "x", Pat(ops.mul, Pat(ops.add, Pat(ops.tanh, Pat(ops.mul, Pat(
+    ops.add, "x", Pat(ops.mul, _CUBE, Const(name="c3"))), Const(name="k"))), Const(1.0)),
+    Const(0.5)))
+
+
+def raise_gelu_tanh(rw, x, c3, k):
+    if not (np.isclose(splat_value(c3), 0.044715, rtol=1e-6)
+            and np.isclose(splat_value(k), np.sqrt(2 / np.pi), rtol=1e-6)):
+        return _miss(rw, "gelu-tanh", f"constants {splat_value(c3)}, {splat_value(k)} are "
+                                      f"not 0.044715 and sqrt(2/pi)")
+    return rw(ops.gelu, x, approximate="tanh")
+
+
+def raise_geglu(rw, g, u):
+    if g.type != u.type:
+        return None
+    return rw(ops.geglu, g, u, approximate=rw.root.owner.operands[0].owner.attrs.approximate
+              if _is(rw.root.owner.operands[0], ops.gelu) else
+              rw.root.owner.operands[1].owner.attrs.approximate)
 
 
 _EXP = Pat(ops.exp, Pat(ops.sub, "x", Any("m")), name="e")
@@ -344,6 +368,10 @@ RULES = RuleSet([
         ops.exp, Pat(ops.neg, "x")), Const(1.0)))), raise_silu),
     # silu(g) * u -> swiglu(g, u)
     Rule("swiglu", Pat(ops.mul, Pat(ops.silu, "g"), "u"), raise_swiglu),
+    # x * 0.5 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))) -> gelu(x) {tanh}
+    Rule("gelu-tanh", _GELU_TANH, raise_gelu_tanh),
+    # gelu(g) * u -> geglu(g, u)
+    Rule("geglu", Pat(ops.mul, Pat(ops.gelu, "g"), "u"), raise_geglu),
     # exp(x - max(x)) / sum(exp(x - max(x))) -> softmax(x)
     Rule("softmax", Pat(ops.div, _EXP, Any("s")), raise_softmax),
     # x * cos + rotate_half(x) * sin -> rope(x, positions)

@@ -51,6 +51,19 @@ def test_silu_swiglu_and_near_miss():
     assert "llm.silu" not in names
 
 
+def test_gelu_tanh_geglu_and_near_miss():
+    m, names = raised(lambda g, u: jax.nn.gelu(g) * u, f32(T, 8), f32(T, 8))
+    assert "llm.geglu" in names and "tanh" not in names
+    x = np.random.default_rng(3).normal(size=(2, 5, 8)).astype(np.float32)
+    np.testing.assert_allclose(run(m, "forward", list(x))[0],
+                               np.asarray(jax.nn.gelu(x[0]) * x[1]), rtol=1e-5, atol=1e-6)
+    # jax.nn.gelu's spelling with 0.8 for sqrt(2/pi)
+    m, names = raised(lambda x: x * (0.5 * (1 + jnp.tanh(0.8 * (x + 0.044715 * x ** 3)))),
+                      f32(T, 8))
+    assert "llm.gelu" not in names
+    assert "sqrt(2/pi)" in m.attributes["raise_misses"]["gelu-tanh"]
+
+
 def test_softmax_and_near_miss():
     _, names = raised(lambda s: jax.nn.softmax(s, axis=-1), f32(4, T))
     assert names == ["llm.softmax"]

@@ -108,7 +108,7 @@ FACTORIES: dict[str, Callable[[], RunnerFactory]] = {
 
 def _selected() -> list[str]:
     names = [n.strip() for n in
-             os.environ.get("JAXRT_RUNTIME_RUNNERS", "fake,tiny-llama,smollm2").split(",")]
+             os.environ.get("JAXRT_RUNTIME_RUNNERS", "fake,tiny-llama,smollm2,flax-llama").split(",")]
     unknown = [n for n in names if n not in FACTORIES]
     if unknown:
         raise pytest.UsageError(f"JAXRT_RUNTIME_RUNNERS: unknown runner(s) {unknown}; "
