@@ -6,7 +6,8 @@
 __version__ = "0.1.0"
 
 _LAZY = {"Engine": "jaxrt.runtime.engine", "SamplingParams": "jaxrt.runtime.request",
-         "RequestOutput": "jaxrt.runtime.request"}
+         "RequestOutput": "jaxrt.runtime.request", "from_jax": "jaxrt.jax_frontend",
+         "from_flax": "jaxrt.jax_frontend", "import_function": "jaxrt.frontends.jax_import"}
 
 
 def __getattr__(name):
@@ -16,4 +17,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'jaxrt' has no attribute {name!r}")
 
 
-__all__ = ["Engine", "SamplingParams", "RequestOutput", "__version__"]
+__all__ = ["Engine", "SamplingParams", "RequestOutput", "from_jax", "from_flax",
+           "import_function", "__version__"]

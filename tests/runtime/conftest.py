@@ -83,13 +83,32 @@ def _tiny_llama() -> RunnerFactory:
                          vocab_size=256, prompt_tokens=range(3, 256), exact=False)
 
 
+def _flax_llama() -> RunnerFactory:
+    """A random two-layer GQA Llama written in Flax NNX (tests/frontends/flax_models.py),
+    imported through its jaxpr by jaxrt.from_flax (issue 14)."""
+    import transformers
+    from flax import nnx
+
+    from jaxrt.compiler import Target
+    from jaxrt.jax_frontend import from_flax
+    from tests.frontends.flax_models import FlaxLlama
+    cfg = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    exe = from_flax(FlaxLlama(cfg, rngs=nnx.Rngs(7)), max_model_len=64, page_size=4,
+                    num_pages=64, target=Target("cpu", 1 << 30, "f32"))
+    return RunnerFactory("flax-llama", lambda: exe, page_size=4, runner_pages=64,
+                         vocab_size=256, prompt_tokens=range(3, 256), exact=False)
+
+
 FACTORIES: dict[str, Callable[[], RunnerFactory]] = {
-    "fake": _fake, "tiny-llama": _tiny_llama, "smollm2": _smollm2}
+    "fake": _fake, "tiny-llama": _tiny_llama, "smollm2": _smollm2, "flax-llama": _flax_llama}
 
 
 def _selected() -> list[str]:
     names = [n.strip() for n in
-             os.environ.get("JAXRT_RUNTIME_RUNNERS", "fake,tiny-llama,smollm2").split(",")]
+             os.environ.get("JAXRT_RUNTIME_RUNNERS", "fake,tiny-llama,smollm2,flax-llama").split(",")]
     unknown = [n for n in names if n not in FACTORIES]
     if unknown:
         raise pytest.UsageError(f"JAXRT_RUNTIME_RUNNERS: unknown runner(s) {unknown}; "

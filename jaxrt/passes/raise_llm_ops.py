@@ -1,0 +1,402 @@
+"""raise-llm-ops: recognize LLM ops in imported primitive graphs (run canonicalize first).
+
+A JAX model imported through its jaxpr (`jaxrt/frontends/jax_import.py`) is primitives:
+`dot_general`, `mul`, `reduce_sum`, ... This pass raises the spellings Flax NNX / MaxText /
+gpt-fast-style code produces to `llm.*` ops, so the KV-cache insertion, fusions and
+kernels see the same ops a hand-written builder emits:
+
+    rms-norm   x * rsqrt(sum(x*x)/n + eps) * w          -> rms_norm(x, w) {eps}
+               ... * (1 + w)  (Gemma)                    -> rms_norm(x, w) {offset = 1}
+    silu       x * 1/(1 + exp(-x))                       -> silu(x)
+    gelu-tanh  x * 0.5 * (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))  -> gelu(x) {tanh}
+    geglu      gelu(g) * u                               -> geglu(g, u)
+    swiglu     silu(g) * u                               -> swiglu(g, u)
+    softmax    exp(x - max(x)) / sum(exp(x - max(x)))    -> softmax(x)
+    linear     dot_general(x, w[in, out])                -> linear(x, @w.T)  (weight def)
+               dot_general(x, transpose(w[out, in]))     -> linear(x, w)
+    embedding  take(w[V, H], ids (negatives wrapped))    -> embedding(ids, w)
+    rope       x*cos(E) + rotate_half(x)*sin(E), E = concat(p*f, p*f), f the frequencies
+               of some theta (optionally / a linear factor)  -> rope(x, p) {theta, ...}
+    attention  softmax(mask(q.k * scale)) . v, causal mask from one positions vector, GQA
+               by repeat (broadcast + reshape)       -> attention(q, k, v) {scale, causal}
+
+Rules whose handler declines record why in `RaiseLLMOps.misses` (rule -> last reason),
+which `jaxrt inspect` and `insert-kv-cache`'s errors report.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from jaxrt.ir import ops
+from jaxrt.ir.module import Value
+from jaxrt.ir.ops.nn import rope_inv_freq
+from jaxrt.ir.types import DType, TensorType
+from jaxrt.ir.weights import WeightDef
+
+from .manager import RewritePass, register_pass
+from .pattern import Any, Const, Pat, splat_value
+from .rewrite import Rule, RuleSet, apply_rules
+
+F32 = DType.f32
+
+
+def _miss(rw, rule: str, reason: str):
+    misses = getattr(rw.ctx, "misses", None)
+    if misses is not None:
+        misses[rule] = reason
+    return None
+
+
+def strip_shape(v: Value) -> Value:
+    """Look through reshapes and broadcasts that only add or repeat size-1 axes."""
+    while v.owner is not None and v.owner.opdef in (ops.reshape, ops.broadcast):
+        src = v.owner.operands[0]
+        if v.owner.opdef is ops.reshape:
+            if [d for d in src.shape if d != 1] != [d for d in v.shape if d != 1]:
+                return v
+        v = src
+    return v
+
+
+def _const_array(v: Value):
+    v = strip_shape(v)
+    if v.owner is None or v.owner.opdef is not ops.constant:
+        return None
+    val = v.owner.attrs.value
+    arr = np.asarray(val, np.float64)
+    return arr.reshape(v.shape) if isinstance(val, tuple) else np.full(v.shape, arr)
+
+
+def _is(v: Value, opdef) -> bool:
+    return v.owner is not None and v.owner.opdef is opdef
+
+
+# ---- rms-norm ---------------------------------------------------------------------------------
+
+_NORMED = Pat(ops.mul, "x", Pat(ops.rsqrt, Pat(ops.add, Pat(ops.div, Pat(
+    ops.reshape, Pat(ops.reduce_sum, Pat(ops.mul, "x", "x"), name="sum")), Const(name="n")),
+    Const(name="eps"))), name="normed")
+
+
+def raise_rms_norm(rw, x, sum, n, eps, normed, w):
+    h = x.shape[-1]
+    axes = sum.owner.attrs.axes
+    if tuple(a % x.type.rank for a in axes) != (x.type.rank - 1,):
+        return _miss(rw, "rms-norm", f"sum over axes {axes}, not the last")
+    if splat_value(n) != float(h):
+        return _miss(rw, "rms-norm", f"mean divides by {splat_value(n)}, not {h}")
+    w = strip_shape(w)
+    offset = 0.0
+    if _is(w, ops.add) and splat_value(w.owner.operands[1]) == 1.0:
+        w, offset = strip_shape(w.owner.operands[0]), 1.0
+    if w.shape != (h,) or w.dtype != x.dtype:
+        return _miss(rw, "rms-norm", f"scale {w.type} is not a [{h}] vector")
+    return rw(ops.rms_norm, x, w, eps=float(splat_value(eps)), offset=offset)
+
+
+# ---- activations and softmax -----------------------------------------------------------------
+
+def raise_silu(rw, x):
+    return rw(ops.silu, x)
+
+
+def raise_swiglu(rw, g, u):
+    return rw(ops.swiglu, g, u) if g.type == u.type else None
+
+
+_CUBE = Pat(ops.mul, "x", Pat(ops.mul, "x", "x"))
+_GELU_TANH = Pat(ops.mul, "x", Pat(ops.mul, Pat(ops.add, Pat(ops.tanh, Pat(ops.mul, Pat(
+    ops.add, "x", Pat(ops.mul, _CUBE, Const(name="c3"))), Const(name="k"))), Const(1.0)),
+    Const(0.5)))
+
+
+def raise_gelu_tanh(rw, x, c3, k):
+    if not (np.isclose(splat_value(c3), 0.044715, rtol=1e-6)
+            and np.isclose(splat_value(k), np.sqrt(2 / np.pi), rtol=1e-6)):
+        return _miss(rw, "gelu-tanh", f"constants {splat_value(c3)}, {splat_value(k)} are "
+                                      f"not 0.044715 and sqrt(2/pi)")
+    return rw(ops.gelu, x, approximate="tanh")
+
+
+def raise_geglu(rw, g, u):
+    if g.type != u.type:
+        return None
+    return rw(ops.geglu, g, u, approximate=rw.root.owner.operands[0].owner.attrs.approximate
+              if _is(rw.root.owner.operands[0], ops.gelu) else
+              rw.root.owner.operands[1].owner.attrs.approximate)
+
+
+_EXP = Pat(ops.exp, Pat(ops.sub, "x", Any("m")), name="e")
+
+
+def raise_softmax(rw, x, m, e, s):
+    axis = x.type.rank - 1
+    red = strip_shape(s)
+    if not _is(red, ops.reduce_sum) or red.owner.operands[0] is not e or \
+            tuple(red.owner.attrs.axes) != (axis,):
+        return _miss(rw, "softmax", "denominator is not the sum of the numerator over the "
+                                    "last axis")
+    mx = strip_shape(m)
+    if _is(mx, ops.maximum):  # max(reduce_max(x), -inf), as jax.nn.softmax spells it
+        a, c = mx.owner.operands
+        if splat_value(c) != -np.inf:
+            return _miss(rw, "softmax", "max against a constant other than -inf")
+        mx = strip_shape(a)
+    if not _is(mx, ops.reduce_max) or mx.owner.operands[0] is not x or \
+            tuple(mx.owner.attrs.axes) != (axis,):
+        return _miss(rw, "softmax", "subtracted value is not the max over the last axis")
+    return rw(ops.softmax, x, axis=-1)
+
+
+# ---- linear, embedding ------------------------------------------------------------------------
+
+def _is_weight(v: Value) -> bool:
+    return _is(v, ops.weight)
+
+
+def raise_linear(rw, x, w):
+    a = w.owner.attrs if w.owner is not None else None
+    dg = rw.root.owner.attrs
+    if dg.lhs_batch or dg.rhs_batch or dg.lhs_contract != (x.type.rank - 1,):
+        return _miss(rw, "linear", "not a contraction of x's last axis without batch dims")
+    if w.type.rank != 2:
+        return _miss(rw, "linear", f"weight {w.type} is not a matrix")
+    if _is(w, ops.transpose) and _is_weight(w.owner.operands[0]) and dg.rhs_contract == (0,):
+        return rw(ops.linear, x, w.owner.operands[0])  # x @ w.T, w[out, in]
+    if not _is_weight(w):
+        return _miss(rw, "linear", "the matrix is not a weight")
+    name = a.name
+    if dg.rhs_contract == (1,):
+        return rw(ops.linear, x, w)
+    tname = f"{name}.T"  # [in, out] (Flax kernels) -> [out, in]
+    if tname not in rw.module.weights:
+        rw.module.weights[tname] = TensorType(w.shape[::-1], w.dtype)
+        rw.module.weight_defs[tname] = WeightDef("transpose", (name,), (("perm", (1, 0)),))
+    return rw(ops.linear, x, rw.weight(tname))
+
+
+def raise_embedding(rw, table, ids):
+    if rw.root.owner.attrs.axis != 0 or table.type.rank != 2:
+        return _miss(rw, "embedding", "not a row lookup in a [vocab, hidden] table")
+    if _is(ids, ops.select):  # jnp.take wraps negative ids: where(ids < 0, ids + V, ids)
+        p, wrapped, raw = ids.owner.operands
+        if (_is(p, ops.compare) and p.owner.operands[0] is raw and _is(wrapped, ops.add)
+                and wrapped.owner.operands[0] is raw):
+            ids = raw
+    return rw(ops.embedding, ids, table)
+
+
+# ---- rope -------------------------------------------------------------------------------------
+
+def _rotate_half_of(v: Value):
+    """concat(-x[..., h:], x[..., :h]) -> x, else None."""
+    if not _is(v, ops.concat) or len(v.owner.operands) != 2:
+        return None
+    a, b = v.owner.operands
+    if not _is(a, ops.neg) or not _is(b, ops.slice_):
+        return None
+    hi = a.owner.operands[0]
+    if not _is(hi, ops.slice_):
+        return None
+    x = b.owner.operands[0]
+    d = x.shape[-1]
+    last = x.type.rank - 1
+    ha, la = hi.owner.attrs, b.owner.attrs
+    if (hi.owner.operands[0] is not x or ha.axis % x.type.rank != last
+            or la.axis % x.type.rank != last or (ha.start, ha.limit) != (d // 2, d)
+            or (la.start, la.limit) != (0, d // 2) or ha.stride != 1 or la.stride != 1):
+        return None
+    return x
+
+
+def _rope_angles(e: Value):
+    """E = concat(F, F), F = positions[:, None] * inv_freq -> (positions, inv_freq)."""
+    if not _is(e, ops.concat) or len(e.owner.operands) != 2 or \
+            e.owner.operands[0] is not e.owner.operands[1]:
+        return None
+    f = e.owner.operands[0]
+    if not _is(f, ops.mul):
+        return None
+    for p, c in (f.owner.operands, f.owner.operands[::-1]):
+        inv = _const_array(c)
+        p = strip_shape(p)
+        if _is(p, ops.convert):
+            p = strip_shape(p.owner.operands[0])
+        if inv is not None and p.dtype == DType.int32:
+            return p, inv.reshape(-1)
+    return None
+
+
+def _fit_theta(inv: np.ndarray, head_dim: int):
+    """RoPE attrs whose frequencies are `inv` (plain or linearly scaled), else None."""
+    if inv.size != head_dim // 2 or inv.size < 2 or np.any(inv <= 0):
+        return None
+    ratio = inv[1] / inv[0]  # theta ** (-2 / d)
+    theta = float(ratio ** (-head_dim / 2.0))
+    factor = float(1.0 / inv[0])
+    attrs = {"theta": float(np.float32(theta))}
+    if abs(factor - 1.0) > 1e-6:
+        attrs.update(scaling="linear", factor=float(np.float32(factor)))
+    probe = _Attrs(**{"scaling": "none", "factor": 1.0, **attrs})
+    want = rope_inv_freq(head_dim, probe)
+    if not np.allclose(inv, want, rtol=1e-5, atol=0):
+        return None
+    return attrs
+
+
+class _Attrs:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def raise_rope(rw, a, b):
+    for xc, rs in ((a, b), (b, a)):
+        x, cos = xc.owner.operands
+        for x, cos in ((x, cos), (cos, x)):
+            r, sin = rs.owner.operands
+            for r, sin in ((r, sin), (sin, r)):
+                if _rotate_half_of(r) is not x:
+                    continue
+                c, s = strip_shape(cos), strip_shape(sin)
+                if not (_is(c, ops.cos) and _is(s, ops.sin)
+                        and c.owner.operands[0] is s.owner.operands[0]):
+                    return _miss(rw, "rope", "cos/sin are not of one angle tensor")
+                got = _rope_angles(c.owner.operands[0])
+                if got is None:
+                    return _miss(rw, "rope", "angles are not concat(p*f, p*f) with constant "
+                                             "frequencies f (interleaved or llama3-scaled "
+                                             "RoPE is not raised)")
+                pos, inv = got
+                if pos.shape != x.shape[:-2]:
+                    return _miss(rw, "rope", f"positions {pos.type} do not match {x.type}")
+                attrs = _fit_theta(inv, x.shape[-1])
+                if attrs is None:
+                    return _miss(rw, "rope", "frequencies are not theta ** (-2i/d) of any "
+                                             "theta (times a linear factor)")
+                return rw(ops.rope, x, pos, **attrs)
+    return _miss(rw, "rope", "no operand is rotate_half(x) * sin beside x * cos")
+
+
+# ---- attention --------------------------------------------------------------------------------
+
+def _unrepeat(v: Value):
+    """k[T, H, D] = reshape(broadcast(reshape(k[T, KVH, D], [T, KVH, 1, D]))) ->
+    (k's source, [T, KVH, D]) (GQA by jnp.repeat), else (v, its shape)."""
+    if _is(v, ops.reshape):
+        b = v.owner.operands[0]
+        if _is(b, ops.broadcast) and b.type.rank == 4:
+            src = b.owner.operands[0]
+            if _is(src, ops.reshape) and src.shape[2] == 1 and \
+                    v.shape == (src.shape[0], b.shape[1] * b.shape[2], src.shape[3]):
+                return src.owner.operands[0], (src.shape[0], src.shape[1], src.shape[3])
+    return v, v.shape
+
+
+def _causal_positions(mask: Value):
+    """mask = (p[:, None] >= p[None, :]) (or <= swapped) -> p, else None."""
+    m = strip_shape(mask)
+    if not _is(m, ops.compare) or m.type.rank != 2:
+        return None
+    a, b = (strip_shape(o) for o in m.owner.operands)
+    d = m.owner.attrs.direction
+    if a is b and d in ("ge", "le"):
+        ra, rb = m.owner.operands
+        rows_first = ra.type.shape[1:] == (1,) and rb.type.shape[:1] == (1,)
+        if (d == "ge") == rows_first:
+            return a
+    return None
+
+
+def raise_attention(rw, p, v):
+    dg = rw.root.owner.attrs
+    probs, vals, probs_first = (p, v, True) if _is(p, ops.softmax) else (v, p, False)
+    if not _is(probs, ops.softmax):
+        return None
+    pa = (dg.lhs_contract, dg.lhs_batch) if probs_first else (dg.rhs_contract, dg.rhs_batch)
+    va = (dg.rhs_contract, dg.rhs_batch) if probs_first else (dg.lhs_contract, dg.lhs_batch)
+    if probs.type.rank != 3 or vals.type.rank != 3 or pa != ((2,), (0,)) or va != ((0,), (1,)):
+        return _miss(rw, "attention", "probabilities [H, T, S] . values [S, H, D] expected")
+    s = probs.owner.operands[0]
+    if not _is(s, ops.select):
+        return _miss(rw, "attention", "scores are not masked with select (a bidirectional "
+                                      "or unmasked softmax is not causal attention)")
+    mask, scores, fill = s.owner.operands
+    pos = _causal_positions(mask)
+    if pos is None:
+        return _miss(rw, "attention", "mask is not causal (positions[:, None] >= "
+                                      "positions[None, :])")
+    fv = _const_array(fill)
+    if fv is None or not np.all(fv <= -1e30):
+        return _miss(rw, "attention", "masked scores are not filled with -inf or the "
+                                      "most negative float")
+    scale = 1.0
+    if _is(scores, ops.mul) and splat_value(scores.owner.operands[1]) is not None:
+        scale = float(splat_value(scores.owner.operands[1]))
+        scores = scores.owner.operands[0]
+    if not _is(scores, ops.dot_general):
+        return _miss(rw, "attention", "scores are not a dot_general")
+    sa = scores.owner.attrs
+    q, k = scores.owner.operands
+    if (sa.lhs_batch, sa.rhs_batch, sa.lhs_contract, sa.rhs_contract) != ((1,), (1,), (2,), (2,)) \
+            or q.type.rank != 3 or k.type.rank != 3:
+        return _miss(rw, "attention", "scores are not q[T, H, D] . k[S, H, D] over D")
+    if _is(q, ops.mul) and splat_value(q.owner.operands[1]) is not None:
+        scale *= float(splat_value(q.owner.operands[1]))
+        q = q.owner.operands[0]
+    (k, kshape), (vv, vshape) = _unrepeat(k), _unrepeat(vals)
+    if kshape != vshape or pos.shape != q.shape[:1] or kshape[0] != q.shape[0]:
+        return _miss(rw, "attention", "queries, keys and values do not share one sequence")
+    t, h, d = q.shape
+    q4 = rw(ops.reshape, q, shape=(1, t, h, d))
+    k4 = rw(ops.reshape, k, shape=(1,) + kshape)
+    v4 = rw(ops.reshape, vv, shape=(1,) + vshape)
+    out = rw(ops.attention, q4, k4, v4, scale=scale, causal=True)  # [1, T, H, D]
+    out = rw(ops.reshape, out, shape=(t, h, vshape[2]))
+    # the dot_general's layout: [H, T, D] (probs first) or [H, D, T]
+    return rw(ops.transpose, out, perm=(1, 0, 2) if probs_first else (1, 2, 0))
+
+
+# ---- rules ------------------------------------------------------------------------------------
+
+RULES = RuleSet([
+    # x * rsqrt(sum(x*x)/n + eps) * w -> rms_norm(x, w)
+    Rule("rms-norm", Pat(ops.mul, _NORMED, "w"), raise_rms_norm),
+    # x * 1 / (1 + exp(-x)) -> silu(x)
+    Rule("silu", Pat(ops.mul, "x", Pat(ops.div, Const(1.0), Pat(ops.add, Pat(
+        ops.exp, Pat(ops.neg, "x")), Const(1.0)))), raise_silu),
+    # silu(g) * u -> swiglu(g, u)
+    Rule("swiglu", Pat(ops.mul, Pat(ops.silu, "g"), "u"), raise_swiglu),
+    # x * 0.5 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))) -> gelu(x) {tanh}
+    Rule("gelu-tanh", _GELU_TANH, raise_gelu_tanh),
+    # gelu(g) * u -> geglu(g, u)
+    Rule("geglu", Pat(ops.mul, Pat(ops.gelu, "g"), "u"), raise_geglu),
+    # exp(x - max(x)) / sum(exp(x - max(x))) -> softmax(x)
+    Rule("softmax", Pat(ops.div, _EXP, Any("s")), raise_softmax),
+    # x * cos + rotate_half(x) * sin -> rope(x, positions)
+    Rule("rope", Pat(ops.add, Pat(ops.mul, name="a"), Pat(ops.mul, name="b")), raise_rope),
+    # dot_general(x, w) -> linear(x, w')
+    Rule("linear", Pat(ops.dot_general, "x", Pat((ops.weight, ops.transpose), name="w")),
+         raise_linear),
+    # take(w, ids) -> embedding(ids, w)
+    Rule("embedding", Pat(ops.take, Pat(ops.weight, name="table"), "ids"), raise_embedding),
+    # softmax(causal(q.k * s)) . v -> attention(q, k, v)
+    Rule("attention", Pat(ops.dot_general, "p", "v", commutative=True), raise_attention),
+])
+
+
+@register_pass
+@dataclass(frozen=True)
+class RaiseLLMOps(RewritePass):
+    """Raise imported primitive spellings to llm.* ops (after canonicalize)."""
+
+    name = "raise-llm-ops"
+    rules = RULES
+
+    def run(self, module, ctx) -> None:
+        notes = _Attrs(misses={})
+        apply_rules(module, self.rules, ctx=notes, stats=ctx.stats.rules,
+                    max_steps=self.max_steps)
+        # why rules declined (rule -> last reason): for `jaxrt inspect` and insert-kv-cache
+        module.attributes["raise_misses"] = dict(sorted(notes.misses.items()))

@@ -1,0 +1,157 @@
+"""raise-llm-ops rules: each has a positive case (the spelling JAX code produces, imported)
+and a near miss that must not be raised, with the reason recorded."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrt.frontends.jax_import import import_function, import_jax
+from jaxrt.ir.interpreter import run
+from jaxrt.passes import PassManager
+
+PIPE = "canonicalize,cse,dce,raise-llm-ops,canonicalize,cse,dce"
+(T,) = jax.export.symbolic_shape("T")
+
+
+def raised(fn, *args):
+    m = import_function(fn, *args)
+    PassManager(PIPE).run(m)
+    return m, [op.opdef.name for op in m.functions["forward"].ops]
+
+
+def f32(*shape):
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def rms(x, w, eps=1e-6):
+    return x * jax.lax.rsqrt(jnp.mean(x ** 2, axis=-1, keepdims=True) + eps) * w
+
+
+def test_rms_norm_and_gemma_offset():
+    m, names = raised(lambda x, w: rms(x, w) + rms(x, 1.0 + w, 1e-5), f32(T, 8), f32(8))
+    assert names.count("llm.rms_norm") == 2
+    offsets = sorted(op.attrs.offset for op in m.functions["forward"].ops
+                     if op.opdef.name == "llm.rms_norm")
+    assert offsets == [0.0, 1.0]
+
+
+def test_rms_norm_near_miss_wrong_divisor():
+    m, names = raised(lambda x, w: x * jax.lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) / 7.0
+                                                     + 1e-6) * w, f32(T, 8), f32(8))
+    assert "llm.rms_norm" not in names
+    assert "not 8" in m.attributes["raise_misses"]["rms-norm"]
+
+
+def test_silu_swiglu_and_near_miss():
+    _, names = raised(lambda g, u: jax.nn.silu(g) * u, f32(T, 8), f32(T, 8))
+    assert "llm.swiglu" in names and "exp" not in names
+    _, names = raised(lambda g: g * jax.nn.sigmoid(2.0 * g), f32(T, 8))  # not silu(g)
+    assert "llm.silu" not in names
+
+
+def test_gelu_tanh_geglu_and_near_miss():
+    m, names = raised(lambda g, u: jax.nn.gelu(g) * u, f32(T, 8), f32(T, 8))
+    assert "llm.geglu" in names and "tanh" not in names
+    x = np.random.default_rng(3).normal(size=(2, 5, 8)).astype(np.float32)
+    np.testing.assert_allclose(run(m, "forward", list(x))[0],
+                               np.asarray(jax.nn.gelu(x[0]) * x[1]), rtol=1e-5, atol=1e-6)
+    # jax.nn.gelu's spelling with 0.8 for sqrt(2/pi)
+    m, names = raised(lambda x: x * (0.5 * (1 + jnp.tanh(0.8 * (x + 0.044715 * x ** 3)))),
+                      f32(T, 8))
+    assert "llm.gelu" not in names
+    assert "sqrt(2/pi)" in m.attributes["raise_misses"]["gelu-tanh"]
+
+
+def test_softmax_and_near_miss():
+    _, names = raised(lambda s: jax.nn.softmax(s, axis=-1), f32(4, T))
+    assert names == ["llm.softmax"]
+    m, names = raised(lambda s: jnp.exp(s - jnp.max(s, 0, keepdims=True))
+                      / jnp.sum(jnp.exp(s - jnp.max(s, 0, keepdims=True)), -1, keepdims=True),
+                      f32(4, 6))
+    assert "llm.softmax" not in names
+    assert "max over the last axis" in m.attributes["raise_misses"]["softmax"]
+
+
+def rope_half(x, pos, inv):
+    f = pos[:, None].astype(jnp.float32) * inv[None, :]
+    e = jnp.concatenate([f, f], -1)
+    h = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., h:], x[..., :h]], -1)
+    return x * jnp.cos(e)[:, None, :] + rot * jnp.sin(e)[:, None, :]
+
+
+def test_rope_theta_fitted_and_matches_reference():
+    inv = 1.0 / (5e5 ** (np.arange(0, 8, 2, dtype=np.float32) / 8))
+    fn = lambda x: rope_half(x, jnp.arange(x.shape[0]), jnp.asarray(inv))  # noqa: E731
+    m, names = raised(fn, f32(T, 2, 8))
+    (op,) = [o for o in m.functions["forward"].ops if o.opdef.name == "llm.rope"]
+    assert op.attrs.theta == pytest.approx(5e5, rel=1e-5) and op.attrs.scaling == "none"
+    x = np.random.default_rng(0).normal(size=(5, 2, 8)).astype(np.float32)
+    got = run(m, "forward", [x])[0]
+    np.testing.assert_allclose(got, np.asarray(jax.jit(fn)(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_rope_near_miss_random_frequencies():
+    inv = np.array([1.0, 0.3, 0.2, 0.01], np.float32)  # no theta gives these
+    m, names = raised(lambda x: rope_half(x, jnp.arange(x.shape[0]), jnp.asarray(inv)),
+                      f32(T, 2, 8))
+    assert "llm.rope" not in names
+    assert "theta" in m.attributes["raise_misses"]["rope"]
+
+
+def attn(q, k, v, causal=True):
+    s = jnp.einsum("thd,shd->hts", q, jnp.repeat(k, 2, axis=1)) * 0.25
+    if causal:
+        pos = jnp.arange(q.shape[0])
+        s = jnp.where((pos[:, None] >= pos[None, :])[None], s, -jnp.inf)
+    return jnp.einsum("hts,shd->thd", jax.nn.softmax(s, -1), jnp.repeat(v, 2, axis=1))
+
+
+def test_causal_gqa_attention_matches_reference():
+    m, names = raised(attn, f32(T, 4, 8), f32(T, 2, 8), f32(T, 2, 8))
+    assert "llm.attention" in names and "dot_general" not in names
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.normal(size=s).astype(np.float32) for s in ((6, 4, 8), (6, 2, 8), (6, 2, 8)))
+    np.testing.assert_allclose(run(m, "forward", [q, k, v])[0],
+                               np.asarray(jax.jit(attn)(q, k, v)), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_near_miss_anticausal_mask():
+    def anti(q, k, v):
+        s = jnp.einsum("thd,shd->hts", q, k)
+        pos = jnp.arange(q.shape[0])
+        s = jnp.where((pos[:, None] <= pos[None, :])[None], s, -jnp.inf)  # future only
+        return jnp.einsum("hts,shd->thd", jax.nn.softmax(s, -1), v)
+    m, names = raised(anti, f32(T, 2, 8), f32(T, 2, 8), f32(T, 2, 8))
+    assert "llm.attention" not in names
+    assert "not causal" in m.attributes["raise_misses"]["attention"]
+
+
+def _with_weights(fn, weights, *args):
+    imported = import_jax(fn, weights, *args, weight_argnums=(0,))
+    PassManager(PIPE).run(imported.module)
+    return imported, [op.opdef.name for op in imported.module.functions["forward"].ops]
+
+
+def test_linear_and_embedding():
+    rng = np.random.default_rng(2)
+    w = {"table": rng.normal(size=(50, 8)).astype(np.float32),
+         "kernel": rng.normal(size=(8, 16)).astype(np.float32)}
+    fn = lambda p, ids: jnp.take(p["table"], ids, axis=0) @ p["kernel"]  # noqa: E731
+    imported, names = _with_weights(fn, w, jax.ShapeDtypeStruct((T,), jnp.int32))
+    assert names.count("llm.embedding") == 1 and names.count("llm.linear") == 1
+    m = imported.module
+    assert m.weight_defs["kernel.T"].op == "transpose"  # Flax [in, out] -> [out, in]
+    ids = np.array([3, 0, 49, 7], np.int32)
+    np.testing.assert_allclose(run(m, "forward", [ids], imported.weights)[0],
+                               np.asarray(fn(w, ids)), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_near_miss_contracting_the_token_axis():
+    w = {"kernel": np.ones((6, 16), np.float32)}
+    fn = lambda p, x: jax.lax.dot_general(x, p["kernel"], (((0,), (0,)), ((), ())))  # noqa
+    imported, names = _with_weights(fn, w, f32(6, 8))
+    assert "llm.linear" not in names
+    assert "last axis" in imported.module.attributes["raise_misses"]["linear"]
