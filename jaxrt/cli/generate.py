@@ -93,24 +93,11 @@ def _build(args, source, is_engine, Target, compile_loaded, layers_choice, Engin
     return model, engine
 
 
-def chat_prompt(model, text: str, system: str | None, args_model: str = "") -> str:
-    from jaxrt.frontends.tokenizer import render_chat
-    template = getattr(model, "chat_template", None)
-    if not template:
-        raise InputError("--chat: the model file has no chat template")
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": text}]
-    tok = model.tokenizer
-    return render_chat(template, messages, add_generation_prompt=True,
-                       bos_token=tok.bos_token or "", eos_token=tok.eos_token or "",
-                       source=f"{getattr(model, 'source', '') or args_model}: chat template")
-
-
 def chat_ids(model, text: str, system: str | None, parse_special: bool) -> list[int]:
     from jaxrt.frontends.chat import encode_chat
     template = getattr(model, "chat_template", None)
     if not template:
-        raise ValueError("--chat: the model file has no chat template")
+        raise InputError("--chat: the model file has no chat template")
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": text}]
     return encode_chat(model.tokenizer, template, messages, parse_special=parse_special)

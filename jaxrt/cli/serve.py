@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jaxrt.errors import SettingError
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help=".gguf file, Hugging Face directory, engine dir or alias")
@@ -53,9 +55,9 @@ def engine_kwargs(args) -> dict:
                         ("--num-pages", args.num_pages), ("--page-size", args.page_size),
                         ("--decode-steps", args.decode_steps)):
         if value is not None and value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
+            raise SettingError(f"{flag} must be >= 1, got {value}")
     if not 0 < args.kv_cache_memory_fraction <= 1:
-        raise ValueError(f"--kv-cache-memory-fraction must be in (0, 1], got "
+        raise SettingError(f"--kv-cache-memory-fraction must be in (0, 1], got "
                          f"{args.kv_cache_memory_fraction}")
     warmup = {"true": True, "false": False}.get(args.warmup, args.warmup)
     return dict(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
@@ -70,15 +72,15 @@ def engine_kwargs(args) -> dict:
 
 def run(args) -> int:
     if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+        raise SettingError(f"--port must be in [0, 65535], got {args.port}")
     for flag, value in (("--max-pending", args.max_pending),
                         ("--max-body-bytes", args.max_body_bytes)):
         if value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
+            raise SettingError(f"{flag} must be >= 1, got {value}")
     if not args.shutdown_timeout >= 0:
-        raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+        raise SettingError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     if args.api_key is not None and not args.api_key:
-        raise ValueError("--api-key must not be empty")
+        raise SettingError("--api-key must not be empty")
     from jaxrt.runtime.engine import Engine
     from jaxrt.serve.server import serve
 
