@@ -98,6 +98,8 @@ class StepExecutable:
         self._programs = StepPrograms(lower_function(bound, "step", backends=backends),
                                       page_size=page_size, pad_slot=num_pages * page_size)
         self._shapes: set[tuple[int, int, int, int, int]] = set()
+        # (S, MP, num_steps, temp bytes) of static-trip decode loops that copied the cache
+        self.decode_fallbacks: list[tuple[int, int, int, int]] = []
 
     def _place_weights(self, weights: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """The weights @step reads, on the device. Defined weights (stacks, casts) are
@@ -167,12 +169,34 @@ class StepExecutable:
 
     def compile_decode(self, S: int, MP: int, num_steps: int) -> float:
         """Compile the loop of `num_steps` decode steps of S sequences (see `decode`).
-        Small batches attend with static trip counts (`attention.decode_static_blocks`)."""
+
+        With JAXRT_DECODE_ATTENTION=static, small batches attend with static trip counts
+        (`attention.decode_static_blocks`). Such a loop is kept only if XLA updates the
+        cache in place: one whose temporary buffers are as large as the cache copies it
+        every call, so it is compiled again with dynamic trip counts, with a warning
+        (`decode_fallbacks` records the shapes)."""
         from .xla.attention import decode_static_blocks
         static = decode_static_blocks(S, MP * self.page_size,
                                       self.kv_bytes_per_token // self.num_layers)
-        return self._programs.compile_decode(S, MP, num_steps, self._weight_structs,
-                                             self._kv_struct, static_blocks=static)
+        seconds = self._programs.compile_decode(S, MP, num_steps, self._weight_structs,
+                                                self._kv_struct, static_blocks=static)
+        if static:
+            key = ("decode", S, MP, num_steps)
+            temp = self._programs.temp_bytes(key)
+            cache = int(np.prod(self._kv_struct.shape)) * self._kv_struct.dtype.itemsize
+            if temp is not None and temp >= cache:
+                import warnings
+                warnings.warn(f"jaxrt: the static-trip decode loop of {S} rows needs "
+                              f"{temp / 2**30:.1f} GiB of temporaries against a "
+                              f"{cache / 2**30:.1f} GiB KV cache (a copy of the cache); "
+                              f"compiling it with dynamic trip counts instead",
+                              RuntimeWarning, stacklevel=2)
+                self.decode_fallbacks.append((S, MP, num_steps, temp))
+                self._programs.forget(key)
+                seconds += self._programs.compile_decode(
+                    S, MP, num_steps, self._weight_structs, self._kv_struct,
+                    static_blocks=False)
+        return seconds
 
     def memory_analysis(self, T: int, S: int, Q: int, MP: int, N: int):
         """XLA's memory statistics of a bucket (compiling it if needed): argument, output,

@@ -134,6 +134,19 @@ class StepPrograms:
     def has(self, key: tuple) -> bool:
         return key in self._compiled
 
+    def forget(self, key: tuple) -> None:
+        """Drop a compiled program (the next compile of its key builds it again)."""
+        self._compiled.pop(key, None)
+
+    def temp_bytes(self, key: tuple) -> int | None:
+        """XLA's temporary bytes of a compiled program, or None where the backend does
+        not say."""
+        try:
+            stats = self._compiled[key].memory_analysis()
+        except (NotImplementedError, RuntimeError):
+            return None
+        return None if stats is None else int(stats.temp_size_in_bytes)
+
     def trace_step(self, shape: tuple[int, int, int, int, int], params_struct, kv_struct):
         """The sampled step of a bucket, traced (jax.stages.Traced): lower and compile."""
         layout = step_layout(*shape)

@@ -22,6 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from jaxrt.errors import SettingError
 from jaxrt.ir import Builder, DType, Module, TensorType, interpreter, ops
 from jaxrt.lowering.compile import lower_function
 from jaxrt.lowering.xla import attention as xla_attention
@@ -275,20 +276,24 @@ def test_dense_path_only_when_the_table_fits_one_block():
     assert "scan" in static and "while" not in static
 
 
-def test_decode_attention_is_static_for_small_batches_on_accelerators(monkeypatch):
+def test_decode_attention_mode_and_cost_rule(monkeypatch):
     monkeypatch.delenv("JAXRT_DECODE_ATTENTION", raising=False)
+    # auto is dynamic on every platform until a GPU run shows static loops in place
+    for platform in ("gpu", "cpu"):
+        assert not xla_attention.decode_static_blocks(1, 4096, 768, platform)
+    monkeypatch.setenv("JAXRT_DECODE_ATTENTION", "static")
     # SmolLM2 (3 KV heads x 64 dims, bf16: 768 bytes a layer-token), 4,096-token tables
     assert xla_attention.decode_static_blocks(1, 4096, 768, "gpu")
     assert xla_attention.decode_static_blocks(32, 4096, 768, "gpu")
     assert not xla_attention.decode_static_blocks(64, 4096, 768, "gpu")
-    assert not xla_attention.decode_static_blocks(1, 4096, 768, "cpu")
     # Llama-3.1-8B (8 x 128, bf16: 4 KiB)
     assert xla_attention.decode_static_blocks(8, 4096, 4096, "gpu")
     assert not xla_attention.decode_static_blocks(16, 4096, 4096, "gpu")
-    monkeypatch.setenv("JAXRT_DECODE_ATTENTION", "static")
-    assert xla_attention.decode_static_blocks(1, 4096, 768, "cpu")
     monkeypatch.setenv("JAXRT_DECODE_ATTENTION", "dynamic")
     assert not xla_attention.decode_static_blocks(1, 4096, 768, "gpu")
+    monkeypatch.setenv("JAXRT_DECODE_ATTENTION", "fast")
+    with pytest.raises(SettingError, match="JAXRT_DECODE_ATTENTION"):
+        xla_attention.decode_static_blocks(1, 4096, 768, "gpu")
 
 
 def test_loop_reads_only_blocks_some_query_can_see():

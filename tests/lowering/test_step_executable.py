@@ -181,6 +181,50 @@ def test_kv_update_is_in_place():
     assert stats.temp_size_in_bytes < kv_bytes // 8  # and no copy of it is made
 
 
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_decode_loop_updates_the_cache_in_place(mode, monkeypatch):
+    monkeypatch.setenv("JAXRT_DECODE_ATTENTION", mode)
+    module = build_module(CONFIGS["gemma3"])
+    exe = StepExecutable(module, random_weights(module), num_pages=2048, page_size=4,
+                         dtype="f32")
+    exe.compile_decode(2, 8, 4)
+    assert exe.decode_fallbacks == []
+    stats = exe._programs._compiled[("decode", 2, 8, 4)].memory_analysis()
+    kv_bytes = exe.kv_cache.nbytes
+    assert stats.alias_size_in_bytes >= kv_bytes
+    assert stats.temp_size_in_bytes < kv_bytes // 8
+
+
+def test_static_decode_loop_that_copies_the_cache_is_compiled_again(monkeypatch):
+    # A static-trip loop whose temporaries are as large as the cache copies it each call
+    # (XLA:GPU did, on an H200): the executable warns and keeps a dynamic loop instead.
+    from jaxrt.lowering.xla import attention
+    from jaxrt.runtime.programs import StepPrograms
+    monkeypatch.setenv("JAXRT_DECODE_ATTENTION", "static")
+    module = build_module(CONFIGS["llama"])
+    exe = StepExecutable(module, random_weights(module), num_pages=NUM_PAGES,
+                         page_size=PAGE_SIZE, dtype="f32")
+    traced = []
+    real = StepPrograms.compile_decode
+
+    def spy(self, *args, static_blocks=False):
+        traced.append(static_blocks)
+        return real(self, *args, static_blocks=static_blocks)
+    monkeypatch.setattr(StepPrograms, "compile_decode", spy)
+    # the 2-row static loop "copies"; every other program stays in place
+    monkeypatch.setattr(StepPrograms, "temp_bytes", lambda self, key: (
+        exe.kv_cache.nbytes if key[1] == 2 and traced[-1] else 0))
+    with pytest.warns(RuntimeWarning, match="copy of the cache"):
+        exe.compile_decode(2, 3, 4)
+    assert traced == [True, False]
+    assert [f[:3] for f in exe.decode_fallbacks] == [(2, 3, 4)]
+    assert exe._programs.has(("decode", 2, 3, 4))
+    # a loop that stays in place is kept as compiled, with no second compile
+    exe.compile_decode(1, 3, 4)
+    assert traced == [True, False, True] and len(exe.decode_fallbacks) == 1
+    assert attention.decode_static_blocks(1, 3 * PAGE_SIZE, 8)
+
+
 def test_default_dtype_follows_the_backend():
     module = build_module(CONFIGS["llama"])
     exe = StepExecutable(module, random_weights(module), num_pages=2, page_size=4)

@@ -67,17 +67,37 @@ def static_trip_counts(on: bool = True):
 # layer at least, ~30 us each on an H200, ~180 MB of HBM time): static below this.
 STATIC_DECODE_BYTES_PER_LAYER = 128 << 20
 
+# Static trip counts are opt-in (JAXRT_DECODE_ATTENTION=static). On an H200 (2026-12-06)
+# XLA:GPU's memory estimate for decode loops compiled that way came to ~237 GiB, about
+# twice the KV pool, the signature of a copy of the cache, and those engines ran slower
+# than the dynamic loops measured before. Until a GPU run shows a static loop updating
+# the cache in place and beating the dynamic one, `auto` means dynamic; the runtime also
+# checks every static loop it compiles (StepExecutable.compile_decode).
+DECODE_ATTENTION_MODES = ("auto", "dynamic", "static")
+
+
+def decode_attention_mode() -> str:
+    """JAXRT_DECODE_ATTENTION (auto, dynamic or static; default auto), checked."""
+    from ...errors import SettingError
+    mode = os.environ.get("JAXRT_DECODE_ATTENTION", "auto").strip().lower() or "auto"
+    if mode not in DECODE_ATTENTION_MODES:
+        raise SettingError(f"JAXRT_DECODE_ATTENTION must be one of "
+                           f"{', '.join(DECODE_ATTENTION_MODES)}, got {mode!r}")
+    return mode
+
 
 def decode_static_blocks(rows: int, table_tokens: int, layer_token_bytes: int,
                          platform: str | None = None) -> bool:
     """Whether a decode loop of `rows` sequences over tables of `table_tokens` tokens
     (K+V of a token in one layer: `layer_token_bytes`) should visit every key block
-    (static trip counts) rather than stop at the longest context. Only accelerators
-    stall on a loop's predicate. JAXRT_DECODE_ATTENTION=static|dynamic overrides."""
-    forced = os.environ.get("JAXRT_DECODE_ATTENTION", "auto").lower()
-    if forced in ("static", "dynamic"):
-        return forced == "static"
-    if (platform or jax.default_backend()) == "cpu":
+    (static trip counts) rather than stop at the longest context.
+
+    Only with JAXRT_DECODE_ATTENTION=static, and then only while the extra reads stay under
+    STATIC_DECODE_BYTES_PER_LAYER a layer; `auto` and `dynamic` stop at the longest
+    context (see DECODE_ATTENTION_MODES for why auto is dynamic). `platform` is kept for
+    callers that ask per platform; the rule does not depend on it today."""
+    del platform
+    if decode_attention_mode() != "static":
         return False
     return rows * table_tokens * layer_token_bytes <= STATIC_DECODE_BYTES_PER_LAYER
 
