@@ -179,13 +179,16 @@ def take_first(rw, y, idx):
 
 
 def _head_to_logits(step: Function) -> None:
-    """The returned f32 linear(h, w[V, H]) without bias is the logits head: llm.logits."""
+    """The returned f32 linear(h, w[V, H]) without bias is the logits head: llm.logits;
+    soft-capped, tanh(linear / c) * c, it is llm.logits {softcap = c}."""
+    from .raise_llm_ops import _softcapped
     r = step.results[0]
-    op = r.owner
+    head, softcap = _softcapped(r)
+    op = head.owner
     if op is not None and op.opdef is ops.linear and len(op.operands) == 2 and \
-            r.dtype == DType.f32:
-        new = make_op(ops.logits, op.operands, {})
-        step.ops[step.ops.index(op)] = new
+            r.dtype == DType.f32 and head.dtype == DType.f32:
+        new = make_op(ops.logits, op.operands, {"softcap": softcap})
+        step.ops[step.ops.index(r.owner)] = new  # the cap's ops become dead
         step.replace_uses(r, new.results[0])
 
 

@@ -19,6 +19,8 @@ kernels see the same ops a hand-written builder emits:
                of some theta (optionally / a linear factor)  -> rope(x, p) {theta, ...}
     attention  softmax(mask(q.k * scale)) . v, causal mask from one positions vector, GQA
                by repeat (broadcast + reshape)       -> attention(q, k, v) {scale, causal}
+               mask & (p[:, None] - p[None, :] < w)  -> ... {window = w}
+               tanh(q.k * scale / c) * c             -> ... {softcap = c}
 
 Rules whose handler declines record why in `RaiseLLMOps.misses` (rule -> last reason),
 which `jaxrt inspect` and `insert-kv-cache`'s errors report.
@@ -230,20 +232,68 @@ def _rope_angles(e: Value):
 
 
 def _fit_theta(inv: np.ndarray, head_dim: int):
-    """RoPE attrs whose frequencies are `inv` (plain or linearly scaled), else None."""
+    """RoPE attrs whose frequencies are `inv` (plain, linearly scaled or llama3-scaled),
+    else None."""
     if inv.size != head_dim // 2 or inv.size < 2 or np.any(inv <= 0):
         return None
     ratio = inv[1] / inv[0]  # theta ** (-2 / d)
-    theta = float(ratio ** (-head_dim / 2.0))
+    theta = float(np.float32(ratio ** (-head_dim / 2.0)))
     factor = float(1.0 / inv[0])
-    attrs = {"theta": float(np.float32(theta))}
+    attrs = {"theta": theta}
     if abs(factor - 1.0) > 1e-6:
         attrs.update(scaling="linear", factor=float(np.float32(factor)))
-    probe = _Attrs(**{"scaling": "none", "factor": 1.0, **attrs})
-    want = rope_inv_freq(head_dim, probe)
-    if not np.allclose(inv, want, rtol=1e-5, atol=0):
+    if _frequencies_match(inv, head_dim, attrs):
+        return attrs
+    # llama3 keeps the highest frequencies and scales the lowest: theta from either pair
+    for a, b in ((0, 1), (-2, -1)):
+        theta = float(np.float32((inv[b] / inv[a]) ** (-head_dim / 2.0)))
+        attrs = _fit_llama3(inv, head_dim, theta)
+        if attrs is not None:
+            return attrs
+    return None
+
+
+def _frequencies_match(inv: np.ndarray, head_dim: int, attrs: dict) -> bool:
+    probe = _Attrs(**{"scaling": "none", "factor": 1.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position": 8192, **attrs})
+    return bool(np.allclose(inv, rope_inv_freq(head_dim, probe), rtol=1e-5, atol=0))
+
+
+def _fit_llama3(inv: np.ndarray, head_dim: int, theta: float):
+    """Llama 3's scaling keeps the high frequencies, divides
+    the low ones by `factor` and blends a band between, linearly in frequency:
+    blend = A * f + B with A = orig / (2 pi (high - low)), B = -low / (high - low). Only
+    the ratios orig : low : high matter, so low = 1; without a blended band the common
+    (low, high) = (1, 4) is tried with power-of-two original lengths."""
+    plain = rope_inv_freq(head_dim, _Attrs(theta=theta, scaling="none"))
+    kept = inv / plain  # 1 for kept, 1 / factor for scaled
+    factor = float(1.0 / kept[-1])
+    if factor <= 1.0 + 1e-6:
         return None
-    return attrs
+    blend = (kept - 1.0 / factor) / (1.0 - 1.0 / factor)  # 1 kept ... 0 scaled
+    band = (blend > 1e-4) & (blend < 1 - 1e-4)
+    candidates = []
+    if band.sum() >= 2:
+        a, b = np.polyfit(plain[band], blend[band], 1)
+        if b < 0:
+            high = 1.0 - 1.0 / b
+            candidates.append((1.0, high, round(2 * np.pi * a * (high - 1.0))))
+    candidates += [(1.0, high, 2 ** k) for high in (4.0, 2.0, 8.0) for k in range(4, 21)]
+    if not band.any() and (blend > 0.5).any() and (blend < 0.5).any():
+        # no blended band: any orig below the shortest scaled wavelength and a high factor
+        # keeping the longest kept one below orig / high give these frequencies
+        wavelen = 2 * np.pi / plain
+        kept_max, scaled_min = wavelen[blend > 0.5].max(), wavelen[blend < 0.5].min()
+        orig = int(np.ceil(scaled_min)) - 1
+        if orig > kept_max:
+            candidates.append((1.0, float((1.0 + orig / kept_max) / 2), orig))
+    for low, high, orig in candidates:
+        attrs = {"theta": theta, "scaling": "llama3", "factor": float(np.float32(factor)),
+                 "low_freq_factor": float(low), "high_freq_factor": float(np.float32(high)),
+                 "original_max_position": int(orig)}
+        if orig >= 1 and _frequencies_match(inv, head_dim, attrs):
+            return attrs
+    return None
 
 
 class _Attrs:
@@ -266,15 +316,15 @@ def raise_rope(rw, a, b):
                 got = _rope_angles(c.owner.operands[0])
                 if got is None:
                     return _miss(rw, "rope", "angles are not concat(p*f, p*f) with constant "
-                                             "frequencies f (interleaved or llama3-scaled "
-                                             "RoPE is not raised)")
+                                             "frequencies f (interleaved RoPE is not "
+                                             "raised)")
                 pos, inv = got
                 if pos.shape != x.shape[:-2]:
                     return _miss(rw, "rope", f"positions {pos.type} do not match {x.type}")
                 attrs = _fit_theta(inv, x.shape[-1])
                 if attrs is None:
                     return _miss(rw, "rope", "frequencies are not theta ** (-2i/d) of any "
-                                             "theta (times a linear factor)")
+                                             "theta (plain, linear or llama3-scaled)")
                 return rw(ops.rope, x, pos, **attrs)
     return _miss(rw, "rope", "no operand is rotate_half(x) * sin beside x * cos")
 
@@ -309,6 +359,58 @@ def _causal_positions(mask: Value):
     return None
 
 
+def _window_of(mask: Value, pos: Value):
+    """mask = (p[:, None] - p[None, :] < w) (or <= w - 1) over the positions p -> the
+    window w (keys with q_pos - k_pos >= w masked: transformers' and Gemma's), else None."""
+    m = strip_shape(mask)
+    if not _is(m, ops.compare) or m.type.rank != 2:
+        return None
+    diff, bound = m.owner.operands
+    w = splat_value(bound)
+    d = m.owner.attrs.direction
+    if w is None or d not in ("lt", "le") or not _is(diff, ops.sub):
+        return None
+    rows, cols = diff.owner.operands
+    if strip_shape(rows) is not pos or strip_shape(cols) is not pos or \
+            rows.type.shape[1:] != (1,) or cols.type.shape[:1] != (1,):
+        return None
+    window = int(w) + (1 if d == "le" else 0)
+    return window if window == w + (1 if d == "le" else 0) and window >= 1 else None
+
+
+def _mask_positions(mask: Value):
+    """A causal mask, or a causal mask `&` a sliding window (in either order) ->
+    (positions, window or None); None for any other mask."""
+    pos = _causal_positions(mask)
+    if pos is not None:
+        return pos, None
+    m = strip_shape(mask)
+    if _is(m, ops.minimum) and m.dtype == DType.bool_:  # boolean and
+        for causal, window in (m.owner.operands, reversed(m.owner.operands)):
+            pos = _causal_positions(causal)
+            w = None if pos is None else _window_of(window, pos)
+            if w is not None:
+                return pos, w
+    return None
+
+
+def _softcapped(v: Value):
+    """v = tanh(x / c) * c (or x * (1/c) inside) -> (x, c), else (v, None)."""
+    if not _is(v, ops.mul):
+        return v, None
+    t, cap = v.owner.operands
+    c = splat_value(cap)
+    if c is None or not _is(t, ops.tanh) or c <= 0:
+        return v, None
+    inner = t.owner.operands[0]
+    if _is(inner, ops.div) and splat_value(inner.owner.operands[1]) == c:
+        return inner.owner.operands[0], float(c)
+    if _is(inner, ops.mul) and splat_value(inner.owner.operands[1]) is not None and \
+            np.isclose(splat_value(inner.owner.operands[1]) * c, 1.0, rtol=1e-6):
+        return inner.owner.operands[0], float(c)
+    return v, None
+
+
 def raise_attention(rw, p, v):
     dg = rw.root.owner.attrs
     probs, vals, probs_first = (p, v, True) if _is(p, ops.softmax) else (v, p, False)
@@ -323,14 +425,17 @@ def raise_attention(rw, p, v):
         return _miss(rw, "attention", "scores are not masked with select (a bidirectional "
                                       "or unmasked softmax is not causal attention)")
     mask, scores, fill = s.owner.operands
-    pos = _causal_positions(mask)
-    if pos is None:
+    causal = _mask_positions(mask)
+    if causal is None:
         return _miss(rw, "attention", "mask is not causal (positions[:, None] >= "
-                                      "positions[None, :])")
+                                      "positions[None, :], optionally & a window "
+                                      "positions[:, None] - positions[None, :] < w)")
+    pos, window = causal
     fv = _const_array(fill)
     if fv is None or not np.all(fv <= -1e30):
         return _miss(rw, "attention", "masked scores are not filled with -inf or the "
                                       "most negative float")
+    scores, softcap = _softcapped(scores)  # the cap applies to the scaled scores
     scale = 1.0
     if _is(scores, ops.mul) and splat_value(scores.owner.operands[1]) is not None:
         scale = float(splat_value(scores.owner.operands[1]))
@@ -352,7 +457,8 @@ def raise_attention(rw, p, v):
     q4 = rw(ops.reshape, q, shape=(1, t, h, d))
     k4 = rw(ops.reshape, k, shape=(1,) + kshape)
     v4 = rw(ops.reshape, vv, shape=(1,) + vshape)
-    out = rw(ops.attention, q4, k4, v4, scale=scale, causal=True)  # [1, T, H, D]
+    out = rw(ops.attention, q4, k4, v4, scale=scale, causal=True, window=window,
+             softcap=softcap)  # [1, T, H, D]
     out = rw(ops.reshape, out, shape=(t, h, vshape[2]))
     # the dot_general's layout: [H, T, D] (probs first) or [H, D, T]
     return rw(ops.transpose, out, perm=(1, 0, 2) if probs_first else (1, 2, 0))

@@ -19,6 +19,26 @@ def rope_frequencies(head_dim: int, theta: float, factor: float = 1.0) -> np.nda
     return (inv / factor).astype(np.float32)
 
 
+def llama3_frequencies(head_dim: int, theta: float, factor: float, low_freq_factor: float,
+                       high_freq_factor: float, original_max_position_embeddings: int):
+    """MaxText's / Meta's Llama 3.1 frequency scaling, in numpy."""
+    inv = rope_frequencies(head_dim, theta).astype(np.float64)
+    low_wl = original_max_position_embeddings / low_freq_factor
+    high_wl = original_max_position_embeddings / high_freq_factor
+    out = []
+    for f in inv:
+        wavelen = 2 * np.pi / f
+        if wavelen < high_wl:
+            out.append(f)
+        elif wavelen > low_wl:
+            out.append(f / factor)
+        else:
+            smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (
+                high_freq_factor - low_freq_factor)
+            out.append((1 - smooth) * f / factor + smooth * f)
+    return np.asarray(out, np.float32)
+
+
 def apply_rope(x, positions, inv_freq):
     """x[T, heads, head_dim], positions[T]: rotate-half RoPE."""
     freqs = positions[:, None].astype(jnp.float32) * inv_freq[None, :]  # [T, D/2]
@@ -101,9 +121,14 @@ class FlaxLlama(nnx.Module):
             self.lm_head = nnx.Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False,
                                       rngs=rngs)
         rope = cfg.rope_parameters
-        self.inv_freq = rope_frequencies(cfg.head_dim, rope["rope_theta"],
-                                         rope.get("factor", 1.0)
-                                         if rope["rope_type"] == "linear" else 1.0)
+        if rope["rope_type"] == "llama3":
+            self.inv_freq = llama3_frequencies(
+                cfg.head_dim, rope["rope_theta"], rope["factor"], rope["low_freq_factor"],
+                rope["high_freq_factor"], rope["original_max_position_embeddings"])
+        else:
+            self.inv_freq = rope_frequencies(cfg.head_dim, rope["rope_theta"],
+                                             rope.get("factor", 1.0)
+                                             if rope["rope_type"] == "linear" else 1.0)
 
     def __call__(self, tokens):
         x = self.embed_tokens(tokens)  # [T, hidden]

@@ -1,7 +1,7 @@
 """A Flax NNX Llama written in the tests (flax_models.py) served through jaxrt.from_flax.
 
 For hypothesis-drawn random transformers Llama configs (MHA/GQA/MQA, tied and untied
-embeddings, default and linear RoPE): the Flax model loads the transformers weights; the
+embeddings, default, linear and llama3 RoPE): the Flax model loads the transformers weights; the
 imported, raised, cache-inserted @step's logits match transformers within
 1e-4 x max|logit| at every prompt position (f32 on both sides, as test_parity_random.py),
 and greedy output through `Engine` is token-identical to `model.generate` (a differing
@@ -26,9 +26,10 @@ from jaxrt.jax_frontend import from_flax, import_forward, raise_module, flax_for
 from jaxrt.passes.insert_kv_cache import CacheInsertionError
 from jaxrt.runtime.engine import Engine
 from jaxrt.runtime.request import SamplingParams
+from tests.frontends.flax_gemma import FlaxGemma3, load_gemma3_weights
 from tests.frontends.flax_models import FlaxLlama, ScanLlama, load_llama_weights
-from tests.frontends.test_parity_random import (REL_TOL, common, examples, make_model,
-                                                seeds)
+from tests.frontends.test_parity_random import (REL_TOL, common, examples, gemma3_cases,
+                                                make_model, rope_params, seeds)
 
 pytestmark = pytest.mark.xdist_group("parity")
 NEW_TOKENS = 16
@@ -39,11 +40,7 @@ CPU = Target("cpu", 1 << 30, "f32")
 @st.composite
 def llama_cases(draw):
     kw = draw(common())
-    kind = draw(st.sampled_from(["default", "linear"]))
-    rope = {"rope_type": kind, "rope_theta": draw(st.sampled_from([1e4, 5e5]))}
-    if kind == "linear":
-        rope["factor"] = draw(st.sampled_from([2.0, 4.0]))
-    kw["rope_parameters"] = rope
+    kw["rope_parameters"] = rope_params(draw, draw(st.sampled_from([1e4, 5e5])))
     return transformers.LlamaConfig(**kw), draw(st.integers(6, 16)), draw(seeds)
 
 
@@ -102,6 +99,56 @@ def test_flax_llama_matches_transformers(case):
                                                              temperature=0.0,
                                                              ignore_eos=True))[0]
     check_tokens(list(out.ids), want, logits)
+
+
+def greedy_matches(exe, hf, prompt):
+    want, logits = hf_greedy(hf, prompt)
+    engine = Engine(exe, max_num_seqs=4, warmup=False, log=None)
+    out = engine.generate([prompt.tolist()], SamplingParams(max_tokens=NEW_TOKENS,
+                                                             temperature=0.0,
+                                                             ignore_eos=True))[0]
+    check_tokens(list(out.ids), want, logits)
+
+
+@examples(2)
+@given(gemma3_cases())
+def test_flax_gemma3_matches_transformers(case):
+    # sliding and global layers with their RoPE bases, QK-norm, (1 + w) norms, GeGLU,
+    # scaled embeddings, final soft-cap: raised to llm.* ops and served with the cache
+    hf_config, prompt_len, seed = case
+    hf = make_model(hf_config, seed)
+    flax_model = load_gemma3_weights(FlaxGemma3(hf_config, rngs=nnx.Rngs(0)), hf)
+    exe = serve(flax_model, prompt_len)
+    prompt = np.random.default_rng(seed).integers(0, hf_config.vocab_size, prompt_len)
+    check_logits(exe, hf, prompt)
+    greedy_matches(exe, hf, prompt)
+
+
+def test_flax_gemma_attention_softcap_matches_the_model():
+    # transformers' Gemma3 never soft-caps attention scores (Gemma 2 did), so the raised
+    # soft-cap is checked against the Flax model itself, the function that was imported
+    cfg = transformers.Gemma3TextConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=3,
+        layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=24,
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e4},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e2}},
+        final_logit_softcapping=8.0, hidden_activation="gelu_pytorch_tanh",
+        tie_word_embeddings=True)
+    flax_model = load_gemma3_weights(
+        FlaxGemma3(cfg, rngs=nnx.Rngs(0), attn_softcap=2.0), make_model(cfg, 5))
+    exe = serve(flax_model, 10)
+    attn = [op for op in exe.module.functions["step"].ops
+            if op.opdef.name == "llm.paged_attention"]
+    assert [(op.attrs.window, op.attrs.softcap) for op in attn] == [(3, 2.0), (None, 2.0)]
+    prompt = np.arange(3, 13)
+    want = np.asarray(flax_model(prompt))
+    n = len(prompt)
+    pos = np.arange(n, dtype=np.int32)
+    got = np.asarray(exe.run(prompt.astype(np.int32), pos, pos,
+                             np.arange(exe.num_pages, dtype=np.int32)[None],
+                             np.array([n], np.int32), pos[None], pos))
+    assert np.abs(got - want).max() <= REL_TOL * float(np.abs(want).max())
 
 
 def _tiny(layers=2, tied=True):

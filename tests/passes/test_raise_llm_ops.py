@@ -6,9 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jaxrt.frontends.jax_import import import_function, import_jax
 from jaxrt.ir.interpreter import run
+from jaxrt.ir.ops.nn import rope_inv_freq
 from jaxrt.passes import PassManager
 
 PIPE = "canonicalize,cse,dce,raise-llm-ops,canonicalize,cse,dce"
@@ -93,6 +96,29 @@ def test_rope_theta_fitted_and_matches_reference():
     np.testing.assert_allclose(got, np.asarray(jax.jit(fn)(x)), rtol=1e-5, atol=1e-5)
 
 
+@settings(max_examples=12, deadline=None)
+@given(theta=st.sampled_from([1e4, 5e5]), factor=st.sampled_from([2.0, 8.0, 32.0]),
+       high=st.sampled_from([2.0, 4.0]), orig=st.sampled_from([16, 64, 8192]),
+       head_dim=st.sampled_from([16, 64, 128]))
+def test_llama3_scaled_rope_is_fitted(theta, factor, high, orig, head_dim):
+    # frequencies as transformers computes them for Llama 3.x; the fitted attrs must give
+    # back the same frequencies (rope_inv_freq), whichever equivalent (low, high, orig)
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    rope = {"rope_type": "llama3", "rope_theta": theta, "factor": factor,
+            "low_freq_factor": 1.0, "high_freq_factor": high,
+            "original_max_position_embeddings": orig}
+    cfg = LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, head_dim=head_dim,
+                      rope_parameters=rope, max_position_embeddings=4 * orig)
+    inv = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")[0].numpy()
+    m, names = raised(lambda x: rope_half(x, jnp.arange(x.shape[0]), jnp.asarray(inv)),
+                      f32(T, 2, head_dim))
+    (op,) = [o for o in m.functions["forward"].ops if o.opdef.name == "llm.rope"]
+    np.testing.assert_allclose(rope_inv_freq(head_dim, op.attrs), inv, rtol=1e-5)
+    assert op.attrs.theta == pytest.approx(theta, rel=1e-5)
+    assert op.attrs.scaling in ("llama3", "linear", "none")  # bands may be empty
+
+
 def test_rope_near_miss_random_frequencies():
     inv = np.array([1.0, 0.3, 0.2, 0.01], np.float32)  # no theta gives these
     m, names = raised(lambda x: rope_half(x, jnp.arange(x.shape[0]), jnp.asarray(inv)),
@@ -127,6 +153,51 @@ def test_attention_near_miss_anticausal_mask():
     m, names = raised(anti, f32(T, 2, 8), f32(T, 2, 8), f32(T, 2, 8))
     assert "llm.attention" not in names
     assert "not causal" in m.attributes["raise_misses"]["attention"]
+
+
+def gemma_attn(q, k, v, window=3, cap=2.0, cap_in=None, order="window-last"):
+    """Gemma's spelling: scores soft-capped, a causal mask `&` a sliding window."""
+    s = jnp.einsum("thd,shd->hts", q * 0.25, jnp.repeat(k, 2, axis=1))
+    s = jnp.tanh(s / (cap if cap_in is None else cap_in)) * cap
+    pos = jnp.arange(q.shape[0])
+    causal = pos[:, None] >= pos[None, :]
+    near = pos[:, None] - pos[None, :] < window
+    mask = causal & near if order == "window-last" else near & causal
+    s = jnp.where(mask[None], s, -2.3819763e38)
+    return jnp.einsum("hts,shd->thd", jax.nn.softmax(s, -1), jnp.repeat(v, 2, axis=1))
+
+
+@pytest.mark.parametrize("order", ["window-last", "window-first"])
+def test_sliding_window_and_softcap_attention_matches_reference(order):
+    fn = lambda q, k, v: gemma_attn(q, k, v, order=order)  # noqa: E731
+    m, names = raised(fn, f32(T, 4, 8), f32(T, 2, 8), f32(T, 2, 8))
+    (op,) = [op for op in m.functions["forward"].ops if op.opdef.name == "llm.attention"]
+    assert (op.attrs.window, op.attrs.softcap, op.attrs.scale) == (3, 2.0, 0.25)
+    assert "tanh" not in names and "compare" not in names
+    rng = np.random.default_rng(4)
+    q, k, v = (rng.normal(size=s).astype(np.float32) for s in ((7, 4, 8), (7, 2, 8), (7, 2, 8)))
+    np.testing.assert_allclose(run(m, "forward", [q, k, v])[0],
+                               np.asarray(jax.jit(fn)(q, k, v)), rtol=1e-5, atol=1e-5)
+
+
+def test_softcap_near_miss_mismatched_constants():
+    # tanh(s / 3) * 2 is not a soft-cap: left alone, attention not raised
+    fn = lambda q, k, v: gemma_attn(q, k, v, cap=2.0, cap_in=3.0)  # noqa: E731
+    m, names = raised(fn, f32(T, 4, 8), f32(T, 2, 8), f32(T, 2, 8))
+    assert "llm.attention" not in names and "tanh" in names
+    assert "dot_general" in m.attributes["raise_misses"]["attention"]
+
+
+def test_window_near_miss_is_not_a_window():
+    def wrong(q, k, v):  # keys at most 3 ahead: anti-causal window & causal = only self
+        s = jnp.einsum("thd,shd->hts", q, k)
+        pos = jnp.arange(q.shape[0])
+        mask = (pos[:, None] >= pos[None, :]) & (pos[None, :] - pos[:, None] < 3)
+        s = jnp.where(mask[None], s, -jnp.inf)
+        return jnp.einsum("hts,shd->thd", jax.nn.softmax(s, -1), v)
+    m, names = raised(wrong, f32(T, 2, 8), f32(T, 2, 8), f32(T, 2, 8))
+    assert "llm.attention" not in names
+    assert "window" in m.attributes["raise_misses"]["attention"]
 
 
 def _with_weights(fn, weights, *args):
