@@ -132,12 +132,14 @@ class CompiledModel:
 def default_pipeline(target: Target, *, page_size: int = 16, memory_fraction: float = 0.9,
                      max_model_len: int = 0, max_num_seqs: int = 64,
                      max_num_batched_tokens: int = 2048, num_pages: int = 0,
-                     outline_layers: bool | None = None) -> str:
+                     outline_layers: bool | None = None, tensor_parallel: int = 1,
+                     data_parallel: int = 1) -> str:
     """The pipeline `load` runs. `outline_layers` compiles the repeated layers once (a scan
     over stacked weights); False keeps the stack unrolled. None picks by target: scan on
     CPUs, where compile time dominates start-up, unrolled on accelerators, where it decodes
     faster (one H200, bf16, batch 1: 169 vs 80 tok/s for Llama-3.1-8B; see
-    bench/results/layers_h200.json)."""
+    bench/results/layers_h200.json). `tensor_parallel` / `data_parallel` > 1 add the
+    `shard` pass (docs/parallelism.md); at 1 the pipeline is unchanged."""
     passes = ["canonicalize", "cse", "dce"]
     if outline_layers is None:
         outline_layers = target.backend == "cpu"
@@ -145,6 +147,10 @@ def default_pipeline(target: Target, *, page_size: int = 16, memory_fraction: fl
         passes.append("outline-layers")
     if target.dtype != "f32":
         passes.append(f"cast-float{{dtype={target.dtype}}}")
+    if tensor_parallel != 1 or data_parallel != 1:
+        # After the casts and stacks: it annotates the weights the step reads. Before the
+        # plan, which budgets per device.
+        passes.append(f"shard{{tp={tensor_parallel} dp={data_parallel}}}")
     passes.append(
         f"plan-kv-cache{{page-size={page_size} memory-fraction={memory_fraction} "
         f"max-model-len={max_model_len} max-num-seqs={max_num_seqs} "

@@ -154,12 +154,17 @@ def spec_of(module, name: str) -> ShardSpec:
     return ShardSpec.replicated(t.rank)
 
 
-def device_bytes(t: TensorType, spec: ShardSpec | None, mesh: Mapping[str, int]) -> int:
-    """Bytes one device holds of a value of type `t` split as `spec`."""
-    n = t.nbytes()
+def device_split(spec: ShardSpec | None, mesh: Mapping[str, int]) -> int:
+    """Into how many parts `spec` splits a value (1: replicated or no mesh)."""
+    n = 1
     if spec is not None:
         for axis in spec.dims:
             if axis is not None:
-                n //= mesh[axis]
+                n *= mesh[axis]
     return n
+
+
+def device_bytes(t: TensorType, spec: ShardSpec | None, mesh: Mapping[str, int]) -> int:
+    """Bytes one device holds of a value of type `t` split as `spec`."""
+    return t.nbytes() // device_split(spec, mesh)
 

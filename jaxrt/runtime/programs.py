@@ -120,16 +120,24 @@ def decode_loop(step: StepFn, layout, *, page_size: int, pad_slot: int,
     return run
 
 
-def _gathered_logits(step: StepFn, split, replicated) -> StepFn:
-    """`step` whose logits are computed split by vocabulary (`split`), then gathered
-    whole on every device before anything samples them. Without the first constraint
-    the partitioner may gather the LM head's weight instead (cheaper on tiny shapes, a
-    vocab x hidden copy every step on real ones); without the second it carries the
-    split into the sampler's sort, cumsum and reductions, a collective each."""
+def _sharded_step(step: StepFn, mesh) -> StepFn:
+    """`step` on a mesh (`jaxrt.lowering.mesh.StepMesh`). With dp > 1 the batch's rows
+    (tokens, sequences, logit rows) are split over dp. The logits are computed split by
+    vocabulary, then gathered whole on every device before anything samples them:
+    without the first constraint the partitioner may gather the LM head's weight
+    instead (cheaper on tiny shapes, a vocab x hidden copy every step on real ones);
+    without the second it carries the split into the sampler's sort, cumsum and
+    reductions, a collective each."""
+    constrain = jax.lax.with_sharding_constraint
+    split_rows = mesh.mesh.shape.get("dp", 1) > 1
+
     def run(params, *args):
-        logits, kv = step(params, *args)
-        logits = jax.lax.with_sharding_constraint(logits, split)
-        return jax.lax.with_sharding_constraint(logits, replicated), kv
+        *batch, kv = args
+        if split_rows:
+            batch = [constrain(x, mesh.rows()) for x in batch]
+        logits, kv = step(params, *batch, kv)
+        logits = constrain(logits, mesh.logits())
+        return constrain(logits, mesh.replicated), kv
     return run
 
 
@@ -145,7 +153,7 @@ class StepPrograms:
         # outputs replicated (the logits gathered), the cache kept as it is split.
         self.mesh = mesh
         if mesh is not None:
-            self._step = _gathered_logits(step, mesh.logits(), mesh.replicated)
+            self._step = _sharded_step(step, mesh)
         self._compiled: dict[tuple, Any] = {}
         self.compile_seconds = 0.0
 
