@@ -213,9 +213,8 @@ class StepPrograms:
         buf = jax.ShapeDtypeStruct(buf.shape, buf.dtype, sharding=rep)
         extra = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep) for x in extra]
         outs = (rep,) * (3 - len(extra)) + (self.mesh.kv(),)
-        with self.mesh.mesh:
-            return jax.jit(fn, donate_argnums=(2 + len(extra),), out_shardings=outs).trace(
-                params_struct, buf, *extra, kv_struct)
+        return jax.jit(fn, donate_argnums=(2 + len(extra),), out_shardings=outs).trace(
+            params_struct, buf, *extra, kv_struct)
 
     def _finish(self, key, trace) -> float:
         start = time.perf_counter()
