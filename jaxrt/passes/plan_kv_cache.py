@@ -140,6 +140,11 @@ class PlanKVCache(Pass):
                                   "or set module.attributes['target']['device_memory_bytes']")
             cap = self.max_cache_gib * _GIB if self.max_cache_gib else \
                 target.get("kv_cache_cap_bytes", 0)
+            if mesh and target.get("backend") == "cpu":
+                # Fake CPU devices share the host: its memory and the cache cap are
+                # split between them.
+                devices = math.prod(mesh.values())
+                device, cap = device / devices, cap / devices
             page_bytes = ps * device_bytes_per_token
             free = device * self.memory_fraction - weight_bytes - activation
             pages = max(0, int(free // page_bytes))

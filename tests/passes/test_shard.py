@@ -152,3 +152,22 @@ def test_too_few_devices_is_a_setting_error():
     m = sharded(config(), "shard{tp=2}")
     with pytest.raises(SettingError, match="sharded over 2 devices"):
         StepMesh.of(m)  # this process has one CPU device
+
+
+def test_inspect_reports_per_device_bytes(tmp_path, capsys):
+    from jaxrt.cli.main import main
+    m = sharded(config(), "canonicalize,cse,dce,shard{tp=2},plan-kv-cache{page-size=4 "
+                          "memory-gib=1 max-model-len=32 max-num-seqs=2}")
+    path = tmp_path / "m.jxr"
+    path.write_text(print_module(m))
+    assert main(["inspect", str(path), "--format", "json"]) == 0
+    import json
+    sh = json.loads(capsys.readouterr().out)["sharding"]
+    whole = sum(t.nbytes() for n, t in m.weights.items() if n not in m.weight_defs)
+    norms = 5 * 16 * 4  # 2 x 2 layer norms and the final norm, f32[16], replicated
+    assert sh["device_weight_bytes"] == (whole - norms) // 2 + norms
+    assert sh["device_kv_heads"] == 1 and sh["mesh"] == {"dp": 1, "tp": 2}
+    plan = m.attributes["kv_cache"]
+    assert sh["device_kv_cache_bytes"] == plan["cache_bytes"] // 2
+    assert main(["inspect", str(path)]) == 0
+    assert "per device: weights" in capsys.readouterr().out
