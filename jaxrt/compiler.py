@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from .frontends.config import ModelConfig
 from .frontends.errors import ModelFormatError
 from .frontends.tokenizer import Tokenizer
 from .ir import Module
+from .ir.sharding import device_bytes, mesh_of, spec_of
 
 ENGINE_FORMAT = 1
 _GIB = 1 << 30
@@ -266,11 +268,14 @@ def load_engine(path: str) -> CompiledModel:
     check_module(module, meta, ir_path, meta_path)
     # The cache is sized by the file: refuse one over this device's budget before any
     # allocation (the weights come out of the same memory).
+    # On a mesh, per device (its weight shards; fake CPU devices share the host).
     target = Target.detect()
-    budget = int(target.device_memory_bytes * 0.9) - sum(
-        t.nbytes() for t in module.weights.values())
+    mesh = mesh_of(module)
+    shared = math.prod(mesh.values()) if mesh and target.backend == "cpu" else 1
+    budget = int(target.device_memory_bytes * 0.9) // shared - sum(
+        device_bytes(t, spec_of(module, n), mesh) for n, t in module.weights.items())
     if target.kv_cache_cap_bytes:
-        budget = min(budget, target.kv_cache_cap_bytes)
+        budget = min(budget, target.kv_cache_cap_bytes // shared)
     check_kv_budget(module, ir_path, budget)
     weights_path = os.path.join(path, "weights.safetensors")
     header = read_safetensors_header(weights_path)  # validates before the library reads

@@ -171,3 +171,14 @@ def test_inspect_reports_per_device_bytes(tmp_path, capsys):
     assert sh["device_kv_cache_bytes"] == plan["cache_bytes"] // 2
     assert main(["inspect", str(path)]) == 0
     assert "per device: weights" in capsys.readouterr().out
+
+
+def test_engine_kv_budget_is_per_device():
+    from jaxrt.engine_format import check_kv_budget
+    from jaxrt.errors import ResourceLimitError
+    plan = "plan-kv-cache{page-size=4 memory-gib=1 max-model-len=32 max-num-seqs=2 num-pages=16}"
+    m = sharded(config(), "shard{tp=2}," + plan)
+    whole = m.functions["step"].arg("kv").type.nbytes()
+    check_kv_budget(m, "m.jxr", whole // 2)   # one device holds half the KV heads
+    with pytest.raises(ResourceLimitError, match="needs"):
+        check_kv_budget(m, "m.jxr", whole // 2 - 1)
