@@ -194,14 +194,16 @@ class StepExecutable:
         every call, so it is compiled again with dynamic trip counts, with a warning
         (`decode_fallbacks` records the shapes)."""
         from .xla.attention import decode_static_blocks
+        parts = 1 if self.mesh is None else self.mesh.kv_parts  # a device's KV heads
         static = decode_static_blocks(S, MP * self.page_size,
-                                      self.kv_bytes_per_token // self.num_layers)
+                                      self.kv_bytes_per_token // self.num_layers // parts)
         seconds = self._programs.compile_decode(S, MP, num_steps, self._weight_structs,
                                                 self._kv_struct, static_blocks=static)
         if static:
             key = ("decode", S, MP, num_steps)
             temp = self._programs.temp_bytes(key)
-            cache = int(np.prod(self._kv_struct.shape)) * self._kv_struct.dtype.itemsize
+            cache = int(np.prod(self._kv_struct.shape)) * self._kv_struct.dtype.itemsize \
+                // parts
             if temp is not None and temp >= cache:
                 import warnings
                 warnings.warn(f"jaxrt: the static-trip decode loop of {S} rows needs "

@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ..errors import SettingError
 from ..ir import Module
-from ..ir.sharding import ShardSpec, kv_spec, mesh_of, spec_of
+from ..ir.sharding import ShardSpec, device_split, kv_spec, mesh_of, spec_of
 
 
 def partition_spec(spec: ShardSpec) -> PartitionSpec:
@@ -59,6 +59,11 @@ class StepMesh:
         spec = kv_spec(self.module)
         return NamedSharding(self.mesh, PartitionSpec() if spec is None
                              else partition_spec(spec))
+
+    @property
+    def kv_parts(self) -> int:
+        """Into how many parts the cache is split (each device holds one)."""
+        return device_split(kv_spec(self.module), self.mesh.shape)
 
     def logits(self) -> NamedSharding:
         """[N, vocab] split by vocabulary, as the vocabulary-parallel head computes it."""

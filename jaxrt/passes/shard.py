@@ -122,7 +122,7 @@ class ShardModel(Pass):
         for name, (role, lead) in a.roles.items():
             name = _renamed(module, name, a, replicas)
             rank = module.weights[name].rank - lead
-            if role == VOCAB or (role == COLUMN):
+            if role in (VOCAB, COLUMN):
                 dims = ("tp",) + (None,) * (rank - 1)
             elif rank == 2:  # row-parallel matrix: its input dim
                 dims = (None, "tp")
