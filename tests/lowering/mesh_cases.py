@@ -17,7 +17,6 @@ import pytest
 from jaxrt.compiler import Target, compile_loaded
 from jaxrt.frontends.config import ModelConfig
 from jaxrt.frontends.loaded import expected_weight_shapes
-from jaxrt.lowering.executable import greedy_generate
 from jaxrt.runtime.engine import Engine
 from jaxrt.runtime.request import SamplingParams
 
@@ -65,11 +64,11 @@ def test_eight_devices():
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_greedy_equals_single_device(name):
     cfg, outline, meshes = CASES[name]
-    want = greedy_generate(executable(cfg, outline=outline), PROMPT, NEW_TOKENS)
+    want = greedy(executable(cfg, outline=outline), PROMPT, NEW_TOKENS)
     for tp, dp in meshes:
         exe = executable(cfg, tp=tp, dp=dp, outline=outline)
         assert exe.mesh is not None and exe.mesh.size == tp * dp
-        assert greedy_generate(exe, PROMPT, NEW_TOKENS) == want, (name, tp, dp)
+        assert greedy(exe, PROMPT, NEW_TOKENS) == want, (name, tp, dp)
 
 
 def test_logits_match_and_cache_is_split():
@@ -81,6 +80,24 @@ def test_logits_match_and_cache_is_split():
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
     kv = exe.kv_cache
     assert kv.shape[4] == 8 and {s.data.shape[4] for s in kv.addressable_shards} == {1}
+
+
+def greedy(exe, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy tokens, the prompt fed one token per step too: every call is the same
+    one-token bucket (one compile per executable; prefill buckets are covered by the
+    logits and engine tests). The sequence lives in pages 0, 1, ..."""
+    table = np.arange(exe.num_pages, dtype=np.int32)[None]
+    out, token = [], prompt[0]
+    for pos in range(len(prompt) + new_tokens - 1):
+        logits = exe.run(np.array([token], np.int32), np.array([pos], np.int32),
+                         np.array([pos], np.int32), table, np.array([pos + 1], np.int32),
+                         np.zeros((1, 1), np.int32), np.zeros(1, np.int32))
+        if pos + 1 < len(prompt):
+            token = prompt[pos + 1]
+        else:
+            token = int(np.argmax(np.asarray(logits)[0]))
+            out.append(token)
+    return out
 
 
 def _prefill_args(prompt):
@@ -104,9 +121,9 @@ def test_collectives_per_decode_step():
     one all-gather of the logits; nothing in attention or the sampler."""
     exe = executable(LLAMA, tp=8)
     layers = LLAMA.num_layers
-    exe.compile_for(2, 2, 1, 8, 2)   # a decode step of 2 sequences, sampled on the device
-    exe.compile_decode(2, 8, 2)      # the decode loop: its body is one step
-    for key in (("step", 2, 2, 1, 8, 2), ("decode", 2, 8, 2)):
+    exe.compile_for(1, 1, 1, NUM_PAGES, 1)  # a decode step sampled on the device (the
+    exe.compile_decode(2, NUM_PAGES, 2)     # greedy tests' bucket); the decode loop
+    for key in (("step", 1, 1, 1, NUM_PAGES, 1), ("decode", 2, NUM_PAGES, 2)):
         got = collectives(exe._programs._compiled[key])
         assert got == {"all-reduce": 2 * layers + 1, "all-gather": 1}, (key, got)
 
@@ -135,5 +152,5 @@ def test_smollm2_tp3_greedy_equals_single_device():
         model = compile_loaded(loaded, target=Target("cpu", 2 << 30, "f32"), page_size=16,
                                num_pages=4, max_model_len=64, outline_layers=True,
                                tensor_parallel=tp)
-        runs.append(greedy_generate(model.executable(), prompt, 6))
+        runs.append(greedy(model.executable(), prompt, 6))
     assert runs[0] == runs[1]
