@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from .frontends.config import ModelConfig
 from .frontends.errors import ModelFormatError
 from .frontends.tokenizer import Tokenizer
 from .ir import Module
+from .ir.sharding import device_bytes, mesh_of, spec_of
 
 ENGINE_FORMAT = 1
 _GIB = 1 << 30
@@ -132,12 +134,14 @@ class CompiledModel:
 def default_pipeline(target: Target, *, page_size: int = 16, memory_fraction: float = 0.9,
                      max_model_len: int = 0, max_num_seqs: int = 64,
                      max_num_batched_tokens: int = 2048, num_pages: int = 0,
-                     outline_layers: bool | None = None) -> str:
+                     outline_layers: bool | None = None, tensor_parallel: int = 1,
+                     data_parallel: int = 1) -> str:
     """The pipeline `load` runs. `outline_layers` compiles the repeated layers once (a scan
     over stacked weights); False keeps the stack unrolled. None picks by target: scan on
     CPUs, where compile time dominates start-up, unrolled on accelerators, where it decodes
     faster (one H200, bf16, batch 1: 169 vs 80 tok/s for Llama-3.1-8B; see
-    bench/results/layers_h200.json)."""
+    bench/results/layers_h200.json). `tensor_parallel` / `data_parallel` > 1 add the
+    `shard` pass (docs/parallelism.md); at 1 the pipeline is unchanged."""
     passes = ["canonicalize", "cse", "dce"]
     if outline_layers is None:
         outline_layers = target.backend == "cpu"
@@ -145,6 +149,10 @@ def default_pipeline(target: Target, *, page_size: int = 16, memory_fraction: fl
         passes.append("outline-layers")
     if target.dtype != "f32":
         passes.append(f"cast-float{{dtype={target.dtype}}}")
+    if tensor_parallel != 1 or data_parallel != 1:
+        # After the casts and stacks: it annotates the weights the step reads. Before the
+        # plan, which budgets per device.
+        passes.append(f"shard{{tp={tensor_parallel} dp={data_parallel}}}")
     passes.append(
         f"plan-kv-cache{{page-size={page_size} memory-fraction={memory_fraction} "
         f"max-model-len={max_model_len} max-num-seqs={max_num_seqs} "
@@ -260,11 +268,14 @@ def load_engine(path: str) -> CompiledModel:
     check_module(module, meta, ir_path, meta_path)
     # The cache is sized by the file: refuse one over this device's budget before any
     # allocation (the weights come out of the same memory).
+    # On a mesh, per device (its weight shards; fake CPU devices share the host).
     target = Target.detect()
-    budget = int(target.device_memory_bytes * 0.9) - sum(
-        t.nbytes() for t in module.weights.values())
+    mesh = mesh_of(module)
+    shared = math.prod(mesh.values()) if mesh and target.backend == "cpu" else 1
+    budget = int(target.device_memory_bytes * 0.9) // shared - sum(
+        device_bytes(t, spec_of(module, n), mesh) for n, t in module.weights.items())
     if target.kv_cache_cap_bytes:
-        budget = min(budget, target.kv_cache_cap_bytes)
+        budget = min(budget, target.kv_cache_cap_bytes // shared)
     check_kv_budget(module, ir_path, budget)
     weights_path = os.path.join(path, "weights.safetensors")
     header = read_safetensors_header(weights_path)  # validates before the library reads

@@ -179,9 +179,11 @@ def check_module(module, meta: dict[str, Any], ir_path: str, meta_path: str) -> 
 
 
 def check_kv_budget(module, ir_path: str, budget_bytes: int) -> None:
-    """Refuse a cache larger than `budget_bytes` before anything is allocated."""
+    """Refuse a cache larger than `budget_bytes` before anything is allocated. On a mesh
+    (the shard pass) both are per device: a device holds its KV heads."""
+    from .ir.sharding import device_split, kv_spec, mesh_of
     kv = module.functions["step"].args[7].type
-    need = kv.nbytes()
+    need = kv.nbytes() // device_split(kv_spec(module), mesh_of(module))
     if need > budget_bytes:
         raise ResourceLimitError(
             f"{ir_path}: the KV cache {kv} needs {need / 2**30:.2f} GiB; this device's "

@@ -22,6 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                       "(default: the first)")
     p.add_argument("-p", "--pipeline", default=None,
                    help="for models: the pass pipeline (default: the standard one)")
+    p.add_argument("--tensor-parallel", "--tp", type=int, default=1, metavar="N",
+                   help="for models with the default pipeline: add shard{tp=N} and report "
+                        "per-device weight and cache bytes")
+    p.add_argument("--data-parallel", "--dp", type=int, default=1, metavar="M",
+                   help="for models with the default pipeline: the mesh's dp axis")
 
 
 def _bindings(items: list[str]) -> dict[str, int]:
@@ -44,7 +49,15 @@ def run(args) -> int:
         model_info = None
     else:
         from jaxrt.compiler import load
-        model = load(args.target, pipeline=args.pipeline)
+        parallel = {}
+        if args.tensor_parallel != 1 or args.data_parallel != 1:
+            if args.pipeline is not None:
+                raise SettingError("--tensor-parallel/--data-parallel add the shard pass to "
+                                   "the default pipeline; with -p, write shard{tp=N dp=M} "
+                                   "in it")
+            parallel = {"tensor_parallel": args.tensor_parallel,
+                        "data_parallel": args.data_parallel}
+        model = load(args.target, pipeline=args.pipeline, **parallel)
         module = model.module
         model_info = {"source": model.source, "pipeline": model.pipeline,
                       "parameters": int(sum(module.weights[n].num_elements()

@@ -161,6 +161,8 @@ class Module:
     weight_defs: dict[str, Any] = field(default_factory=dict)
     # Module-level metadata (architecture config, KV plan, ...): JSON-like values.
     attributes: dict[str, Any] = field(default_factory=dict)
+    # Weight name -> ShardSpec (jaxrt/ir/sharding.py); a weight without one is replicated.
+    shardings: dict[str, Any] = field(default_factory=dict)
 
     def add_function(self, fn: Function) -> Function:
         if fn.name in self.functions:
@@ -175,6 +177,7 @@ class Module:
                 and list(self.weights) == list(other.weights)
                 and _defs_key(self.weight_defs) == _defs_key(other.weight_defs)
                 and _as_tuples(self.attributes) == _as_tuples(other.attributes)
+                and self.shardings == other.shardings
                 and list(self.functions) == list(other.functions)
                 and all(f.structural_key() == other.functions[n].structural_key()
                         for n, f in self.functions.items()))

@@ -8,6 +8,7 @@ printing the result gives the same text back (a NaN attribute compares equal onl
 
     module    := 'module' SYM ['attributes' dict] '{' (weight | func)* '}'
     weight    := 'weight' SYM ':' type ['=' NAME '(' [SYM {',' SYM}] ')' [dict]]
+                 ['sharded' '[' NAME {',' NAME} ']']   (a mesh axis or _ per dim)
     func      := 'func' SYM '(' [VAL ':' type {',' ...}] ')' '->' '(' [type {',' type}] ')'
                  '{' op* 'return' [VAL {',' VAL}] '}'
     op        := [VAL {',' VAL} '='] ('weight' SYM | NAME '(' [VAL {',' VAL}] ')' [dict])
@@ -31,6 +32,7 @@ from .module import Function, Module, Value, make_op
 from .opdef import OPS, OpDef, VerifyError
 from .ops import weight as weight_op
 from .types import DType, TensorType
+from .sharding import ShardSpec
 from .weights import WeightDef, infer_def
 
 
@@ -206,6 +208,16 @@ class _Parser:
         if self.accept("="):
             self.weight_def(m, name, t, type_pos)
         m.weights[name] = t
+        if self.at_keyword("sharded"):
+            self.next()
+            spec_pos = self.toks[self.i][2]
+            self.expect("[")
+            items = [tok[1] for tok in self.comma_list(
+                lambda: self.expect("word", "a mesh axis name or _"), "]")]
+            try:
+                m.shardings[name] = ShardSpec.parse(items)
+            except VerifyError as e:
+                raise self.error(str(e), spec_pos) from None
 
     def weight_def(self, m: Module, name: str, t: TensorType, type_pos: int) -> None:
         op_tok = self.expect("word", "a weight definition (stack, concat, slice, ...)")

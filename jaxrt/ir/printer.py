@@ -113,6 +113,9 @@ def print_module(m: Module) -> str:
         if d is not None:
             line += (f" = {d.op}(" + ", ".join(format_symbol(s) for s in d.sources) + ")"
                      + (" " + format_attr_dict(dict(d.attrs)) if d.attrs else ""))
+        spec = m.shardings.get(name)
+        if spec is not None:
+            line += f" sharded {spec}"
         lines.append(line)
     for fn in m.functions.values():
         lines.append(print_function(fn))

@@ -31,7 +31,8 @@ def rebuild(module: Module, *, weight_type: Callable[[str, TensorType], TensorTy
     """
     new = Module(module.name, weights={n: weight_type(n, t) for n, t in module.weights.items()},
                  weight_defs=dict(module.weight_defs),
-                 attributes=copy.deepcopy(module.attributes))
+                 attributes=copy.deepcopy(module.attributes),
+                 shardings=dict(module.shardings))
     for fn in module.functions.values():
         args = [Value(arg_type(a), None, i, hint=a.hint) for i, a in enumerate(fn.args)]
         env: dict[Value, Value] = dict(zip(fn.args, args))
@@ -99,7 +100,7 @@ def set_float_dtype(module: Module, dtype: DType, *, keep_f32: Iterable[str] = (
     keep = frozenset(keep_f32)
     # A shallow copy whose weight table gains the cast definitions; `module` is untouched.
     module = Module(module.name, module.functions, dict(module.weights),
-                    dict(module.weight_defs), module.attributes)
+                    dict(module.weight_defs), module.attributes, dict(module.shardings))
     renamed = _cast_weights(module, dtype, keep) if dtype != DType.f32 else {}
 
     def retype(t: TensorType) -> TensorType:

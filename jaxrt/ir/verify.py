@@ -5,6 +5,7 @@ from .module import Function, Module, make_op
 from .opdef import OpDef, VerifyError
 from .ops import weight
 from .ops.control import scan, verify_scan
+from .sharding import check_module as check_shardings
 from .weights import verify_defs
 
 
@@ -75,3 +76,4 @@ def verify(module: Module) -> None:
     verify_defs(module.weights, module.weight_defs)
     for fn in module.functions.values():
         verify_function(fn, module)
+    check_shardings(module)

@@ -106,6 +106,32 @@ def _infer_cast(d, ts):
     return t.with_dtype(dtype)
 
 
+def _infer_repeat(d, ts):
+    (t,) = ts
+    axis = _axis(d, t.rank)
+    block, times = d.attr("block"), d.attr("times")
+    for v in (block, times):
+        _ints(v, "repeat: block/times")
+    if block < 1 or times < 1 or t.shape[axis] % block:
+        raise VerifyError(f"repeat: axis {axis} of {t} is not whole blocks of {block} "
+                          f"(times {times})")
+    shape = list(t.shape)
+    shape[axis] *= times
+    return TensorType(tuple(shape), t.dtype)
+
+
+def _eval_repeat(d, xs):
+    """Each `block` rows of `axis` repeated `times` times in place: [a, b] -> [a, a, b, b]
+    (KV heads replicated for tensor parallelism, jaxrt/passes/shard.py)."""
+    x = xs[0]
+    axis = _axis(d, x.ndim)
+    block, times = d.attr("block"), d.attr("times")
+    shape = x.shape[:axis] + (x.shape[axis] // block, block) + x.shape[axis + 1:]
+    out = np.repeat(x.reshape(shape), times, axis=axis)
+    return np.ascontiguousarray(out.reshape(x.shape[:axis] + (x.shape[axis] * times,)
+                                            + x.shape[axis + 1:]))
+
+
 # name -> (number of sources (None: one or more), attribute keys, infer, evaluate)
 _DEFS: dict[str, tuple[int | None, tuple[str, ...], Callable, Callable]] = {
     "stack": (None, ("axis",), _infer_stack,
@@ -117,6 +143,7 @@ _DEFS: dict[str, tuple[int | None, tuple[str, ...], Callable, Callable]] = {
                                     axis=_axis(d, xs[0].ndim))),
     "transpose": (1, ("perm",), _infer_transpose,
                   lambda d, xs: np.ascontiguousarray(np.transpose(xs[0], d.attr("perm")))),
+    "repeat": (1, ("axis", "block", "times"), _infer_repeat, _eval_repeat),
     "cast": (1, ("dtype",), _infer_cast,
              lambda d, xs: xs[0].astype(d.attr("dtype").to_numpy())),
 }
@@ -190,6 +217,7 @@ def prune_weights(module) -> list[str]:
     for n in dropped:
         del module.weights[n]
         module.weight_defs.pop(n, None)
+        module.shardings.pop(n, None)
     return dropped
 
 

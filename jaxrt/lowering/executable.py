@@ -18,6 +18,7 @@ from ..ir import DType, Module, verify
 from ..ir.substitute import bind_dims, set_float_dtype
 from ..ir.weights import materialize, resident_weights
 from .compile import default_float_dtype, enable_persistent_cache, lower_function
+from .mesh import StepMesh
 
 _ZEROS = ThreadPoolExecutor(1, thread_name_prefix="jaxrt-kv-zeros")
 _PLACE = ThreadPoolExecutor(1, thread_name_prefix="jaxrt-weights")
@@ -78,25 +79,30 @@ class StepExecutable:
         # Zeroing the cache is page faults, not arithmetic (4 GiB: ~2 s on a 2-core VM):
         # done on a thread (XLA releases the GIL) while weights load and buckets trace and
         # compile, which need only its shape. Resolved by the first run.
-        self._kv_struct = jax.ShapeDtypeStruct(self._kv_type.shape,
-                                               self._kv_type.dtype.to_numpy())
-        self._kv_future = _ZEROS.submit(
-            lambda: jnp.zeros(self._kv_struct.shape, self._kv_struct.dtype).block_until_ready())
+        # A sharded module (the shard pass) runs on a device mesh: weights and the cache
+        # are split as it says; None keeps the single-device path untouched.
+        self.mesh = StepMesh.of(bound)
+        self._kv_struct = jax.ShapeDtypeStruct(
+            self._kv_type.shape, self._kv_type.dtype.to_numpy(),
+            **({} if self.mesh is None else {"sharding": self.mesh.kv()}))
+        self._kv_future = _ZEROS.submit(self._zero_cache)
         self._kv: jax.Array | None = None
         # Weights likewise, with wait=False: reading them (the weight cache: page faults,
         # GIL released) overlaps tracing and compiling, which need only their types.
         # ready() (or the first run) waits, and raises what placing them raised.
         names = resident_weights(bound)
-        self._weight_structs = {n: jax.ShapeDtypeStruct(bound.weights[n].shape,
-                                                        bound.weights[n].dtype.to_numpy())
-                                for n in names}
+        self._weight_structs = {n: jax.ShapeDtypeStruct(
+            bound.weights[n].shape, bound.weights[n].dtype.to_numpy(),
+            **({} if self.mesh is None else {"sharding": self.mesh.weight(n)}))
+            for n in names}
         self._weights: dict[str, jax.Array] | None = None
         self._weights_future = _PLACE.submit(self._place_weights, weights)
         if wait:
             self.ready()
         from ..runtime.programs import StepPrograms
         self._programs = StepPrograms(lower_function(bound, "step", backends=backends),
-                                      page_size=page_size, pad_slot=num_pages * page_size)
+                                      page_size=page_size, pad_slot=num_pages * page_size,
+                                      mesh=self.mesh)
         self._shapes: set[tuple[int, int, int, int, int]] = set()
         # (S, MP, num_steps, temp bytes) of static-trip decode loops that copied the cache
         self.decode_fallbacks: list[tuple[int, int, int, int]] = []
@@ -104,8 +110,20 @@ class StepExecutable:
     def _place_weights(self, weights: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """The weights @step reads, on the device. Defined weights (stacks, casts) are
         computed here once from the source data, which must have its declared type."""
+        if self.mesh is None:
+            place = lambda name, arr: jax.device_put(arr)  # noqa: E731
+        else:
+            place = lambda name, arr: jax.device_put(arr, self.mesh.weight(name))  # noqa: E731
         return materialize(self.module, weights, resident_weights(self.module),
-                           on_result=lambda name, arr: jax.device_put(arr))
+                           on_result=place)
+
+    def _zero_cache(self) -> jax.Array:
+        shape, dtype = self._kv_struct.shape, self._kv_struct.dtype
+        if self.mesh is None:
+            return jnp.zeros(shape, dtype).block_until_ready()
+        # Each device zeroes only its own shard.
+        return jax.jit(lambda: jnp.zeros(shape, dtype),
+                       out_shardings=self.mesh.kv())().block_until_ready()
 
     # ---- properties -----------------------------------------------------------------
 
@@ -176,14 +194,16 @@ class StepExecutable:
         every call, so it is compiled again with dynamic trip counts, with a warning
         (`decode_fallbacks` records the shapes)."""
         from .xla.attention import decode_static_blocks
+        parts = 1 if self.mesh is None else self.mesh.kv_parts  # a device's KV heads
         static = decode_static_blocks(S, MP * self.page_size,
-                                      self.kv_bytes_per_token // self.num_layers)
+                                      self.kv_bytes_per_token // self.num_layers // parts)
         seconds = self._programs.compile_decode(S, MP, num_steps, self._weight_structs,
                                                 self._kv_struct, static_blocks=static)
         if static:
             key = ("decode", S, MP, num_steps)
             temp = self._programs.temp_bytes(key)
-            cache = int(np.prod(self._kv_struct.shape)) * self._kv_struct.dtype.itemsize
+            cache = int(np.prod(self._kv_struct.shape)) * self._kv_struct.dtype.itemsize \
+                // parts
             if temp is not None and temp >= cache:
                 import warnings
                 warnings.warn(f"jaxrt: the static-trip decode loop of {S} rows needs "

@@ -30,6 +30,7 @@ from jaxrt.errors import InputError
 from jaxrt.ir.analysis.graph import peak_memory
 from jaxrt.ir.module import Module
 from jaxrt.ir.substitute import _rebuild, bind_dims
+from jaxrt.ir.sharding import device_bytes, device_split, kv_spec, mesh_of, spec_of
 from jaxrt.ir.types import TensorType
 from jaxrt.ir.weights import resident_weights
 
@@ -109,10 +110,19 @@ class PlanKVCache(Pass):
         if max_len <= 0:
             raise KVPlanError("plan-kv-cache: max-model-len is unknown; pass max-model-len=N")
         pages_per_seq = math.ceil(max_len / ps)
-        weight_bytes = sum(module.weights[n].nbytes() for n in resident_weights(module))
+        # On a mesh (the shard pass) every number is per device: each holds its shards
+        # of the weights and its KV heads of the cache. Activations are counted whole
+        # (an upper bound: most are split too).
+        mesh = mesh_of(module)
+        kv_split = device_split(kv_spec(module), mesh)
+        device_bytes_per_token = bytes_per_token // kv_split
+        weight_bytes = sum(device_bytes(module.weights[n], spec_of(module, n), mesh)
+                           for n in resident_weights(module))
         activation = self._peak_activations(module, pages_dim, ps_dim, pages_per_seq)
 
         budget = {"weight_bytes": weight_bytes, "activation_bytes": activation}
+        if mesh:
+            budget["per_device"] = True
         shorter = "lower max-model-len (--max-model-len)"
         if self.num_pages:
             pages = self.num_pages
@@ -130,7 +140,12 @@ class PlanKVCache(Pass):
                                   "or set module.attributes['target']['device_memory_bytes']")
             cap = self.max_cache_gib * _GIB if self.max_cache_gib else \
                 target.get("kv_cache_cap_bytes", 0)
-            page_bytes = ps * bytes_per_token
+            if mesh and target.get("backend") == "cpu":
+                # Fake CPU devices share the host: its memory and the cache cap are
+                # split between them.
+                devices = math.prod(mesh.values())
+                device, cap = device / devices, cap / devices
+            page_bytes = ps * device_bytes_per_token
             free = device * self.memory_fraction - weight_bytes - activation
             pages = max(0, int(free // page_bytes))
             budget.update(device_bytes=int(device), memory_fraction=self.memory_fraction,
@@ -166,6 +181,10 @@ class PlanKVCache(Pass):
             "bytes_per_token": bytes_per_token, "max_concurrent_tokens": pages * ps,
             "max_model_len": max_len, "cache_bytes": pages * ps * bytes_per_token,
             "budget": budget}
+        if mesh:
+            module.attributes["kv_cache"].update(
+                device_bytes_per_token=device_bytes_per_token,
+                device_cache_bytes=pages * ps * device_bytes_per_token)
         ctx.count("pages", pages)
 
     def _peak_activations(self, module: Module, pages_dim: str, ps_dim: str,

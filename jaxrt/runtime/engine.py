@@ -28,8 +28,9 @@ cores up to 8 beside an accelerator; JAXRT_COMPILE_THREADS overrides). A compila
 the request path is counted in `stats().compiles_after_warmup` (and raises with
 `strict_compiles=True`). `close()` stops a background warm-up.
 
-`kv_cache_memory_fraction`, `kv_cache_max_gib` (a cap on the cache; on a CPU 4 GiB by
-default) and `dtype` matter only when the engine loads the model itself; a runner object
+`tensor_parallel` / `data_parallel` (> 1: the `shard` pass, a device mesh; see
+docs/parallelism.md), `kv_cache_memory_fraction`, `kv_cache_max_gib` (a cap on the cache;
+on a CPU 4 GiB by default) and `dtype` matter only when the engine loads the model itself; a runner object
 arrives with its cache and dtype already chosen.
 """
 from __future__ import annotations
@@ -102,6 +103,7 @@ class Engine:
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                  kv_cache_memory_fraction: float = 0.9, kv_cache_max_gib: float | None = None,
                  outline_layers: bool | None = None,
+                 tensor_parallel: int = 1, data_parallel: int = 1,
                  num_pages: int | None = None,
                  max_model_len: int | None = None, dtype: Any = None, max_logprobs: int = 20,
                  seed: int | None = None, q_block: int = 16, bucket_growth: int | None = None,
@@ -126,7 +128,8 @@ class Engine:
                 os.fspath(model), dtype=dtype, page_size=page_size or 16, num_pages=num_pages,
                 memory_fraction=kv_cache_memory_fraction, max_cache_gib=kv_cache_max_gib,
                 max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                max_num_batched_tokens=max_num_batched_tokens, outline_layers=outline_layers)
+                max_num_batched_tokens=max_num_batched_tokens, outline_layers=outline_layers,
+                tensor_parallel=tensor_parallel, data_parallel=data_parallel)
             tokenizer = tokenizer if tokenizer is not None else tok
             eos_token_ids = eos_token_ids if eos_token_ids is not None else eos
             chat_template = chat_template if chat_template is not None else template
@@ -922,7 +925,8 @@ def _default_growth() -> int:
 def _load(model: str, *, dtype, page_size: int, num_pages: int | None,
           memory_fraction: float, max_cache_gib: float | None, max_num_seqs: int,
           max_model_len: int | None, max_num_batched_tokens: int | None,
-          outline_layers: bool | None = None):
+          outline_layers: bool | None = None, tensor_parallel: int = 1,
+          data_parallel: int = 1):
     """Path or alias -> (StepExecutable, tokenizer, eos ids, the planned max length).
     The plan-kv-cache pass sizes the cache (num_pages) from these options and the target
     (device memory; on a CPU the available host memory and a cap on the cache)."""
@@ -939,7 +943,8 @@ def _load(model: str, *, dtype, page_size: int, num_pages: int | None,
                     memory_fraction=memory_fraction,
                     max_model_len=max_model_len or 0, max_num_seqs=max_num_seqs,
                     max_num_batched_tokens=max_num_batched_tokens or 2048,
-                    num_pages=num_pages or 0, outline_layers=outline_layers)
+                    num_pages=num_pages or 0, outline_layers=outline_layers,
+                    tensor_parallel=tensor_parallel, data_parallel=data_parallel)
     eos = tuple(compiled.config.eos_token_ids) or tuple(getattr(compiled.tokenizer, "eos_ids",
                                                                 ()))
     # The planned length: the model's context, or what max_model_len / an engine directory's

@@ -120,14 +120,40 @@ def decode_loop(step: StepFn, layout, *, page_size: int, pad_slot: int,
     return run
 
 
+def _sharded_step(step: StepFn, mesh) -> StepFn:
+    """`step` on a mesh (`jaxrt.lowering.mesh.StepMesh`). With dp > 1 the batch's rows
+    (tokens, sequences, logit rows) are split over dp. The logits are computed split by
+    vocabulary, then gathered whole on every device before anything samples them:
+    without the first constraint the partitioner may gather the LM head's weight
+    instead (cheaper on tiny shapes, a vocab x hidden copy every step on real ones);
+    without the second it carries the split into the sampler's sort, cumsum and
+    reductions, a collective each."""
+    constrain = jax.lax.with_sharding_constraint
+    split_rows = mesh.mesh.shape.get("dp", 1) > 1
+
+    def run(params, *args):
+        *batch, kv = args
+        if split_rows:
+            batch = [constrain(x, mesh.rows()) for x in batch]
+        logits, kv = step(params, *batch, kv)
+        logits = constrain(logits, mesh.logits())
+        return constrain(logits, mesh.replicated), kv
+    return run
+
+
 class StepPrograms:
     """Compiled sampled steps and decode loops of one step function, by shape.
 
     `params_struct` and `kv_struct` are the ShapeDtypeStructs (or arrays) programs are
     lowered against; `pad_slot` is a slot past the cache (writes there are dropped)."""
 
-    def __init__(self, step: StepFn, *, page_size: int, pad_slot: int):
+    def __init__(self, step: StepFn, *, page_size: int, pad_slot: int, mesh=None):
         self._step, self.page_size, self.pad_slot = step, page_size, pad_slot
+        # A `jaxrt.lowering.mesh.StepMesh` for a sharded module: inputs and sampled
+        # outputs replicated (the logits gathered), the cache kept as it is split.
+        self.mesh = mesh
+        if mesh is not None:
+            self._step = _sharded_step(step, mesh)
         self._compiled: dict[tuple, Any] = {}
         self.compile_seconds = 0.0
 
@@ -178,11 +204,17 @@ class StepPrograms:
                 return self._trace(fn, layout, params_struct, kv_struct, feed)
         return self._finish(key, trace)
 
-    @staticmethod
-    def _trace(fn, layout, params_struct, kv_struct, *extra):
+    def _trace(self, fn, layout, params_struct, kv_struct, *extra):
         buf = jax.ShapeDtypeStruct((buffer_size(layout),), jnp.int32)
-        return jax.jit(fn, donate_argnums=(2 + len(extra),)).trace(params_struct, buf,
-                                                                   *extra, kv_struct)
+        if self.mesh is None:
+            return jax.jit(fn, donate_argnums=(2 + len(extra),)).trace(
+                params_struct, buf, *extra, kv_struct)
+        rep = self.mesh.replicated
+        buf = jax.ShapeDtypeStruct(buf.shape, buf.dtype, sharding=rep)
+        extra = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep) for x in extra]
+        outs = (rep,) * (3 - len(extra)) + (self.mesh.kv(),)
+        return jax.jit(fn, donate_argnums=(2 + len(extra),), out_shardings=outs).trace(
+            params_struct, buf, *extra, kv_struct)
 
     def _finish(self, key, trace) -> float:
         start = time.perf_counter()
@@ -206,7 +238,9 @@ class StepPrograms:
     def _no_feed(self, num_steps: int, S: int):
         key = ("no-feed", num_steps, S)
         if key not in self._compiled:
-            self._compiled[key] = jnp.zeros((num_steps, S), jnp.int32)
+            zeros = jnp.zeros((num_steps, S), jnp.int32)
+            self._compiled[key] = (zeros if self.mesh is None
+                                   else jax.device_put(zeros, self.mesh.replicated))
         return self._compiled[key]
 
 

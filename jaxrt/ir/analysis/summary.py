@@ -1,10 +1,12 @@
 """A JSON-able summary of a module: what `jaxrt inspect` reports."""
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Any
 
 from ..module import Module
+from ..sharding import device_bytes, device_split, kv_spec, mesh_of, spec_of
 from ..types import TensorType
 from ..weights import resident_weights
 from .graph import peak_memory
@@ -69,7 +71,35 @@ def module_summary(module: Module, bindings: dict[str, int] | None = None) -> di
     for key in ("config", "kv_cache", "pass_stats", "float_dtype"):
         if key in module.attributes:
             out[key] = module.attributes[key]
+    mesh = mesh_of(module)
+    if mesh:
+        out["sharding"] = _sharding(module, mesh, resident)
     return out
+
+
+def _sharding(module: Module, mesh: dict[str, int], resident: list[str]) -> dict[str, Any]:
+    """Per-device bytes on the shard pass's mesh: each device's weight shards and its
+    KV heads of the cache (the cache's size when planned, else per token)."""
+    split = sum(1 for n in resident if spec_of(module, n).dims != (None,) * module.weights[
+        n].rank)
+    info = {"mesh": mesh, "devices": int(math.prod(mesh.values())),
+            "weights_split": split, "weights_replicated": len(resident) - split,
+            "device_weight_bytes": sum(device_bytes(module.weights[n], spec_of(module, n),
+                                                    mesh) for n in resident)}
+    kv_types = [a.type for fn in module.functions.values() for a in fn.args
+                if a.hint == "kv"]
+    if kv_types:
+        t = kv_types[0]
+        layers, two, _, _, heads, dim = t.shape
+        parts = device_split(kv_spec(module), mesh)
+        info["device_kv_heads"] = heads // parts
+        info["device_kv_bytes_per_token"] = layers * two * heads * dim * t.dtype.itemsize // parts
+        if t.is_static:
+            info["device_kv_cache_bytes"] = t.nbytes() // parts
+    shard = module.attributes.get("shard")
+    if isinstance(shard, dict):
+        info["kv_replicas"] = shard.get("kv_replicas", 1)
+    return info
 
 
 def _human(n: float) -> str:
@@ -100,6 +130,18 @@ def format_summary(s: dict[str, Any]) -> str:
                      f"{kv['num_pages']} pages, {kv['dtype']}, {kv['bytes_per_token']:,} "
                      f"bytes/token, max concurrent tokens {kv['max_concurrent_tokens']:,} "
                      f"({_human(kv['cache_bytes'])})")
+    if "sharding" in s:
+        sh = s["sharding"]
+        mesh = " x ".join(f"{k}={v}" for k, v in sh["mesh"].items())
+        lines.append(f"  sharding: mesh {mesh} ({sh['devices']} devices), "
+                     f"{sh['weights_split']} weights split, {sh['weights_replicated']} "
+                     f"replicated; per device: weights {_human(sh['device_weight_bytes'])}")
+        if "device_kv_heads" in sh:
+            cache = sh.get("device_kv_cache_bytes")
+            lines.append(f"    per device kv cache: {sh['device_kv_heads']} kv heads "
+                         f"(each kv head stored {sh.get('kv_replicas', 1)}x), "
+                         f"{sh['device_kv_bytes_per_token']:,} bytes/token"
+                         + (f", {_human(cache)}" if cache is not None else ""))
     for name, f in s["functions"].items():
         lines.append(f"  func @{name}: {f['ops']} ops, {f['values']} values, peak activations "
                      f"{_human(f['peak_activation_bytes'])}")
