@@ -56,6 +56,7 @@ from .request import (BeamOutput, Request, RequestOutput, SamplingParams, Stream
                       validate_prompt_ids)
 from .sampler import SampledToken, Sampler, SamplingBatch
 from .programs import greedy_sampling
+from . import prompt_logprobs
 from .scheduler import (BucketPolicy, ScheduledBatch, ScheduledSeq, Scheduler,
                         SchedulerConfig, StepInputs, build_step_inputs)
 
@@ -423,6 +424,10 @@ class Engine:
                         max_logprobs=self.max_logprobs)
         if params.stop and self.tokenizer is None:
             raise InputError("stop strings need a tokenizer to detokenize the output")
+        if params.prompt_logprobs is not None and self._strict:
+            raise SettingError("SamplingParams.prompt_logprobs needs step programs that "
+                               "return every prompt token's logits; they compile on first "
+                               "use, which strict_compiles=True forbids")
         if params.beam_width > self.config.max_num_seqs:
             raise SettingError(f"beam_width={params.beam_width} exceeds max_num_seqs="
                              f"{self.config.max_num_seqs}")
@@ -502,7 +507,8 @@ class Engine:
             if self.scheduler.has_unfinished():
                 raise AssertionError("scheduler made no progress with requests pending")
             return []
-        inputs = build_step_inputs(batch, self.block_manager, self.policy, self._pad_slot)
+        inputs = build_step_inputs(batch, self.block_manager, self.policy, self._pad_slot,
+                                   prompt_logprobs.rows_wanted(batch))
         self._ensure_compiled(("step", inputs.bucket))
         sampled = self._run_and_sample(inputs)
         finished = self.scheduler.update(batch, sampled, time.perf_counter())
@@ -551,6 +557,7 @@ class Engine:
             with self._run_lock:
                 tokens, token_lp, logits = self.runner.run_sampled(*inputs.args(),
                                                                    batch.packed())
+            self._collect_prompt_logprobs(inputs, logits)
             if not full:
                 import jax
                 tokens, token_lp = jax.device_get((tokens, token_lp))
@@ -560,6 +567,7 @@ class Engine:
         else:
             with self._run_lock:
                 logits = self.runner.run(*inputs.args())
+            self._collect_prompt_logprobs(inputs, logits)
         n, penalties = inputs.bucket.N, batch.has_penalties
         if not self.sampler.is_compiled(n, penalties):
             with self._compile_lock:
@@ -568,6 +576,13 @@ class Engine:
                     self._compile_seconds += self.sampler.compile_for(n, penalties)
         out = self.sampler(logits, batch)
         return {s.seq.seq_id: out[i] for i, s in enumerate(seqs)}
+
+    def _collect_prompt_logprobs(self, inputs: StepInputs, logits) -> None:
+        if inputs.prompt_rows:
+            decode = (lambda t: self._detokenize([t])) if self.tokenizer is not None \
+                else None
+            prompt_logprobs.collect(logits, inputs, min(self.max_logprobs, self.vocab_size),
+                                    decode)
 
     def _decode_steps(self, rows: list[ScheduledSeq]) -> list[RequestOutput]:
         """Up to `decode_steps` tokens of every running sequence per runner call (rows
@@ -699,7 +714,8 @@ class Engine:
             req.request_id, list(req.prompt_ids), ids, text, req.finish_reason,
             [dict(d) for d in req.logprobs] if req.logprobs is not None else None, cum,
             None if req.first_token_time is None else req.first_token_time - t0,
-            [t - t0 for t in req.token_times], beams, req.num_preemptions)
+            [t - t0 for t in req.token_times], beams, req.num_preemptions,
+            list(req.prompt_logprobs) if req.prompt_logprobs is not None else None)
 
     # ---- high level -----------------------------------------------------------------
 
