@@ -813,6 +813,7 @@ class RequestStream:
         self.request_id = req.request_id
         self._holdback = max((len(s) for s in req.params.stop), default=1) - 1
         self._sent_ids, self._sent_text, self._done = 0, "", False
+        self._sent_prompt_logprobs = req.prompt_logprobs is None
         self._detok = IncrementalDetokenizer(engine._detokenize) \
             if engine.tokenizer is not None else None
 
@@ -836,7 +837,7 @@ class RequestStream:
                 delta = text[len(self._sent_text):] if text.startswith(self._sent_text) \
                     else ""
                 return StreamDelta(rid, ids[self._sent_ids:], delta, final.finish_reason,
-                                   final, new_lps)
+                                   final, new_lps, self._prompt_logprobs())
         if len(ids) == self._sent_ids:
             return None
         if self._detok is not None:
@@ -844,9 +845,18 @@ class RequestStream:
         text = self._detok.text if self._detok is not None else ""
         safe = text[:len(text) - self._holdback]
         delta = safe[len(self._sent_text):] if safe.startswith(self._sent_text) else ""
-        out = StreamDelta(rid, ids[self._sent_ids:], delta, None, None, new_lps)
+        out = StreamDelta(rid, ids[self._sent_ids:], delta, None, None, new_lps,
+                          self._prompt_logprobs())
         self._sent_ids, self._sent_text = len(ids), self._sent_text + delta
         return out
+
+    def _prompt_logprobs(self):
+        """The prompt logprobs, on the first delta only (they are all computed once a
+        token is out)."""
+        if self._sent_prompt_logprobs:
+            return None
+        self._sent_prompt_logprobs = True
+        return list(self.request.prompt_logprobs)
 
 
 def _is_one_prompt(x) -> bool:

@@ -321,3 +321,5 @@ class StreamDelta:
     finish_reason: str | None = None
     output: RequestOutput | None = None
     logprobs: list[dict[int, float]] | None = None  # one per id in `ids`, when asked
+    # SamplingParams.prompt_logprobs: on the request's first delta
+    prompt_logprobs: PromptLogprobs | None = None
