@@ -579,8 +579,9 @@ class Engine:
 
     def _collect_prompt_logprobs(self, inputs: StepInputs, logits) -> None:
         if inputs.prompt_rows:
-            decode = (lambda t: self._detokenize([t])) if self.tokenizer is not None \
-                else None
+            # one token's text, special tokens spelled out (vLLM's decoded_token)
+            decode = (lambda t: self.tokenizer.decode([t], skip_special_tokens=False)) \
+                if self.tokenizer is not None else None
             prompt_logprobs.collect(logits, inputs, min(self.max_logprobs, self.vocab_size),
                                     decode)
 

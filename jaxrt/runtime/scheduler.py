@@ -502,12 +502,13 @@ class StepInputs:
 
 
 def build_step_inputs(batch: ScheduledBatch, bm: BlockManager, policy: BucketPolicy,
-                      pad_slot: int, prompt_rows: Mapping[int, range] | None = None
+                      pad_slot: int, prompt_rows: Mapping[int, list[int]] | None = None
                       ) -> StepInputs:
     """Padded `@step` arguments for `batch`. Padding tokens write to `pad_slot` (outside
     the cache), padding q_index entries are T, padding rows have context length 0 and
     padding logit rows read token 0. `prompt_rows[seq_id]`: positions of that sequence's
-    chunk whose logits are also wanted (after every sampling row; `StepInputs.prompt_rows`)."""
+    chunk whose logits are also wanted, after every sampling row (`StepInputs.prompt_rows`;
+    the bucket then has N = T)."""
     ps = bm.page_size
     q = 1 if batch.is_decode_only else policy.q_block
     rows = sum(-(-s.num_tokens // q) for s in batch.seqs)
