@@ -22,8 +22,9 @@ from tests.runtime.fake_model import FakeRunner, reference_greedy, reference_log
 
 MAX_LEN = 48
 # Every fake-runner engine here has max_num_seqs=2, max_model_len=48 and a budget of 5 or
-# 32 tokens: 8 step shapes (4 of them with every token's logits) compile in all.
-SEQS, BUDGETS = 2, (5, 32)
+# 16 tokens (prompts are up to 30): 6 step shapes (2 of them with every token's logits)
+# compile in all.
+SEQS, BUDGETS = 2, (5, 16)
 # the fake model's logits are multiples of 1/4096 in [0, 16): the float32 log-softmax
 # of 64 of them is within a few ulps of 16 (2**-20 each) of float64's
 FAKE_ATOL = 1e-5
