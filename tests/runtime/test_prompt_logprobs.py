@@ -121,8 +121,27 @@ def test_fake_prompt_logprobs_do_not_depend_on_chunks(fake_runner):
     assert all(s == seen[0] for s in seen)
 
 
+def test_prompt_rows_in_decode_only_steps(fake_runner):
+    """A 2-token budget beside a decoding request leaves one prompt token per step: the
+    prompt logprob rows then ride in decode buckets (N = T there already)."""
+    rec = _Recorder(fake_runner)
+    engine = Engine(rec, max_num_seqs=SEQS, max_num_batched_tokens=2, max_model_len=MAX_LEN,
+                    decode_steps=1, warmup=False, log=None)
+    short, long = [2, 3], [4, 5, 6, 7, 2, 3, 4, 5, 6, 7, 3, 3]
+    outs = engine.generate([short, long], [SamplingParams(max_tokens=12, ignore_eos=True),
+                                           SamplingParams(max_tokens=2, ignore_eos=True,
+                                                          prompt_logprobs=2)])
+    assert outs[0].ids == reference_greedy(short, 12, ignore_eos=True)
+    assert outs[1].ids == reference_greedy(long, 2, ignore_eos=True)
+    # B's first chunks are single tokens beside A's decodes: decode buckets (Q = 1)
+    assert (2, 2, 1) in rec.shapes
+    for p in range(1, len(long)):
+        _check_entry(outs[1].prompt_logprobs[p], long[p],
+                     _log_softmax(reference_logits(long[:p])), 2, FAKE_ATOL)
+
+
 class _Recorder:
-    """A runner proxy recording each step's (T, N)."""
+    """A runner proxy recording each step's (T, N, Q)."""
 
     def __init__(self, runner):
         self._runner, self.shapes = runner, []
@@ -131,7 +150,7 @@ class _Recorder:
         return getattr(self._runner, name)
 
     def run_sampled(self, tokens, *args):
-        self.shapes.append((len(tokens), len(args[5])))
+        self.shapes.append((len(tokens), len(args[5]), args[4].shape[1]))
         return self._runner.run_sampled(tokens, *args)
 
 
@@ -139,14 +158,14 @@ def test_no_extra_logits_rows_without_prompt_logprobs(fake_runner):
     rec = _Recorder(fake_runner)
     engine = Engine(rec, max_num_seqs=SEQS, max_num_batched_tokens=BUDGETS[1],
                     max_model_len=MAX_LEN, decode_steps=1, warmup=False, log=None)
-    usual = {(b.T, b.N) for b in engine.policy.all_buckets()}
+    usual = {(b.T, b.N, b.Q) for b in engine.policy.all_buckets()}
     prompts = [[2, 3, 4, 5, 6, 7] * 4, [3, 4, 5] * 3]
     engine.generate(prompts, SamplingParams(max_tokens=4))
     assert rec.shapes and set(rec.shapes) <= usual
     rec.shapes.clear()
     engine.generate(prompts, [SamplingParams(max_tokens=4, prompt_logprobs=1),
                               SamplingParams(max_tokens=4)])
-    assert any(n == t and (t, n) not in usual for t, n in rec.shapes)
+    assert any(n == t and (t, n, q) not in usual for t, n, q in rec.shapes)
 
 
 # ---- validation ------------------------------------------------------------------------
