@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--logprobs", type=int, default=None)
+    p.add_argument("--prompt-logprobs", type=int, default=None, metavar="N",
+                   help="each prompt token's logprob and the N most likely tokens at its "
+                        "position (raw model distribution; in --json output)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: by device)")
     p.add_argument("--layers", choices=("auto", "scan", "unrolled"), default="auto",
                    help="scan: compile one layer body for the whole stack (fast compile); "
@@ -67,7 +70,8 @@ def check_cache_options(args) -> None:
 
 # CLI options that set SamplingParams fields (named in their errors)
 _FLAGS = {"--max-tokens", "--temperature", "--top-k", "--top-p", "--min-p", "--seed",
-          "--beam-width", "--length-penalty", "--repetition-penalty", "--stop", "--logprobs"}
+          "--beam-width", "--length-penalty", "--repetition-penalty", "--stop", "--logprobs",
+          "--prompt-logprobs"}
 
 
 def _build(args, source, is_engine, Target, compile_loaded, layers_choice, Engine, seqs,
@@ -118,7 +122,8 @@ def run(args) -> int:
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop),
-        logprobs=args.logprobs, repetition_penalty=args.repetition_penalty,
+        logprobs=args.logprobs, prompt_logprobs=args.prompt_logprobs,
+        repetition_penalty=args.repetition_penalty,
         beam_width=args.beam_width, length_penalty=args.length_penalty)
     check_cache_options(args)
     start = time.perf_counter()
@@ -199,6 +204,10 @@ def run(args) -> int:
                "finish_reason": out.finish_reason, **timing}
         if out.logprobs is not None:
             obj["logprobs"] = [{str(k): v for k, v in lp.items()} for lp in out.logprobs]
+        if out.prompt_logprobs is not None:
+            obj["prompt_logprobs"] = [None if d is None else {
+                str(k): {"logprob": v.logprob, "rank": v.rank, "decoded_token": v.decoded_token}
+                for k, v in d.items()} for d in out.prompt_logprobs]
         print(json.dumps(obj))
     else:
         print(out.text)

@@ -112,9 +112,10 @@ class BlockManager:
     def pages_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
 
-    def cached_prefix(self, tokens: Sequence[int]) -> list[int]:
-        """Pages of the longest cached prefix of `tokens` (never covering the last token)."""
-        if not self.enable_prefix_caching:
+    def cached_prefix(self, tokens: Sequence[int], read_cache: bool = True) -> list[int]:
+        """Pages of the longest cached prefix of `tokens` (never covering the last token);
+        none with `read_cache=False` (a request that needs every token's logits)."""
+        if not self.enable_prefix_caching or not read_cache:
             return []
         pages, parent, ps = [], ROOT_HASH, self.page_size
         for i in range((len(tokens) - 1) // ps):
@@ -128,13 +129,15 @@ class BlockManager:
 
     # ---- sequence lifecycle ---------------------------------------------------------
 
-    def allocate(self, seq_id: int, tokens: Sequence[int], num_tokens: int) -> int | None:
-        """Admit a sequence: reuse its cached prefix, then add pages to hold `num_tokens`
-        tokens. Returns the number of tokens already computed (reused), or None without
-        changing anything when the pool cannot supply the pages."""
+    def allocate(self, seq_id: int, tokens: Sequence[int], num_tokens: int,
+                 read_cache: bool = True) -> int | None:
+        """Admit a sequence: reuse its cached prefix (unless `read_cache` is False), then
+        add pages to hold `num_tokens` tokens. Returns the number of tokens already
+        computed (reused), or None without changing anything when the pool cannot supply
+        the pages. Its computed pages are committed to the cache either way."""
         if seq_id in self._tables:
             raise ValueError(f"sequence {seq_id} already has pages")
-        prefix = self.cached_prefix(tokens)
+        prefix = self.cached_prefix(tokens, read_cache)
         reused = len(prefix) * self.page_size
         need = max(self.pages_needed(max(num_tokens, reused)) - len(prefix), 0)
         idle_in_prefix = sum(1 for p in prefix if self._ref[p] == 0)

@@ -57,6 +57,7 @@ from .request import (BeamOutput, Request, RequestOutput, SamplingParams, Stream
                       validate_prompt_ids)
 from .sampler import SampledToken, Sampler, SamplingBatch
 from .programs import greedy_sampling
+from . import prompt_logprobs
 from .scheduler import (BucketPolicy, ScheduledBatch, ScheduledSeq, Scheduler,
                         SchedulerConfig, StepInputs, build_step_inputs)
 
@@ -426,6 +427,10 @@ class Engine:
                         max_logprobs=self.max_logprobs)
         if params.stop and self.tokenizer is None:
             raise InputError("stop strings need a tokenizer to detokenize the output")
+        if params.prompt_logprobs is not None and self._strict:
+            raise SettingError("SamplingParams.prompt_logprobs needs step programs that "
+                               "return every prompt token's logits; they compile on first "
+                               "use, which strict_compiles=True forbids")
         if params.beam_width > self.config.max_num_seqs:
             raise SettingError(f"beam_width={params.beam_width} exceeds max_num_seqs="
                              f"{self.config.max_num_seqs}")
@@ -505,7 +510,8 @@ class Engine:
             if self.scheduler.has_unfinished():
                 raise AssertionError("scheduler made no progress with requests pending")
             return []
-        inputs = build_step_inputs(batch, self.block_manager, self.policy, self._pad_slot)
+        inputs = build_step_inputs(batch, self.block_manager, self.policy, self._pad_slot,
+                                   prompt_logprobs.rows_wanted(batch))
         self._ensure_compiled(("step", inputs.bucket))
         sampled = self._run_and_sample(inputs)
         finished = self.scheduler.update(batch, sampled, time.perf_counter())
@@ -554,6 +560,7 @@ class Engine:
             with self._run_lock:
                 tokens, token_lp, logits = self.runner.run_sampled(*inputs.args(),
                                                                    batch.packed())
+            self._collect_prompt_logprobs(inputs, logits)
             if not full:
                 import jax
                 tokens, token_lp = jax.device_get((tokens, token_lp))
@@ -563,6 +570,7 @@ class Engine:
         else:
             with self._run_lock:
                 logits = self.runner.run(*inputs.args())
+            self._collect_prompt_logprobs(inputs, logits)
         n, penalties = inputs.bucket.N, batch.has_penalties
         if not self.sampler.is_compiled(n, penalties):
             with self._compile_lock:
@@ -571,6 +579,14 @@ class Engine:
                     self._compile_seconds += self.sampler.compile_for(n, penalties)
         out = self.sampler(logits, batch)
         return {s.seq.seq_id: out[i] for i, s in enumerate(seqs)}
+
+    def _collect_prompt_logprobs(self, inputs: StepInputs, logits) -> None:
+        if inputs.prompt_rows:
+            # one token's text, special tokens spelled out (vLLM's decoded_token)
+            decode = (lambda t: self.tokenizer.decode([t], skip_special_tokens=False)) \
+                if self.tokenizer is not None else None
+            prompt_logprobs.collect(logits, inputs, min(self.max_logprobs, self.vocab_size),
+                                    decode)
 
     def _decode_steps(self, rows: list[ScheduledSeq]) -> list[RequestOutput]:
         """Up to `decode_steps` tokens of every running sequence per runner call (rows
@@ -702,7 +718,8 @@ class Engine:
             req.request_id, list(req.prompt_ids), ids, text, req.finish_reason,
             [dict(d) for d in req.logprobs] if req.logprobs is not None else None, cum,
             None if req.first_token_time is None else req.first_token_time - t0,
-            [t - t0 for t in req.token_times], beams, req.num_preemptions)
+            [t - t0 for t in req.token_times], beams, req.num_preemptions,
+            list(req.prompt_logprobs) if req.prompt_logprobs is not None else None)
 
     # ---- high level -----------------------------------------------------------------
 
@@ -800,6 +817,7 @@ class RequestStream:
         self.request_id = req.request_id
         self._holdback = max((len(s) for s in req.params.stop), default=1) - 1
         self._sent_ids, self._sent_text, self._done = 0, "", False
+        self._sent_prompt_logprobs = req.prompt_logprobs is None
         self._detok = IncrementalDetokenizer(engine._detokenize) \
             if engine.tokenizer is not None else None
 
@@ -823,7 +841,7 @@ class RequestStream:
                 delta = text[len(self._sent_text):] if text.startswith(self._sent_text) \
                     else ""
                 return StreamDelta(rid, ids[self._sent_ids:], delta, final.finish_reason,
-                                   final, new_lps)
+                                   final, new_lps, self._prompt_logprobs())
         if len(ids) == self._sent_ids:
             return None
         if self._detok is not None:
@@ -831,9 +849,18 @@ class RequestStream:
         text = self._detok.text if self._detok is not None else ""
         safe = text[:len(text) - self._holdback]
         delta = safe[len(self._sent_text):] if safe.startswith(self._sent_text) else ""
-        out = StreamDelta(rid, ids[self._sent_ids:], delta, None, None, new_lps)
+        out = StreamDelta(rid, ids[self._sent_ids:], delta, None, None, new_lps,
+                          self._prompt_logprobs())
         self._sent_ids, self._sent_text = len(ids), self._sent_text + delta
         return out
+
+    def _prompt_logprobs(self):
+        """The prompt logprobs, on the first delta only (they are all computed once a
+        token is out)."""
+        if self._sent_prompt_logprobs:
+            return None
+        self._sent_prompt_logprobs = True
+        return list(self.request.prompt_logprobs)
 
 
 def _is_one_prompt(x) -> bool:

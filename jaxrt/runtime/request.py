@@ -39,6 +39,12 @@ class SamplingParams:
     model logprobs by default; ours equal those when no penalty is set and T is 0 or 1.)
     Token ids of a stop (EOS, `stop_token_ids`) are kept in `RequestOutput.ids`; the text
     leaves them out and is cut before the first stop string.
+
+    `prompt_logprobs=n` returns `RequestOutput.prompt_logprobs` (vLLM's semantics): None
+    for the first prompt token, then for each later one a dict token id -> `Logprob` with
+    that token and the n most likely ones at its position, under the *raw* model
+    distribution (log-softmax of the logits: no penalty or temperature, as vLLM's prompt
+    logprobs). Such a request does not read the prefix cache until they are computed.
     """
     max_tokens: int = 16
     temperature: float = 0.0      # 0 = greedy
@@ -49,6 +55,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None   # top-n per generated token
+    prompt_logprobs: int | None = None  # top-n per prompt token (raw distribution)
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -125,6 +132,13 @@ class SamplingParams:
             limit = min(vocab_size, max_logprobs if max_logprobs is not None else vocab_size)
             if self.logprobs > limit:
                 bad("logprobs", f"at most {limit} log-probabilities per token are returned")
+        if self.prompt_logprobs is not None:
+            if not _is_int(self.prompt_logprobs) or self.prompt_logprobs < 0:
+                bad("prompt_logprobs", "must be None or an integer >= 0")
+            limit = min(vocab_size, max_logprobs if max_logprobs is not None else vocab_size)
+            if self.prompt_logprobs > limit:
+                bad("prompt_logprobs", f"at most {limit} log-probabilities per token are "
+                                       f"returned")
         if not _is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
             bad("repetition_penalty", "must be a finite number > 0 (1 = off)")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -193,6 +207,17 @@ class Sequence:
         return len(self.tokens) - self.num_computed
 
 
+@dataclass(frozen=True, slots=True)
+class Logprob:
+    """One entry of a prompt position's logprobs (vLLM's `Logprob`)."""
+    logprob: float
+    rank: int                       # 1 = most likely; ties count against the token
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[int, Logprob] | None]
+
+
 @dataclass(frozen=True)
 class BeamOutput:
     ids: list[int]
@@ -219,6 +244,21 @@ class Request:
     num_preemptions: int = 0
     # beam search: finished hypotheses (output ids, cumulative logprob, finish reason)
     beam_hyps: list[tuple[list[int], float, str]] = field(default_factory=list)
+    # params.prompt_logprobs: entry p for prompt token p, filled as chunks are computed
+    # (entry 0 stays None); None when not asked
+    prompt_logprobs: PromptLogprobs | None = None
+    prompt_logprobs_missing: int = 0  # entries still to compute
+
+    def __post_init__(self):
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None] * len(self.prompt_ids)
+            self.prompt_logprobs_missing = len(self.prompt_ids) - 1
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs are asked and some are not computed yet: every prompt token's
+        logits are needed, so the prefix cache is not read."""
+        return self.prompt_logprobs_missing > 0
 
     @property
     def is_finished(self) -> bool:
@@ -264,6 +304,7 @@ class RequestOutput:
     token_times: list[float] = field(default_factory=list)  # seconds from arrival, per token
     beams: list[BeamOutput] = field(default_factory=list)   # beam search: best first
     num_preemptions: int = 0
+    prompt_logprobs: PromptLogprobs | None = None  # SamplingParams.prompt_logprobs
 
     @property
     def finished(self) -> bool:
@@ -280,3 +321,5 @@ class StreamDelta:
     finish_reason: str | None = None
     output: RequestOutput | None = None
     logprobs: list[dict[int, float]] | None = None  # one per id in `ids`, when asked
+    # SamplingParams.prompt_logprobs: on the request's first delta
+    prompt_logprobs: PromptLogprobs | None = None

@@ -29,7 +29,7 @@ lists every shape, |decode| + |mixed| compilations in all.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import numpy as np
@@ -205,15 +205,16 @@ class Scheduler:
                 return
             entries: list[ScheduledSeq] = []
             allocated: list[Sequence] = []
+            read_cache = not req.needs_prompt_logprobs  # (vLLM's skip_reading_prefix_cache)
             for seq in req.seqs:
-                cached = len(bm.cached_prefix(seq.tokens)) * bm.page_size
+                cached = len(bm.cached_prefix(seq.tokens, read_cache)) * bm.page_size
                 remaining = len(seq.tokens) - cached
                 if cfg.enable_chunked_prefill:
                     n = min(remaining, budget)
                 else:
                     n = remaining if remaining <= budget else 0
                 got = None if n == 0 and not allocated else \
-                    bm.allocate(seq.seq_id, seq.tokens, cached + n)
+                    bm.allocate(seq.seq_id, seq.tokens, cached + n, read_cache)
                 if got is None:
                     for s in allocated:
                         bm.free(s.seq_id)
@@ -457,19 +458,24 @@ class BucketPolicy:
     def _decode(self, S: int) -> Bucket:
         return Bucket(S, S, 1, self.max_pages_per_seq, S)
 
-    def _mixed(self, T: int) -> Bucket:
+    def _mixed(self, T: int, all_logits: bool = False) -> Bucket:
         S = min(self.row_cap, T)
-        return Bucket(T, S, self.q_block, self.max_pages_per_seq, min(S, self.max_num_seqs))
+        return Bucket(T, S, self.q_block, self.max_pages_per_seq,
+                      T if all_logits else min(S, self.max_num_seqs))
 
     def all_buckets(self) -> list[Bucket]:
         out = [self._decode(s) for s in self.decode_sizes]
         out += [self._mixed(t) for t in self.token_sizes]
         return sorted(set(out))
 
-    def pick(self, num_tokens: int, num_rows: int, decode_only: bool) -> Bucket:
+    def pick(self, num_tokens: int, num_rows: int, decode_only: bool,
+             all_logits: bool = False) -> Bucket:
+        """The bucket of a step; `all_logits`: a mixed step whose N = T logits rows can
+        cover every token (prompt logprobs; these buckets compile on first use). Decode
+        buckets have N = T already."""
         if decode_only:
             return self._decode(next(s for s in self.decode_sizes if s >= num_rows))
-        b = self._mixed(next(t for t in self.token_sizes if t >= num_tokens))
+        b = self._mixed(next(t for t in self.token_sizes if t >= num_tokens), all_logits)
         if num_rows > b.S:
             raise AssertionError(f"{num_rows} rows do not fit bucket {b}")
         return b
@@ -486,6 +492,9 @@ class StepInputs:
     q_index: np.ndarray       # i32[S, Q]
     logit_index: np.ndarray   # i32[N]
     logit_seqs: list[ScheduledSeq]  # logits row i belongs to logit_seqs[i]
+    # logits row len(logit_seqs) + j is prompt_rows[j] = (seq, position p): the
+    # distribution of prompt token p + 1 (`build_step_inputs(prompt_rows=)`)
+    prompt_rows: list[tuple[ScheduledSeq, int]] = field(default_factory=list)
 
     def args(self) -> tuple[np.ndarray, ...]:
         return (self.tokens, self.positions, self.slot_mapping, self.page_table,
@@ -493,10 +502,13 @@ class StepInputs:
 
 
 def build_step_inputs(batch: ScheduledBatch, bm: BlockManager, policy: BucketPolicy,
-                      pad_slot: int) -> StepInputs:
+                      pad_slot: int, prompt_rows: Mapping[int, list[int]] | None = None
+                      ) -> StepInputs:
     """Padded `@step` arguments for `batch`. Padding tokens write to `pad_slot` (outside
     the cache), padding q_index entries are T, padding rows have context length 0 and
-    padding logit rows read token 0."""
+    padding logit rows read token 0. `prompt_rows[seq_id]`: positions of that sequence's
+    chunk whose logits are also wanted, after every sampling row (`StepInputs.prompt_rows`;
+    the bucket then has N = T)."""
     ps = bm.page_size
     q = 1 if batch.is_decode_only else policy.q_block
     rows = sum(-(-s.num_tokens // q) for s in batch.seqs)
@@ -504,13 +516,16 @@ def build_step_inputs(batch: ScheduledBatch, bm: BlockManager, policy: BucketPol
     if max_pages > policy.max_pages_per_seq:
         raise AssertionError(f"a sequence needs {max_pages} pages; the page table holds "
                              f"{policy.max_pages_per_seq}")
-    b = policy.pick(batch.num_tokens, rows, batch.is_decode_only)
+    prompt_rows = prompt_rows or {}
+    b = policy.pick(batch.num_tokens, rows, batch.is_decode_only, bool(prompt_rows))
     i32 = np.int32
     tokens, positions = np.zeros(b.T, i32), np.zeros(b.T, i32)
     slots = np.full(b.T, pad_slot, i32)
     page_table, context_lens = np.zeros((b.S, b.MP), i32), np.zeros(b.S, i32)
     q_index, logit_index = np.full((b.S, b.Q), b.T, i32), np.zeros(b.N, i32)
     logit_seqs: list[ScheduledSeq] = []
+    extra: list[tuple[ScheduledSeq, int]] = []
+    extra_index: list[int] = []
     t = r = 0
     for s in batch.seqs:
         n = s.num_tokens
@@ -528,7 +543,15 @@ def build_step_inputs(batch: ScheduledBatch, bm: BlockManager, policy: BucketPol
         if s.needs_logits:
             logit_index[len(logit_seqs)] = t + n - 1
             logit_seqs.append(s)
+        for p in prompt_rows.get(s.seq.seq_id, ()):
+            assert s.start <= p < s.end, (p, s.start, s.end)
+            extra.append((s, p))
+            extra_index.append(t + p - s.start)
         t += n
+    k = len(logit_seqs)
+    if k + len(extra) > b.N:
+        raise AssertionError(f"{k + len(extra)} logits rows do not fit bucket {b}")
+    logit_index[k:k + len(extra)] = extra_index
     return StepInputs(b, tokens, positions, slots, page_table, context_lens, q_index,
-                      logit_index, logit_seqs)
+                      logit_index, logit_seqs, extra)
 

@@ -146,7 +146,8 @@ def create_app(loop: EngineLoop, config: ServerConfig,
     async def completions(request: Request):
         req: CompletionRequest = await read_body(request, CompletionRequest)
         prompts = [_prompt_ids(engine, p) for p in req.prompts()]
-        groups = [[(_sample_params(engine, req, req.max_tokens, req.logprobs, ids, j), ids)
+        groups = [[(_sample_params(engine, req, req.max_tokens, req.logprobs, ids, j,
+                                   req.prompt_logprobs_wanted), ids)
                    for j in range(req.n)] for ids in prompts]
         run = _Run(loop, groups, "cmpl")
         await run.start(request)
@@ -212,8 +213,8 @@ def _prompt_ids(engine, prompt) -> list[int]:
 
 
 def _sample_params(engine, req, max_tokens: int, logprobs: int | None, ids: list[int],
-                   j: int) -> SamplingParams:
-    params = req.sampling_params(max_tokens, logprobs)
+                   j: int, prompt_logprobs: int | None = None) -> SamplingParams:
+    params = req.sampling_params(max_tokens, logprobs, prompt_logprobs)
     if params.seed is not None and j:   # parallel samples must differ (vLLM: seed + index)
         params = SamplingParams(**{**params.__dict__, "seed": (params.seed + j) % (2 ** 63)})
     try:
@@ -388,9 +389,34 @@ class _CompletionFormat(_Format):
         tok = self.engine.tokenizer
         return tok.decode(ids) if tok is not None else ""
 
-    def logprobs(self, rid: str, ids: list[int], lps) -> dict | None:
+    def prompt_ids(self, rid: str) -> list[int]:
+        return self.prompts[self.run.index[rid] // self.n]
+
+    def echo_logprobs(self, rid: str, plp) -> dict:
+        """OpenAI's logprobs of the echoed prompt: null for its first token; each later
+        one's top dict holds the `logprobs` best and the prompt token itself."""
+        tokens, token_lps, tops, offsets, at = [], [], [], [], 0
+        for p, t in enumerate(self.prompt_ids(rid)):
+            d = plp[p] if plp is not None else None
+            s = self.token_text(t)
+            tokens.append(s)
+            token_lps.append(None if d is None else d[t].logprob)
+            best = [] if d is None else sorted(d, key=lambda k: d[k].rank)
+            keep = set(best[:self.req.logprobs]) | {t}
+            tops.append(None if d is None else
+                        {self.token_text(k): d[k].logprob for k in best if k in keep})
+            offsets.append(at)
+            at += len(s)
+        self.offsets[rid] = at
+        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
+                "text_offset": offsets}
+
+    def logprobs(self, rid: str, ids: list[int], lps, plp=None, first=False) -> dict | None:
+        """Generated tokens' logprobs; under `echo`, the prompt's come first (`first`:
+        this is the request's first chunk, or the whole of it)."""
         if self.req.logprobs is None or lps is None:
             return None
+        out = self.echo_logprobs(rid, plp) if self.req.echo and first else None
         tokens, token_lps, tops, offsets = [], [], [], []
         at = self.offsets.get(rid, 0)
         for t, d in zip(ids, lps):
@@ -402,8 +428,17 @@ class _CompletionFormat(_Format):
             offsets.append(at)
             at += len(s)
         self.offsets[rid] = at
-        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
-                "text_offset": offsets}
+        gen = {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
+               "text_offset": offsets}
+        return gen if out is None else {k: out[k] + gen[k] for k in gen}
+
+    def prompt_logprobs_json(self, plp) -> list | None:
+        """vLLM's `prompt_logprobs` of a choice: None, then token id -> its Logprob."""
+        if self.req.prompt_logprobs is None or plp is None:
+            return None
+        return [None if d is None else {str(t): {"logprob": v.logprob, "rank": v.rank,
+                                                 "decoded_token": v.decoded_token}
+                                        for t, v in d.items()} for d in plp]
 
     def chunk(self, delta: StreamDelta, first: bool) -> dict:
         ids = delta.ids[:self.visible(delta, delta.ids)] if delta.finish_reason else delta.ids
@@ -411,8 +446,15 @@ class _CompletionFormat(_Format):
         return {"id": self.run.id, "object": "text_completion", "created": self.run.created,
                 "model": self.req.model, "choices": [{
                     "index": self.run.index[delta.request_id], "text": text,
-                    "logprobs": self.logprobs(delta.request_id, ids, delta.logprobs),
+                    "logprobs": self.logprobs(delta.request_id, ids, delta.logprobs,
+                                              delta.prompt_logprobs, first),
+                    **self._vllm_prompt_logprobs(delta.prompt_logprobs if first else None),
                     "finish_reason": delta.finish_reason}]}
+
+    def _vllm_prompt_logprobs(self, plp) -> dict:
+        if self.req.prompt_logprobs is None:
+            return {}
+        return {"prompt_logprobs": self.prompt_logprobs_json(plp)}
 
     def full(self, finished: dict[str, StreamDelta]) -> dict:
         choices = []
@@ -422,7 +464,9 @@ class _CompletionFormat(_Format):
             ids = out.ids[:self.visible(d, out.ids)]
             choices.append({"index": self.run.index[rid],
                             "text": self.prompt_text(rid) + out.text,
-                            "logprobs": self.logprobs(rid, ids, out.logprobs),
+                            "logprobs": self.logprobs(rid, ids, out.logprobs,
+                                                      out.prompt_logprobs, True),
+                            **self._vllm_prompt_logprobs(out.prompt_logprobs),
                             "finish_reason": out.finish_reason})
         return {"id": self.run.id, "object": "text_completion", "created": self.run.created,
                 "model": self.req.model, "choices": choices,

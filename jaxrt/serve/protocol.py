@@ -2,10 +2,11 @@
 
 Strict types (a string is not an integer, `true` is not a number), no NaN or infinity, and
 unknown fields refused with a 400, as OpenAI does. Fields OpenAI has that jaxrt cannot
-honour (`logit_bias`, tools, JSON output, `suffix`, `best_of` != n, prompt logprobs via
-`echo` + `logprobs`) are accepted only at their neutral value and refused otherwise.
-vLLM's extensions are accepted: `top_k`, `min_p`, `repetition_penalty`,
-`stop_token_ids`, `ignore_eos`.
+honour (`logit_bias`, tools, JSON output, `suffix`, `best_of` != n) are accepted only at
+their neutral value and refused otherwise. `echo` with `logprobs` returns the prompt
+tokens' logprobs first (`SamplingParams.prompt_logprobs`). vLLM's extensions are
+accepted: `top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`, `ignore_eos`, and on
+completions `prompt_logprobs`.
 """
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ class _Sampling(BaseModel):
         if any(not s for s in stops):
             raise BadRequest("stop strings must be non-empty", "stop")
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
             max_tokens=max_tokens,
@@ -79,7 +81,7 @@ class _Sampling(BaseModel):
             top_k=0 if self.top_k in (None, -1) else self.top_k,
             min_p=0.0 if self.min_p is None else float(self.min_p),
             seed=self.seed, stop=stops, stop_token_ids=tuple(self.stop_token_ids or ()),
-            logprobs=logprobs,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             presence_penalty=float(self.presence_penalty or 0.0),
             frequency_penalty=float(self.frequency_penalty or 0.0),
             repetition_penalty=1.0 if self.repetition_penalty is None
@@ -103,6 +105,15 @@ class CompletionRequest(_Sampling):
     logprobs: Annotated[StrictInt, Field(ge=0)] | None = None
     best_of: Annotated[StrictInt, Field(ge=1)] | None = None
     suffix: StrictStr | None = None
+    prompt_logprobs: Annotated[StrictInt, Field(ge=0)] | None = None  # vLLM's extension
+
+    @property
+    def prompt_logprobs_wanted(self) -> int | None:
+        """`SamplingParams.prompt_logprobs`: vLLM's field, and `logprobs` under `echo`
+        (OpenAI returns the prompt tokens' logprobs then)."""
+        echo = self.logprobs if self.echo else None
+        wanted = [n for n in (echo, self.prompt_logprobs) if n is not None]
+        return max(wanted) if wanted else None
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -116,9 +127,6 @@ class CompletionRequest(_Sampling):
             raise BadRequest("best_of must equal n (jaxrt returns every sample)", "best_of")
         if self.suffix:
             raise BadRequest("suffix (insertion) is not supported", "suffix")
-        if self.echo and self.logprobs is not None:
-            raise BadRequest("echo with logprobs needs the prompt's logprobs, which jaxrt "
-                             "does not compute", "echo")
         if self.max_tokens is None:
             raise BadRequest("max_tokens must be an integer >= 1", "max_tokens")
 

@@ -107,6 +107,8 @@ BAD_CASES = [
     (["inspect", "{ir}", "--bind", "T=x"], "expected NAME=N"),
     (["inspect", "does-not-exist"], "not an alias"),
     (["generate", "does-not-exist.gguf", "--prompt", "hi"], "no such file"),
+    (["generate", "smollm2-135m", "--prompt", "hi", "--prompt-logprobs", "21"],
+     "--prompt-logprobs: SamplingParams.prompt_logprobs=21: at most 20"),
 ]
 
 

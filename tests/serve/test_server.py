@@ -391,3 +391,41 @@ def test_fuzzed_bad_bodies_get_4xx(server, body, chat):
     assert isinstance(err["message"], str) and err["message"]
     ok = httpx.post(server.url + "/v1/completions", json=_VALID, timeout=30)
     assert ok.status_code == 200
+
+
+def test_echo_logprobs_return_prompt_logprobs(server):
+    """OpenAI's echo + logprobs: the prompt's tokens first (the first one's logprob null),
+    then the completion's; vLLM's `prompt_logprobs` field; the same through a stream."""
+    c = client(server)
+    (want,) = offline(["hello"], SamplingParams(max_tokens=4, logprobs=2, prompt_logprobs=2))
+    r = c.completions.create(model=MODEL, prompt="hello", max_tokens=4, temperature=0,
+                             logprobs=2, echo=True)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == "hello" + want.text
+    assert lp.tokens == list("hello") + [ALPHABET[t] for t in want.ids]
+    plp = want.prompt_logprobs
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:5] == pytest.approx(
+        [plp[p][t].logprob for p, t in enumerate(want.prompt_ids) if p])
+    assert lp.token_logprobs[5:] == pytest.approx([d[t] for t, d in zip(want.ids,
+                                                                        want.logprobs)])
+    for p in range(1, 5):  # the 2 best and the prompt token itself
+        assert lp.top_logprobs[p] == pytest.approx(
+            {ALPHABET[t]: v.logprob for t, v in plp[p].items()})
+    assert lp.text_offset == list(range(len(lp.tokens)))  # one character per token
+    chunks = list(c.completions.create(model=MODEL, prompt="hello", max_tokens=4,
+                                       temperature=0, logprobs=2, echo=True, stream=True))
+    streamed = [tok for ch in chunks for tok in (ch.choices[0].logprobs.tokens
+                                                 if ch.choices[0].logprobs else [])]
+    assert streamed == lp.tokens
+    assert chunks[0].choices[0].logprobs.token_logprobs[:5] == lp.token_logprobs[:5]
+    body = httpx.post(server.url + "/v1/completions", json={
+        "model": MODEL, "prompt": "hello", "max_tokens": 1, "temperature": 0,
+        "prompt_logprobs": 2}).json()
+    got = body["choices"][0]["prompt_logprobs"]
+    assert got[0] is None and len(got) == 5
+    assert got[1] == {str(t): {"logprob": pytest.approx(v.logprob), "rank": v.rank,
+                               "decoded_token": v.decoded_token} for t, v in plp[1].items()}
+    r = httpx.post(server.url + "/v1/completions", json={
+        "model": MODEL, "prompt": "hello", "prompt_logprobs": 10 ** 6})
+    assert r.status_code == 400 and "prompt_logprobs" in r.json()["error"]["message"]
