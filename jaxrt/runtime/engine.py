@@ -56,6 +56,7 @@ from .request import (BeamOutput, Request, RequestOutput, SamplingParams, Stream
                       validate_prompt_ids)
 from .sampler import SampledToken, Sampler, SamplingBatch
 from .programs import greedy_sampling
+from . import structured
 from .scheduler import (BucketPolicy, ScheduledBatch, ScheduledSeq, Scheduler,
                         SchedulerConfig, StepInputs, build_step_inputs)
 
@@ -175,6 +176,9 @@ class Engine:
                                            else bucket_growth),
                                    token_floor=min_bucket_tokens)
         self.sampler = Sampler(self.vocab_size, max_logprobs)
+        self.grammars = structured.Grammars(tokenizer, self.vocab_size, self.eos_token_ids)
+        self._masked_runner: bool | None = None  # run_sampled takes token_bitmask=
+        self._masked_buckets: set = set()  # buckets whose masked step has run (compiled)
         # Runners with the step programs (jaxrt.runtime.programs) sample on the device and
         # run decode loops; others return logits to the sampler and step one at a time.
         self._fused = callable(getattr(model, "run_sampled", None))
@@ -436,7 +440,12 @@ class Engine:
         if rid in self._live:
             raise SettingError(f"request id {rid!r} is already in use")
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        return Request(rid, ids, params, time.perf_counter(), seed, self.eos_token_ids)
+        # structured output: the request's matcher (a grammar llguidance rejects for this
+        # vocabulary fails here, before anything is queued)
+        grammar = self.grammars.matcher(params.constraint) \
+            if params.constraint is not None else None
+        return Request(rid, ids, params, time.perf_counter(), seed, self.eos_token_ids,
+                       grammar=grammar)
 
     def encode_prompt(self, text: str) -> list[int]:
         """A text prompt as ids: BOS as the tokenizer adds it; special-token text stays
@@ -534,9 +543,13 @@ class Engine:
     def _can_decode_on_device(req: Request) -> bool:
         """The decode loops' own sampling serves this request: no penalties, no top-n
         logprobs, no beams, and no truncation (top-k/top-p/min-p take the sampled step,
-        whose sampler branches on them; see `sample_tokens(truncate=False)`)."""
+        whose sampler branches on them; see `sample_tokens(truncate=False)`). Nor a
+        structured-output constraint: the host advances its grammar after every token,
+        and the next token's mask depends on it, so such a request takes the single
+        sampled step (which applies the mask)."""
         p = req.params
-        return not (p.uses_penalties or p.logprobs or p.is_beam_search or p.truncates)
+        return not (p.uses_penalties or p.logprobs or p.is_beam_search or p.truncates
+                    or req.grammar is not None)
 
     def _sampling_rows(self, seqs) -> list:
         return [(s.request.params, s.request.seed, len(s.seq.output_ids),
@@ -547,10 +560,23 @@ class Engine:
         batch = SamplingBatch.build(self._sampling_rows(seqs), inputs.bucket.N,
                                     self.vocab_size)
         full = batch.needs_full_sampler or any(s.request.params.is_beam_search for s in seqs)
+        constrained = [(i, s.request.grammar) for i, s in enumerate(seqs)
+                       if s.request.grammar is not None]
+        mask = structured.fill_bitmask(constrained, inputs.bucket.N, self.vocab_size) \
+            if constrained else None
         if self._fused:
+            # the masked variant of the sampled step compiles on the first constrained
+            # batch of a bucket; batches without a constraint never pay for the mask
+            masked = mask is not None and self._runner_takes_mask()
+            if masked and inputs.bucket not in self._masked_buckets:
+                self._note_compile(f"masked step {inputs.bucket}")
+                self._masked_buckets.add(inputs.bucket)
             with self._run_lock:
-                tokens, token_lp, logits = self.runner.run_sampled(*inputs.args(),
-                                                                   batch.packed())
+                tokens, token_lp, logits = self.runner.run_sampled(
+                    *inputs.args(), batch.packed(), **({"token_bitmask": mask} if masked
+                                                       else {}))
+            if mask is not None and not masked:   # mask, then sample on the host's side
+                logits, full = structured.mask_logits(logits, mask), True
             if not full:
                 import jax
                 tokens, token_lp = jax.device_get((tokens, token_lp))
@@ -560,6 +586,8 @@ class Engine:
         else:
             with self._run_lock:
                 logits = self.runner.run(*inputs.args())
+            if mask is not None:
+                logits = structured.mask_logits(logits, mask)
         n, penalties = inputs.bucket.N, batch.has_penalties
         if not self.sampler.is_compiled(n, penalties):
             with self._compile_lock:
@@ -568,6 +596,16 @@ class Engine:
                     self._compile_seconds += self.sampler.compile_for(n, penalties)
         out = self.sampler(logits, batch)
         return {s.seq.seq_id: out[i] for i, s in enumerate(seqs)}
+
+    def _runner_takes_mask(self) -> bool:
+        if self._masked_runner is None:
+            import inspect
+            try:
+                params = inspect.signature(self.runner.run_sampled).parameters
+            except (TypeError, ValueError):
+                params = {}
+            self._masked_runner = "token_bitmask" in params
+        return self._masked_runner
 
     def _decode_steps(self, rows: list[ScheduledSeq]) -> list[RequestOutput]:
         """Up to `decode_steps` tokens of every running sequence per runner call (rows

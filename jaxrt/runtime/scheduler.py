@@ -37,6 +37,7 @@ import numpy as np
 from jaxrt.errors import SettingError
 from .block_manager import BlockManager
 from .detokenize import IncrementalDetokenizer
+from . import structured
 from .request import Request, RequestState, Sequence
 from .sampler import SampledToken, beam_candidates
 
@@ -291,6 +292,9 @@ class Scheduler:
             req.first_token_time = now
         req.token_times.append(now)
         reason = self._stop_reason(req, seq)
+        if req.grammar is not None and structured.advance(req.grammar, s.token) \
+                and reason is None:
+            reason = "stop"   # the grammar is complete: nothing may follow
         if reason:
             self._finish(req, reason)
 

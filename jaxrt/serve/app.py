@@ -9,6 +9,8 @@ non-streaming request runs) aborts its requests, which frees their pages.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import asyncio
 import hmac
 import json
@@ -215,7 +217,7 @@ def _sample_params(engine, req, max_tokens: int, logprobs: int | None, ids: list
                    j: int) -> SamplingParams:
     params = req.sampling_params(max_tokens, logprobs)
     if params.seed is not None and j:   # parallel samples must differ (vLLM: seed + index)
-        params = SamplingParams(**{**params.__dict__, "seed": (params.seed + j) % (2 ** 63)})
+        params = dataclasses.replace(params, seed=(params.seed + j) % (2 ** 63))
     try:
         params.validate(engine.vocab_size, engine.max_model_len, len(ids),
                         max_logprobs=engine.max_logprobs)
