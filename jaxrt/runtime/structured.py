@@ -37,6 +37,10 @@ import numpy as np
 from jaxrt.errors import InputError, SettingError
 
 CONSTRAINTS = ("json_schema", "regex", "choice", "grammar")
+# JSON output is laid out as Python's json.dumps does (", " and ": ", no other whitespace):
+# with llguidance's default flexible whitespace a small model can emit newlines and
+# indentation until max_tokens (SmolLM2 did). A schema's "x-guidance" options override it.
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 def bitmask_words(vocab_size: int) -> int:
@@ -75,7 +79,8 @@ def constraint_grammar(params: Any) -> str | None:
         if not isinstance(value, (dict, bool)):
             raise bad("a JSON schema is an object (a dict or its JSON text)")
         try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(value)
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                value, defaults=JSON_LAYOUT)
         except (ValueError, TypeError) as e:
             raise bad(_first_line(str(e))) from None
     elif name == "regex":

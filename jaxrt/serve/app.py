@@ -215,10 +215,10 @@ def _prompt_ids(engine, prompt) -> list[int]:
 
 def _sample_params(engine, req, max_tokens: int, logprobs: int | None, ids: list[int],
                    j: int) -> SamplingParams:
-    params = req.sampling_params(max_tokens, logprobs)
-    if params.seed is not None and j:   # parallel samples must differ (vLLM: seed + index)
-        params = dataclasses.replace(params, seed=(params.seed + j) % (2 ** 63))
     try:
+        params = req.sampling_params(max_tokens, logprobs)  # (a bad schema or regex: 400)
+        if params.seed is not None and j:  # parallel samples must differ (vLLM: seed + j)
+            params = dataclasses.replace(params, seed=(params.seed + j) % (2 ** 63))
         params.validate(engine.vocab_size, engine.max_model_len, len(ids),
                         max_logprobs=engine.max_logprobs)
     except ValueError as e:
