@@ -56,7 +56,7 @@ from .request import (BeamOutput, Request, RequestOutput, SamplingParams, Stream
                       validate_prompt_ids)
 from .sampler import SampledToken, Sampler, SamplingBatch
 from .programs import greedy_sampling
-from . import structured
+from . import speculative as spec, structured
 from .scheduler import (BucketPolicy, ScheduledBatch, ScheduledSeq, Scheduler,
                         SchedulerConfig, StepInputs, build_step_inputs)
 
@@ -94,6 +94,12 @@ class EngineStats:
     compiles_after_warmup: int    # should stay 0: a compile on the request path
     warming_up: bool = False      # a background warm-up is still compiling
     decode_loops: int = 0         # runner calls that ran several decode steps
+    # speculative decoding: proposed tokens accepted / proposed, and tokens a verifying
+    # sequence gained per step (accepted + the target's own)
+    spec_proposed_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_acceptance_rate: float = 0.0
+    spec_mean_accepted_length: float = 0.0
 
 
 class Engine:
@@ -110,8 +116,9 @@ class Engine:
                  warmup: bool | str = "auto",
                  strict_compiles: bool = False, compile_threads: int | None = None,
                  parse_special: bool = False, chat_template: str | None = None,
-                 log: Any = "stderr"):
+                 speculative: dict | None = None, log: Any = "stderr"):
         compile_threads = _compile_threads(compile_threads)  # refused before loading
+        self.speculative = spec.SpeculativeConfig.parse(speculative)
         decode_steps = _decode_steps(decode_steps)
         mode = _warmup_mode(warmup, strict_compiles)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -174,7 +181,12 @@ class Engine:
                                    math.ceil(max_model_len / ps), q_block=q_block,
                                    growth=(_default_growth() if bucket_growth is None
                                            else bucket_growth),
-                                   token_floor=min_bucket_tokens)
+                                   token_floor=min_bucket_tokens,
+                                   verify_logits=0 if self.speculative is None else
+                                   max_num_seqs * (self.speculative.num_tokens + 1))
+        if self.speculative is not None:
+            self.scheduler.proposer = self._propose
+            self.scheduler.spec_tokens = self.speculative.num_tokens
         self.sampler = Sampler(self.vocab_size, max_logprobs)
         self.grammars = structured.Grammars(tokenizer, self.vocab_size, self.eos_token_ids)
         self._masked_runner: bool | None = None  # run_sampled takes token_bitmask=
@@ -503,7 +515,7 @@ class Engine:
             return self._advance(call)
         if self.decode_steps > 1:
             rows = self.scheduler.schedule_decode_steps(self.decode_steps,
-                                                        self._can_decode_on_device)
+                                                        self._loop_serves)
             if rows is not None:
                 return self._decode_steps(rows)
         batch = self.scheduler.schedule()
@@ -514,9 +526,13 @@ class Engine:
         inputs = build_step_inputs(batch, self.block_manager, self.policy, self._pad_slot)
         self._ensure_compiled(("step", inputs.bucket))
         sampled = self._run_and_sample(inputs)
+        sp = self.scheduler.spec_stats
+        proposed, accepted = sp.proposed, sp.accepted
         finished = self.scheduler.update(batch, sampled, time.perf_counter())
         self._steps += 1
-        self._generated += len(inputs.logit_seqs)
+        # a verified proposal of k tokens has k + 1 logit rows and yields accepted + 1
+        self._generated += len(inputs.logit_seqs) - (sp.proposed - proposed) \
+            + (sp.accepted - accepted)
         return self._finished(finished)
 
     def _finished(self, finished: list[Request]) -> list[RequestOutput]:
@@ -551,9 +567,37 @@ class Engine:
         return not (p.uses_penalties or p.logprobs or p.is_beam_search or p.truncates
                     or req.grammar is not None)
 
+    def _loop_serves(self, req: Request) -> bool:
+        """Decode loops serve the request: their sampling does, and speculation does not
+        (a loop of K device steps cannot verify proposals)."""
+        return self._can_decode_on_device(req) and not (
+            self.speculative is not None and spec.eligible(req))
+
+    def _propose(self, req: Request, seq, k: int) -> list[int]:
+        if not spec.eligible(req):
+            return []
+        c = self.speculative
+        return spec.propose_ngram(seq.tokens, k, c.max_ngram, c.min_ngram)
+
     def _sampling_rows(self, seqs) -> list:
-        return [(s.request.params, s.request.seed, len(s.seq.output_ids),
-                 s.request.prompt_ids, s.seq.output_ids) for s in seqs]
+        # a verified proposal's j-th row samples output position len(output) + j
+        rows, at = [], {}
+        for s in seqs:
+            j = at[id(s)] = at.get(id(s), -1) + 1
+            rows.append((s.request.params, s.request.seed, len(s.seq.output_ids) + j,
+                         s.request.prompt_ids, s.seq.output_ids))
+        return rows
+
+    @staticmethod
+    def _by_seq(seqs, tokens: list[SampledToken]) -> dict:
+        """Sampled rows by seq_id: a SampledToken, or a list for a verified proposal."""
+        out: dict = {}
+        for s, t in zip(seqs, tokens):
+            if s.draft:
+                out.setdefault(s.seq.seq_id, []).append(t)
+            else:
+                out[s.seq.seq_id] = t
+        return out
 
     def _run_and_sample(self, inputs: StepInputs) -> dict[int, SampledToken]:
         seqs = inputs.logit_seqs
@@ -580,9 +624,9 @@ class Engine:
             if not full:
                 import jax
                 tokens, token_lp = jax.device_get((tokens, token_lp))
-                return {s.seq.seq_id: SampledToken(int(tokens[i]), float(token_lp[i]),
-                                                   _NO_TOP_IDS, _NO_TOP_LOGPROBS)
-                        for i, s in enumerate(seqs)}
+                return self._by_seq(seqs, [SampledToken(int(tokens[i]), float(token_lp[i]),
+                                                        _NO_TOP_IDS, _NO_TOP_LOGPROBS)
+                                           for i in range(len(seqs))])
         else:
             with self._run_lock:
                 logits = self.runner.run(*inputs.args())
@@ -595,7 +639,7 @@ class Engine:
                     self._note_compile(f"sampler N={n}")
                     self._compile_seconds += self.sampler.compile_for(n, penalties)
         out = self.sampler(logits, batch)
-        return {s.seq.seq_id: out[i] for i, s in enumerate(seqs)}
+        return self._by_seq(seqs, out[:len(seqs)])
 
     def _runner_takes_mask(self) -> bool:
         if self._masked_runner is None:
@@ -814,13 +858,14 @@ class Engine:
         return stream
 
     def stats(self) -> EngineStats:
-        b = self.block_manager.stats()
+        b, sp = self.block_manager.stats(), self.scheduler.spec_stats
         return EngineStats(self._steps, self._generated, self.scheduler.num_preemptions,
                            b.prefix_cache_hit_rate, b.evictions, b.num_pages, b.pages_in_use,
                            b.free_pages, len(self.policy.all_buckets()), self._warmup_seconds,
                            self._compile_seconds, self._compiles_after_warmup,
                            self._background is not None and self._background.is_alive(),
-                           self._decode_loops)
+                           self._decode_loops, sp.proposed, sp.accepted, sp.acceptance_rate,
+                           sp.mean_accepted_length)
 
 
 class RequestStream:

@@ -1,0 +1,131 @@
+"""N-gram (prompt lookup) speculative decoding.
+
+    Engine(model, speculative={"method": "ngram", "num_tokens": 4, "max_ngram": 3,
+                               "min_ngram": 1})
+
+Each step, for every decoding sequence whose request speculation serves (`eligible`), the
+proposer matches the sequence's last n tokens (n from max_ngram down to min_ngram)
+against its earlier tokens (prompt + output) and proposes the up-to-k tokens that followed
+the most recent match. The scheduler gives the sequence 1 + len(proposal) query tokens
+in the ordinary mixed step (its last token, then the proposal), with logits at all of
+them (`BucketPolicy` verify buckets, N up to max_num_seqs x (k + 1)). `verify` accepts the
+longest prefix of the proposal that equals the target's own greedy token at each
+position, then appends the target's token after it (the "bonus"): the output is
+token-identical to plain greedy decoding.
+
+KV written at rejected positions is never committed to the prefix cache (commits stop at
+the last accepted position) and is overwritten when those positions are computed again;
+pages the proposal needed beyond the next token's slot are given back at once.
+
+Served: greedy requests without penalties, beams or a structured-output constraint.
+Sampled requests (temperature > 0) run without speculation: the rejection rule that keeps
+their distribution exact is not implemented. Speculation replaces the decode loops for
+the requests it serves (a loop of K device steps cannot verify proposals).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from jaxrt.errors import SettingError
+
+METHODS = ("ngram",)
+_KEYS = {"method", "num_tokens", "max_ngram", "min_ngram"}
+MAX_NUM_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    method: str
+    num_tokens: int          # k: tokens proposed per step (at most)
+    max_ngram: int = 3
+    min_ngram: int = 1
+
+    @classmethod
+    def parse(cls, value: Any) -> "SpeculativeConfig | None":
+        """`Engine(speculative=)`: None, or a dict of the fields above (SettingError
+        naming the first bad key or value)."""
+        if value is None:
+            return None
+        if isinstance(value, SpeculativeConfig):
+            return value
+        if not isinstance(value, dict):
+            raise SettingError(f"speculative={value!r:.60}: expected a dict such as "
+                               f"{{'method': 'ngram', 'num_tokens': 4}}")
+        unknown = sorted(set(map(str, value)) - _KEYS)
+        if unknown:
+            raise SettingError(f"speculative: unknown key {unknown[0]!r} (known: "
+                               f"{', '.join(sorted(_KEYS))})")
+        method = value.get("method")
+        if method == "draft":
+            raise SettingError("speculative method 'draft' (a draft model) is not "
+                               "implemented; use 'ngram'")
+        if method not in METHODS:
+            raise SettingError(f"speculative method {method!r}: expected one of {METHODS}")
+        if "num_tokens" not in value:
+            raise SettingError("speculative: num_tokens is required")
+        out = {}
+        for key, least, most in (("num_tokens", 1, MAX_NUM_TOKENS), ("max_ngram", 1, 64),
+                                 ("min_ngram", 1, 64)):
+            v = value.get(key, getattr(cls, key, None))
+            if isinstance(v, bool) or not isinstance(v, int) or not least <= v <= most:
+                raise SettingError(f"speculative {key}={v!r:.40}: must be an integer in "
+                                   f"[{least}, {most}]")
+            out[key] = v
+        if out["min_ngram"] > out["max_ngram"]:
+            raise SettingError(f"speculative min_ngram={out['min_ngram']} exceeds "
+                               f"max_ngram={out['max_ngram']}")
+        return cls(method, **out)
+
+
+def eligible(req: Any) -> bool:
+    """Speculation serves this request: greedy, no penalties, beams or constraint."""
+    p = req.params
+    return (p.is_greedy and not p.uses_penalties and not p.is_beam_search
+            and req.grammar is None)
+
+
+def propose_ngram(tokens: Sequence[int], k: int, max_ngram: int, min_ngram: int
+                  ) -> list[int]:
+    """Up to k tokens that followed the most recent earlier occurrence of the longest
+    suffix of `tokens` (n in [min_ngram, max_ngram]); [] when none occurs."""
+    size = len(tokens)
+    if k <= 0 or size < 2:
+        return []
+    arr = np.asarray(tokens, np.int64)
+    for n in range(min(max_ngram, size - 1), min_ngram - 1, -1):
+        # windows starting at 0 .. size-1-n: each ends before the suffix's last token
+        windows = np.lib.stride_tricks.sliding_window_view(arr[:size - 1], n)
+        hits = np.flatnonzero((windows == arr[size - n:]).all(axis=1))
+        if hits.size:
+            start = int(hits[-1]) + n
+            return arr[start:start + k].tolist()
+    return []
+
+
+def accepted_length(draft: Sequence[int], target: Sequence[int]) -> int:
+    """How many proposed tokens equal the target's token at their position: target[j]
+    is what the model picks after the sequence + draft[:j]."""
+    n = 0
+    while n < len(draft) and draft[n] == target[n]:
+        n += 1
+    return n
+
+
+@dataclass
+class SpeculativeStats:
+    verifies: int = 0        # sequence-steps that verified a proposal
+    proposed: int = 0        # proposed tokens
+    accepted: int = 0        # of those, accepted
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens a verifying sequence gains per step: accepted proposals + the target's
+        own token (vLLM's "mean acceptance length")."""
+        return (self.accepted + self.verifies) / self.verifies if self.verifies else 0.0

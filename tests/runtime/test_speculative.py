@@ -1,0 +1,102 @@
+"""N-gram speculative decoding (jaxrt.runtime.speculative): settings refused exactly,
+proposals from the sequence's own history, greedy outputs token-identical to plain greedy
+(batched and alone, prefix caching on and off), pages of rejected positions given back."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from jaxrt.errors import SettingError
+from jaxrt.runtime.engine import Engine
+from jaxrt.runtime.request import SamplingParams
+from jaxrt.runtime.speculative import SpeculativeConfig, propose_ngram
+from tests.runtime.fake_model import FakeRunner, reference_greedy
+
+CONFIG = dict(max_num_seqs=4, max_num_batched_tokens=48, max_model_len=48, log=None,
+              warmup=False)
+
+
+@pytest.mark.parametrize("value, message", [
+    ({"method": "ngram"}, "num_tokens is required"),
+    ({"method": "ngram", "num_tokens": 0}, "num_tokens"),
+    ({"method": "ngram", "num_tokens": True}, "num_tokens"),
+    ({"method": "ngram", "num_tokens": 2, "min_ngram": 3, "max_ngram": 2}, "min_ngram"),
+    ({"method": "ngram", "num_tokens": 2, "lookahead": 1}, "unknown key 'lookahead'"),
+    ({"method": "draft", "num_tokens": 2, "model": "x"}, "unknown key 'model'"),
+    ({"method": "medusa", "num_tokens": 2}, "method"),
+    ("ngram", "expected a dict"),
+])
+def test_bad_settings_refused(value, message):
+    with pytest.raises(SettingError, match=message):
+        SpeculativeConfig.parse(value)
+
+
+@given(st.lists(st.integers(0, 4), min_size=1, max_size=30), st.integers(1, 5),
+       st.integers(1, 4), st.integers(1, 4))
+@settings(max_examples=200, deadline=None)
+def test_proposal_continues_the_latest_longest_match(tokens, k, lo, width):
+    hi = lo + width - 1
+    out = propose_ngram(tokens, k, hi, lo)
+    assert len(out) <= k
+    if not out:  # then no suffix of length lo..hi occurs earlier
+        for n in range(lo, min(hi, len(tokens) - 1) + 1):
+            suffix = tokens[-n:]
+            assert all(tokens[i:i + n] != suffix for i in range(len(tokens) - n))
+        return
+    n = max(n for n in range(lo, min(hi, len(tokens) - 1) + 1)
+            if any(tokens[i:i + n] == tokens[-n:] for i in range(len(tokens) - n)))
+    i = max(i for i in range(len(tokens) - n) if tokens[i:i + n] == tokens[-n:])
+    assert out == tokens[i + n:i + n + k]
+
+
+PATTERNS = st.lists(st.integers(2, 63), min_size=1, max_size=4)
+
+
+@st.composite
+def prompts(draw):
+    """Repeated patterns (proposals to verify) and plain random prompts."""
+    if draw(st.booleans()):
+        pattern = draw(PATTERNS)
+        return (pattern * draw(st.integers(2, 6)))[:draw(st.integers(2, 20))]
+    return draw(st.lists(st.integers(2, 63), min_size=1, max_size=20))
+
+
+@settings(max_examples=10, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batch=st.lists(st.tuples(prompts(), st.integers(1, 16)), min_size=1, max_size=4),
+       k=st.integers(1, 4), caching=st.booleans())
+def test_greedy_speculation_equals_plain_greedy(fake_runner, batch, k, caching):
+    engine = Engine(fake_runner, speculative={"method": "ngram", "num_tokens": k},
+                    enable_prefix_caching=caching, **CONFIG)
+    params = [SamplingParams(max_tokens=m) for _, m in batch]
+    outs = engine.generate([p for p, _ in batch], params)
+    for (prompt, m), out in zip(batch, outs):
+        assert out.ids == reference_greedy(prompt, m)
+    alone = engine.generate(batch[0][0], params[0])[0]
+    assert alone.ids == outs[0].ids
+    st_ = engine.stats()
+    assert st_.pages_in_use == 0 and st_.free_pages == engine.num_pages
+    assert st_.spec_accepted_tokens <= st_.spec_proposed_tokens
+
+
+def test_repeating_prompt_is_accepted_and_sampled_requests_do_not_speculate():
+    """The random tiny Llama of the runtime properties, as the target: on a prompt that
+    repeats a pattern its greedy output settles into a loop, which the proposer copies."""
+    from tests.runtime.conftest import FACTORIES
+    factory = FACTORIES["tiny-llama"]()
+    runner = factory.make()
+    plain = Engine(runner, **CONFIG)
+    specd = Engine(runner, speculative={"method": "ngram", "num_tokens": 4}, **CONFIG)
+    prompt = [5, 9, 14, 5, 9, 14, 5, 9, 14, 5, 9]
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    want = plain.generate(prompt, params)[0].ids
+    got = specd.generate(prompt, params)[0].ids
+    assert got == want
+    s = specd.stats()
+    assert s.spec_accepted_tokens > 0 and s.spec_acceptance_rate > 0
+    assert s.spec_mean_accepted_length > 1
+    # fewer target steps than tokens: several tokens per verify step
+    assert s.steps < len(want)
+    before = specd.stats().spec_proposed_tokens
+    specd.generate(prompt, SamplingParams(max_tokens=8, temperature=1.0, seed=1))
+    assert specd.stats().spec_proposed_tokens == before
