@@ -139,6 +139,12 @@ class Grammars:
         m = llguidance.LLMatcher(self._llg_tokenizer(), grammar, log_level=0)
         if m.is_error():
             raise SettingError(f"structured output: {_first_line(m.get_error())}")
+        bits = np.unpackbits(fill_bitmask([(0, m)], 1, self.vocab_size).view(np.uint8),
+                             bitorder="little")[:self.vocab_size]
+        bits[self._eos] = 0
+        if not m.is_accepting() and not bits.any():
+            raise SettingError("structured output: no token of this model's vocabulary "
+                               "can start the constrained output")
         return m
 
 

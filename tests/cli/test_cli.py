@@ -107,6 +107,13 @@ BAD_CASES = [
     (["inspect", "{ir}", "--bind", "T=x"], "expected NAME=N"),
     (["inspect", "does-not-exist"], "not an alias"),
     (["generate", "does-not-exist.gguf", "--prompt", "hi"], "no such file"),
+    # structured output: refused before the model is read
+    (["generate", "smollm2-135m", "--prompt", "hi", "--regex", "a(b"], "--regex: "),
+    (["generate", "smollm2-135m", "--prompt", "hi", "--json-schema", "{missing}"],
+     "no such file"),
+    (["generate", "smollm2-135m", "--prompt", "hi", "--json-schema", "{ir}"],
+     "--json-schema: SamplingParams.json_schema="),
+    (["generate", "smollm2-135m", "--prompt", "hi", "--choice", "a,,b"], "--choice: "),
 ]
 
 
