@@ -8,18 +8,26 @@ proposer matches the sequence's last n tokens (n from max_ngram down to min_ngra
 against its earlier tokens (prompt + output) and proposes the up-to-k tokens that followed
 the most recent match. The scheduler gives the sequence 1 + len(proposal) query tokens
 in the ordinary mixed step (its last token, then the proposal), with logits at all of
-them (`BucketPolicy` verify buckets, N up to max_num_seqs x (k + 1)). `verify` accepts the
-longest prefix of the proposal that equals the target's own greedy token at each
-position, then appends the target's token after it (the "bonus"): the output is
-token-identical to plain greedy decoding.
+them (`BucketPolicy` verify buckets, N up to max_num_seqs x (k + 1)). The sampled step
+draws the target's token at every position, as plain decoding would (row j of a
+sequence samples output position len(output) + j, with the request's seed), and the
+scheduler accepts the longest prefix of the proposal equal to those tokens, then appends
+the target's token after it (the "bonus" or the correction).
+
+For greedy requests this is the usual rule. For sampled ones it is the standard rejection
+rule for a deterministic proposer: the proposal x is accepted with probability p(x) (the
+target's draw y equals x), and on rejection the output is y given y != x, i.e. p with x
+removed and renormalised. Because the draws are counter-based (seed, output position),
+they are the very tokens plain decoding would draw: seeded outputs are token-identical
+with and without speculation, greedy or not.
 
 KV written at rejected positions is never committed to the prefix cache (commits stop at
 the last accepted position) and is overwritten when those positions are computed again;
 pages the proposal needed beyond the next token's slot are given back at once.
 
-Served: greedy requests without penalties, beams or a structured-output constraint.
-Sampled requests (temperature > 0) run without speculation: the rejection rule that keeps
-their distribution exact is not implemented. Speculation replaces the decode loops for
+Served: requests without penalties (their rows would need counts that include the
+proposal), beams or a structured-output constraint (proposals are not checked against
+the grammar); those decode without speculation. Speculation replaces the decode loops for
 the requests it serves (a loop of K device steps cannot verify proposals).
 """
 from __future__ import annotations
@@ -81,10 +89,9 @@ class SpeculativeConfig:
 
 
 def eligible(req: Any) -> bool:
-    """Speculation serves this request: greedy, no penalties, beams or constraint."""
+    """Speculation serves this request: no penalties, beams or constraint."""
     p = req.params
-    return (p.is_greedy and not p.uses_penalties and not p.is_beam_search
-            and req.grammar is None)
+    return not p.uses_penalties and not p.is_beam_search and req.grammar is None
 
 
 def propose_ngram(tokens: Sequence[int], k: int, max_ngram: int, min_ngram: int
@@ -107,7 +114,7 @@ def propose_ngram(tokens: Sequence[int], k: int, max_ngram: int, min_ngram: int
 
 def accepted_length(draft: Sequence[int], target: Sequence[int]) -> int:
     """How many proposed tokens equal the target's token at their position: target[j]
-    is what the model picks after the sequence + draft[:j]."""
+    is what the model draws after the sequence + draft[:j]."""
     n = 0
     while n < len(draft) and draft[n] == target[n]:
         n += 1

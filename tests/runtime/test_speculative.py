@@ -64,10 +64,11 @@ def prompts(draw):
 @settings(max_examples=10, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batch=st.lists(st.tuples(prompts(), st.integers(1, 16)), min_size=1, max_size=4),
-       k=st.integers(1, 4), caching=st.booleans())
-def test_greedy_speculation_equals_plain_greedy(fake_runner, batch, k, caching):
+       k=st.integers(1, 4), caching=st.booleans(), pages=st.sampled_from([64, 12]))
+def test_greedy_speculation_equals_plain_greedy(fake_runner, batch, k, caching, pages):
+    """12 pages of 4 tokens for up to 4 requests of up to 36: preemption is forced."""
     engine = Engine(fake_runner, speculative={"method": "ngram", "num_tokens": k},
-                    enable_prefix_caching=caching, **CONFIG)
+                    enable_prefix_caching=caching, num_pages=pages, **CONFIG)
     params = [SamplingParams(max_tokens=m) for _, m in batch]
     outs = engine.generate([p for p, _ in batch], params)
     for (prompt, m), out in zip(batch, outs):
@@ -79,7 +80,29 @@ def test_greedy_speculation_equals_plain_greedy(fake_runner, batch, k, caching):
     assert st_.spec_accepted_tokens <= st_.spec_proposed_tokens
 
 
-def test_repeating_prompt_is_accepted_and_sampled_requests_do_not_speculate():
+@settings(max_examples=6, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batch=st.lists(st.tuples(prompts(), st.integers(0, 2**32)), min_size=1, max_size=4),
+       k=st.integers(1, 4), top_k=st.sampled_from([0, 3]),
+       temperature=st.sampled_from([0.5, 1.0]))
+def test_seeded_sampling_with_speculation_is_token_identical(fake_runner, batch, k, top_k,
+                                                             temperature):
+    """Sampled requests: the target's draw at each verified position is the draw plain
+    decoding makes there (counter-based noise), so the rejection rule for a point-mass
+    proposal (accept x iff the draw is x; else the draw, which is p without x) gives
+    exactly the plain outputs."""
+    params = [SamplingParams(max_tokens=12, temperature=temperature, top_k=top_k, seed=s,
+                             logprobs=2 if s % 2 else None) for _, s in batch]
+    prompts_ = [p for p, _ in batch]
+    plain = Engine(fake_runner, **CONFIG).generate(prompts_, params)
+    specd = Engine(fake_runner, speculative={"method": "ngram", "num_tokens": k}, **CONFIG)
+    outs = specd.generate(prompts_, params)
+    for a, b in zip(plain, outs):
+        assert a.ids == b.ids and a.finish_reason == b.finish_reason
+        assert a.logprobs == b.logprobs
+
+
+def test_repeating_prompt_is_accepted_and_penalized_requests_do_not_speculate():
     """The random tiny Llama of the runtime properties, as the target: on a prompt that
     repeats a pattern its greedy output settles into a loop, which the proposer copies."""
     from tests.runtime.conftest import FACTORIES
@@ -97,6 +120,12 @@ def test_repeating_prompt_is_accepted_and_sampled_requests_do_not_speculate():
     assert s.spec_mean_accepted_length > 1
     # fewer target steps than tokens: several tokens per verify step
     assert s.steps < len(want)
+    # sampled, seeded: accepted proposals too (the draws at verified positions), and the
+    # same tokens as plain decoding
+    sampled = SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.5, seed=11)
+    accepted = specd.stats().spec_accepted_tokens
+    assert specd.generate(prompt, sampled)[0].ids == plain.generate(prompt, sampled)[0].ids
+    assert specd.stats().spec_accepted_tokens > accepted
     before = specd.stats().spec_proposed_tokens
-    specd.generate(prompt, SamplingParams(max_tokens=8, temperature=1.0, seed=1))
+    specd.generate(prompt, SamplingParams(max_tokens=8, repetition_penalty=1.2))
     assert specd.stats().spec_proposed_tokens == before
