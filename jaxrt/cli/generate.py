@@ -36,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--logprobs", type=int, default=None)
+    p.add_argument("--speculative", default=None, metavar="JSON",
+                   help='speculative decoding, e.g. \'{"method": "ngram", "num_tokens": 4}\'')
     constraint = p.add_mutually_exclusive_group()
     constraint.add_argument("--json-schema", default=None, metavar="FILE",
                             help="constrain the output to this JSON schema (a file)")
@@ -113,6 +115,7 @@ def _build(args, source, is_engine, Target, compile_loaded, layers_choice, Engin
                     num_pages=args.num_pages if is_engine else None,
                     max_model_len=max_len, max_num_batched_tokens=budget,
                     min_bucket_tokens=budget, warmup=True,
+                    speculative=args.speculative_config,
                     log=None if args.json else sys.stderr)
     return model, engine
 
@@ -150,6 +153,8 @@ def run(args) -> int:
         flag = "--" + getattr(e, "setting", "").replace("_", "-")
         raise SettingError(f"{flag}: {e}" if flag in _FLAGS else str(e)) from None
     check_cache_options(args)
+    from jaxrt.runtime.speculative import from_cli
+    args.speculative_config = from_cli(args.speculative)
     start = time.perf_counter()
     is_engine = resolve_model(args.model)[0] == "engine"
     if is_engine:
@@ -226,6 +231,10 @@ def run(args) -> int:
     if args.json:
         obj = {"prompt_ids": out.prompt_ids, "ids": out.ids, "text": out.text,
                "finish_reason": out.finish_reason, **timing}
+        if args.speculative_config is not None:
+            st = engine.stats()
+            obj["speculative"] = {"acceptance_rate": st.spec_acceptance_rate,
+                                  "mean_accepted_length": st.spec_mean_accepted_length}
         if out.logprobs is not None:
             obj["logprobs"] = [{str(k): v for k, v in lp.items()} for lp in out.logprobs]
         print(json.dumps(obj))

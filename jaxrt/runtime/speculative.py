@@ -88,6 +88,23 @@ class SpeculativeConfig:
         return cls(method, **out)
 
 
+def from_cli(text: str | None) -> "SpeculativeConfig | None":
+    """`--speculative '{"method": "ngram", "num_tokens": 4}'` (SettingError naming the
+    option for bad JSON or a bad setting)."""
+    if text is None:
+        return None
+    import json
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SettingError(f"--speculative: not valid JSON ({e.msg} at character "
+                           f"{e.pos})") from None
+    try:
+        return SpeculativeConfig.parse(value)
+    except SettingError as e:
+        raise SettingError(f"--speculative: {e}") from None
+
+
 def eligible(req: Any) -> bool:
     """Speculation serves this request: no penalties, beams or constraint."""
     p = req.params

@@ -114,6 +114,9 @@ BAD_CASES = [
     (["generate", "smollm2-135m", "--prompt", "hi", "--json-schema", "{ir}"],
      "--json-schema: SamplingParams.json_schema="),
     (["generate", "smollm2-135m", "--prompt", "hi", "--choice", "a,,b"], "--choice: "),
+    (["generate", "smollm2-135m", "--prompt", "hi", "--speculative", "{"], "--speculative"),
+    (["generate", "smollm2-135m", "--prompt", "hi", "--speculative",
+      '{"method": "ngram", "num_tokens": 2, "k": 1}'], "unknown key 'k'"),
 ]
 
 
