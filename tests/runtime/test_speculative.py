@@ -64,15 +64,26 @@ def prompts(draw):
 @settings(max_examples=10, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batch=st.lists(st.tuples(prompts(), st.integers(1, 16)), min_size=1, max_size=4),
-       k=st.integers(1, 4), caching=st.booleans(), pages=st.sampled_from([64, 12]))
-def test_greedy_speculation_equals_plain_greedy(fake_runner, batch, k, caching, pages):
-    """12 pages of 4 tokens for up to 4 requests of up to 36: preemption is forced."""
+       k=st.integers(1, 4), caching=st.booleans(), pages=st.sampled_from([64, 12]),
+       decode_steps=st.sampled_from([1, 4]), abort=st.booleans())
+def test_greedy_speculation_equals_plain_greedy(fake_runner, batch, k, caching, pages,
+                                                decode_steps, abort):
+    """12 pages of 4 tokens for up to 4 requests of up to 36: preemption is forced.
+    With decode_steps > 1 the engine may run decode loops, which must leave speculated
+    requests alone (they never run one). `abort`: a copy of the last request is queued
+    first and aborted after two steps."""
     engine = Engine(fake_runner, speculative={"method": "ngram", "num_tokens": k},
-                    enable_prefix_caching=caching, num_pages=pages, **CONFIG)
+                    enable_prefix_caching=caching, num_pages=pages,
+                    decode_steps=decode_steps, **CONFIG)
     params = [SamplingParams(max_tokens=m) for _, m in batch]
+    if abort:
+        rid = engine.add_request(batch[-1][0], params[-1])
+        engine.step(), engine.step()
+        assert engine.abort(rid) is not None or not engine.has_unfinished()
     outs = engine.generate([p for p, _ in batch], params)
     for (prompt, m), out in zip(batch, outs):
         assert out.ids == reference_greedy(prompt, m)
+    assert engine.stats().decode_loops == 0
     alone = engine.generate(batch[0][0], params[0])[0]
     assert alone.ids == outs[0].ids
     st_ = engine.stats()
@@ -129,3 +140,22 @@ def test_repeating_prompt_is_accepted_and_penalized_requests_do_not_speculate():
     before = specd.stats().spec_proposed_tokens
     specd.generate(prompt, SamplingParams(max_tokens=8, repetition_penalty=1.2))
     assert specd.stats().spec_proposed_tokens == before
+
+
+def test_pages_of_rejected_positions_are_given_back(fake_runner):
+    """After every step a sequence holds no page past its known tokens (a rejected
+    proposal's pages went back), and its committed pages hold only computed tokens."""
+    engine = Engine(fake_runner, speculative={"method": "ngram", "num_tokens": 4},
+                    **CONFIG)
+    bm = engine.block_manager
+    for prompt in ([5, 6, 7, 5, 6, 7, 5, 6], [9, 9, 9, 9, 9, 9, 9], [3, 4, 3, 4, 3, 4, 3]):
+        engine.add_request(prompt, SamplingParams(max_tokens=20))
+    proposed = 0
+    while engine.has_unfinished():
+        engine.step()
+        for req in engine.scheduler.running:
+            seq = req.seqs[0]
+            assert len(bm.page_table(seq.seq_id)) <= bm.pages_needed(len(seq.tokens))
+            assert len(bm._hashes[seq.seq_id]) * bm.page_size <= seq.num_computed
+        proposed = engine.stats().spec_proposed_tokens
+    assert proposed > engine.stats().spec_accepted_tokens  # rejections happened
