@@ -189,7 +189,6 @@ class Engine:
             self.scheduler.spec_tokens = self.speculative.num_tokens
         self.sampler = Sampler(self.vocab_size, max_logprobs)
         self.grammars = structured.Grammars(tokenizer, self.vocab_size, self.eos_token_ids)
-        self._masked_runner: bool | None = None  # run_sampled takes token_bitmask=
         self._masked_buckets: set = set()  # buckets whose masked step has run (compiled)
         # Runners with the step programs (jaxrt.runtime.programs) sample on the device and
         # run decode loops; others return logits to the sampler and step one at a time.
@@ -574,44 +573,22 @@ class Engine:
             self.speculative is not None and spec.eligible(req))
 
     def _propose(self, req: Request, seq, k: int) -> list[int]:
-        if not spec.eligible(req):
-            return []
-        c = self.speculative
-        return spec.propose_ngram(seq.tokens, k, c.max_ngram, c.min_ngram)
-
-    def _sampling_rows(self, seqs) -> list:
-        # a verified proposal's j-th row samples output position len(output) + j
-        rows, at = [], {}
-        for s in seqs:
-            j = at[id(s)] = at.get(id(s), -1) + 1
-            rows.append((s.request.params, s.request.seed, len(s.seq.output_ids) + j,
-                         s.request.prompt_ids, s.seq.output_ids))
-        return rows
+        return spec.propose(self.speculative, req, seq, k)
 
     @staticmethod
-    def _by_seq(seqs, tokens: list[SampledToken]) -> dict:
-        """Sampled rows by seq_id: a SampledToken, or a list for a verified proposal."""
-        out: dict = {}
-        for s, t in zip(seqs, tokens):
-            if s.draft:
-                out.setdefault(s.seq.seq_id, []).append(t)
-            else:
-                out[s.seq.seq_id] = t
-        return out
+    def _sampling_rows(seqs) -> list:
+        return spec.sampling_rows(seqs)
 
     def _run_and_sample(self, inputs: StepInputs) -> dict[int, SampledToken]:
         seqs = inputs.logit_seqs
         batch = SamplingBatch.build(self._sampling_rows(seqs), inputs.bucket.N,
                                     self.vocab_size)
         full = batch.needs_full_sampler or any(s.request.params.is_beam_search for s in seqs)
-        constrained = [(i, s.request.grammar) for i, s in enumerate(seqs)
-                       if s.request.grammar is not None]
-        mask = structured.fill_bitmask(constrained, inputs.bucket.N, self.vocab_size) \
-            if constrained else None
+        mask = structured.step_bitmask(seqs, inputs.bucket.N, self.vocab_size)
         if self._fused:
             # the masked variant of the sampled step compiles on the first constrained
             # batch of a bucket; batches without a constraint never pay for the mask
-            masked = mask is not None and self._runner_takes_mask()
+            masked = mask is not None and structured.takes_mask(self.runner)
             if masked and inputs.bucket not in self._masked_buckets:
                 self._note_compile(f"masked step {inputs.bucket}")
                 self._masked_buckets.add(inputs.bucket)
@@ -624,9 +601,9 @@ class Engine:
             if not full:
                 import jax
                 tokens, token_lp = jax.device_get((tokens, token_lp))
-                return self._by_seq(seqs, [SampledToken(int(tokens[i]), float(token_lp[i]),
-                                                        _NO_TOP_IDS, _NO_TOP_LOGPROBS)
-                                           for i in range(len(seqs))])
+                return spec.by_seq(seqs, [SampledToken(int(tokens[i]), float(token_lp[i]),
+                                                       _NO_TOP_IDS, _NO_TOP_LOGPROBS)
+                                          for i in range(len(seqs))])
         else:
             with self._run_lock:
                 logits = self.runner.run(*inputs.args())
@@ -639,17 +616,7 @@ class Engine:
                     self._note_compile(f"sampler N={n}")
                     self._compile_seconds += self.sampler.compile_for(n, penalties)
         out = self.sampler(logits, batch)
-        return self._by_seq(seqs, out[:len(seqs)])
-
-    def _runner_takes_mask(self) -> bool:
-        if self._masked_runner is None:
-            import inspect
-            try:
-                params = inspect.signature(self.runner.run_sampled).parameters
-            except (TypeError, ValueError):
-                params = {}
-            self._masked_runner = "token_bitmask" in params
-        return self._masked_runner
+        return spec.by_seq(seqs, out[:len(seqs)])
 
     def _decode_steps(self, rows: list[ScheduledSeq]) -> list[RequestOutput]:
         """Up to `decode_steps` tokens of every running sequence per runner call (rows

@@ -25,9 +25,13 @@ KV written at rejected positions is never committed to the prefix cache (commits
 the last accepted position) and is overwritten when those positions are computed again;
 pages the proposal needed beyond the next token's slot are given back at once.
 
+Constrained requests (structured output) speculate too: a proposal is cut to the
+tokens their grammar accepts (`LLMatcher.validate_tokens`), before a token that would
+complete it, and row j of the verify step gets the mask of the grammar after the
+proposal's first j tokens (`structured.step_bitmask`, which rolls the matcher back).
+
 Served: requests without penalties (their rows would need counts that include the
-proposal), beams or a structured-output constraint (proposals are not checked against
-the grammar); those decode without speculation. Speculation replaces the decode loops for
+proposal) or beams; those decode without speculation. Speculation replaces the decode loops for
 the requests it serves (a loop of K device steps cannot verify proposals).
 """
 from __future__ import annotations
@@ -106,9 +110,51 @@ def from_cli(text: str | None) -> "SpeculativeConfig | None":
 
 
 def eligible(req: Any) -> bool:
-    """Speculation serves this request: no penalties, beams or constraint."""
+    """Speculation serves this request: no penalties, no beams."""
     p = req.params
-    return not p.uses_penalties and not p.is_beam_search and req.grammar is None
+    return not p.uses_penalties and not p.is_beam_search
+
+
+def propose(config: SpeculativeConfig, req: Any, seq: Any, k: int) -> list[int]:
+    """The proposal for a decoding sequence: n-gram lookup, cut to what the request's
+    grammar accepts (and before a token that would complete the grammar)."""
+    if not eligible(req):
+        return []
+    draft = propose_ngram(seq.tokens, k, config.max_ngram, config.min_ngram)
+    matcher = req.grammar
+    if matcher is None or not draft:
+        return draft
+    kept = 0
+    for token in draft[:matcher.validate_tokens(draft)]:
+        matcher.consume_token(token)
+        if matcher.is_stopped():  # it completes the grammar: the target's to draw
+            matcher.rollback(kept + 1)
+            return draft[:kept]
+        kept += 1
+    matcher.rollback(kept)
+    return draft[:kept]
+
+
+def sampling_rows(seqs: Sequence[Any]) -> list:
+    """`SamplingBatch.build` rows for the logit rows of a step: a verified proposal's
+    j-th row samples output position len(output) + j (its seed's draw there)."""
+    rows, at = [], {}
+    for s in seqs:
+        j = at[id(s)] = at.get(id(s), -1) + 1
+        rows.append((s.request.params, s.request.seed, len(s.seq.output_ids) + j,
+                     s.request.prompt_ids, s.seq.output_ids))
+    return rows
+
+
+def by_seq(seqs: Sequence[Any], tokens: Sequence[Any]) -> dict:
+    """Sampled rows by seq_id: a SampledToken, or a list for a verified proposal."""
+    out: dict = {}
+    for s, t in zip(seqs, tokens):
+        if s.draft:
+            out.setdefault(s.seq.seq_id, []).append(t)
+        else:
+            out[s.seq.seq_id] = t
+    return out
 
 
 def propose_ngram(tokens: Sequence[int], k: int, max_ngram: int, min_ngram: int

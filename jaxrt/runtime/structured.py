@@ -159,6 +159,40 @@ def fill_bitmask(rows: Sequence[tuple[int, Any]], num_rows: int,
     return mask
 
 
+def step_bitmask(seqs: Sequence[Any], num_rows: int, vocab_size: int) -> np.ndarray | None:
+    """The bitmask of a step's logit rows (`StepInputs.logit_seqs`), None when no row is
+    constrained. The rows of a verified proposal repeat its sequence: row j gets the mask
+    after the proposal's first j tokens (consumed, then rolled back)."""
+    if not any(s.request.grammar is not None for s in seqs):
+        return None
+    import llguidance.numpy as lnp
+    mask = np.full((num_rows, bitmask_words(vocab_size)), -1, np.int32)
+    consumed: dict[int, tuple[Any, int]] = {}
+    for row, s in enumerate(seqs):
+        matcher = s.request.grammar
+        if matcher is None:
+            continue
+        j = consumed.get(id(s), (matcher, 0))[1]
+        lnp.fill_next_token_bitmask(matcher, mask, row)
+        if j < len(s.draft):  # (the proposer kept only tokens the grammar accepts)
+            if not matcher.consume_token(s.draft[j]):
+                raise AssertionError(f"structured output: proposed token {s.draft[j]} "
+                                     f"is outside the grammar")
+            consumed[id(s)] = (matcher, j + 1)
+    for matcher, n in consumed.values():
+        matcher.rollback(n)
+    return mask
+
+
+def takes_mask(runner: Any) -> bool:
+    """The runner's sampled step applies a token bitmask (`run_sampled(token_bitmask=)`)."""
+    import inspect
+    try:
+        return "token_bitmask" in inspect.signature(runner.run_sampled).parameters
+    except (TypeError, ValueError, AttributeError):
+        return False
+
+
 def advance(matcher: Any, token: int) -> bool:
     """Feed a sampled token to a request's matcher; True when the grammar is complete
     (nothing may follow). The mask made the token legal, so a refusal is a bug."""

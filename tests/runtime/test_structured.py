@@ -147,3 +147,25 @@ def test_fill_bitmask_allows_everything_in_free_rows(engine):
     bits = np.unpackbits(mask.view(np.uint8), bitorder="little").reshape(3, -1)[:, :VOCAB]
     assert bits[0].all() and bits[2].all()
     assert np.flatnonzero(bits[1]).tolist() == [ALPHABET.index("b")]
+
+
+def test_speculation_with_a_grammar_is_token_identical():
+    """Constrained requests speculate: proposals cut to what the grammar accepts, each
+    verify row masked by the grammar after the proposal's first j tokens. Where the
+    grammar forces a token the proposal copies it and is accepted."""
+    runner = FakeRunner(num_pages=64, page_size=4)
+    tok = alphabet_tokenizer()
+    plain = Engine(runner, tokenizer=tok, **CONFIG)
+    specd = Engine(runner, tokenizer=tok, speculative={"method": "ngram", "num_tokens": 3},
+                   **CONFIG)
+    params = [SamplingParams(regex="(abc){2,8}", max_tokens=30),
+              SamplingParams(regex="[a-d]{3}(xy){1,5}z", max_tokens=30, temperature=1.0,
+                             seed=9),
+              SamplingParams(choice=["abcabcabcx", "abcabcabcy"], max_tokens=30),
+              SamplingParams(max_tokens=12)]
+    prompts = ["abcabc", "abab", "abcab", "hello"]
+    want = plain.generate(prompts, params)
+    got = specd.generate(prompts, params)
+    assert [o.ids for o in got] == [o.ids for o in want]
+    assert re.fullmatch("(abc){2,8}", got[0].text) and got[2].text in params[2].choice
+    assert specd.stats().spec_accepted_tokens > 0
