@@ -82,7 +82,7 @@ def test_bitmask_on_device_matches_bits():
 REGEXES = ["[a-c]{3}x", "(yes|no)", "[0-9]{2,4}", "a+b?", "[A-Z][a-z]{1,5}", "(ab|ba)*c"]
 
 
-@settings(max_examples=8, deadline=None, derandomize=True,
+@settings(max_examples=5, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(regexes=st.lists(st.sampled_from(REGEXES), min_size=1, max_size=3),
        temperature=st.sampled_from([0.0, 1.0]), seed=st.integers(0, 2**31))

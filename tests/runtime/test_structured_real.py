@@ -51,10 +51,10 @@ def smollm2():
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("smollm2")
-@settings(max_examples=6, deadline=None, derandomize=True,
+@settings(max_examples=4, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture,
                                  HealthCheck.too_slow])
-@given(schemas=st.lists(SCHEMAS, min_size=1, max_size=2), as_text=st.booleans())
+@given(schemas=st.lists(SCHEMAS, min_size=1, max_size=3), as_text=st.booleans())
 def test_json_schemas_on_smollm2(smollm2, schemas, as_text):
     params = [SamplingParams(max_tokens=MAX_TOKENS,
                              json_schema=json.dumps(s) if as_text else s) for s in schemas]
