@@ -184,13 +184,20 @@ def step_bitmask(seqs: Sequence[Any], num_rows: int, vocab_size: int) -> np.ndar
     return mask
 
 
+_TAKES_MASK: dict[type, bool] = {}
+
+
 def takes_mask(runner: Any) -> bool:
     """The runner's sampled step applies a token bitmask (`run_sampled(token_bitmask=)`)."""
-    import inspect
-    try:
-        return "token_bitmask" in inspect.signature(runner.run_sampled).parameters
-    except (TypeError, ValueError, AttributeError):
-        return False
+    kind = type(runner)
+    if kind not in _TAKES_MASK:
+        import inspect
+        try:
+            params = inspect.signature(runner.run_sampled).parameters
+        except (TypeError, ValueError, AttributeError):
+            params = {}
+        _TAKES_MASK[kind] = "token_bitmask" in params
+    return _TAKES_MASK[kind]
 
 
 def advance(matcher: Any, token: int) -> bool:
