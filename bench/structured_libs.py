@@ -111,7 +111,8 @@ def bench_xgrammar(tok, tokens: int) -> dict:
         return mask[0].numpy()
     per_mask, per_adv, n = walk(compute, matcher.accept_token, tok.vocab_size,
                                 set(tok.eos_ids), tokens)
-    return {"library": "xgrammar", "version": importlib.metadata.version("xgrammar"), "torch": torch.__version__,
+    return {"library": "xgrammar", "version": importlib.metadata.version("xgrammar"),
+            "torch": torch.__version__,
             "tokenizer_setup_s": setup, "compile_s": compile_s, "mask_ms": per_mask * 1e3,
             "advance_ms": per_adv * 1e3, "tokens": n}
 

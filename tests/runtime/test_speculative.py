@@ -10,7 +10,7 @@ from jaxrt.errors import SettingError
 from jaxrt.runtime.engine import Engine
 from jaxrt.runtime.request import SamplingParams
 from jaxrt.runtime.speculative import SpeculativeConfig, propose_ngram
-from tests.runtime.fake_model import FakeRunner, reference_greedy
+from tests.runtime.fake_model import reference_greedy
 
 CONFIG = dict(max_num_seqs=4, max_num_batched_tokens=48, max_model_len=48, log=None,
               warmup=False)

@@ -6,7 +6,6 @@ alphabet, so llguidance runs exactly as for a real model; JSON schemas run on th
 SmolLM2 (`test_json_schemas_on_smollm2`)."""
 from __future__ import annotations
 
-import json
 import re
 
 import numpy as np
