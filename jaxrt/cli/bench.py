@@ -36,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "prefix with prefix caching on vs off")
     p.add_argument("--prefix-len", type=int, default=1024, help="with --suite")
     p.add_argument("--out", default="bench/results/serving.json", help="JSON output path")
+    p.add_argument("--speculative", default=None, metavar="JSON",
+                   help='speculative decoding, e.g. \'{"method": "ngram", "num_tokens": 4}\'')
 
 
 def _engine(model, args, max_num_seqs: int, prefix_caching: bool, max_len: int):
@@ -43,7 +45,8 @@ def _engine(model, args, max_num_seqs: int, prefix_caching: bool, max_len: int):
     return Engine(model.executable(), tokenizer=model.tokenizer, max_num_seqs=max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens,
                   enable_prefix_caching=prefix_caching, max_model_len=max_len,
-                  bucket_growth=args.bucket_growth, warmup=True, log=sys.stderr)
+                  bucket_growth=args.bucket_growth, warmup=True, log=sys.stderr,
+                  speculative=args.speculative_config)
 
 
 def run(args) -> int:
@@ -56,6 +59,8 @@ def run(args) -> int:
                                ("--bucket-growth", args.bucket_growth, 2)):
         if value is not None and value < least:
             raise SettingError(f"{flag} must be >= {least}, got {value}")
+    from jaxrt.runtime.speculative import from_cli
+    args.speculative_config = from_cli(args.speculative)
     start = time.perf_counter()
     scenarios: list[tuple[str, Workload, int, bool]] = []
     if args.suite:

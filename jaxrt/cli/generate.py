@@ -39,6 +39,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-logprobs", type=int, default=None, metavar="N",
                    help="each prompt token's logprob and the N most likely tokens at its "
                         "position (raw model distribution; in --json output)")
+    p.add_argument("--speculative", default=None, metavar="JSON",
+                   help='speculative decoding, e.g. \'{"method": "ngram", "num_tokens": 4}\'')
+    constraint = p.add_mutually_exclusive_group()
+    constraint.add_argument("--json-schema", default=None, metavar="FILE",
+                            help="constrain the output to this JSON schema (a file)")
+    constraint.add_argument("--regex", default=None, help="constrain the output to a regex")
+    constraint.add_argument("--choice", default=None, metavar="A,B,...",
+                            help="the output is one of these comma-separated strings")
+    constraint.add_argument("--grammar", default=None, metavar="FILE",
+                            help="constrain the output to a Lark or GBNF grammar (a file)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: by device)")
     p.add_argument("--layers", choices=("auto", "scan", "unrolled"), default="auto",
                    help="scan: compile one layer body for the whole stack (fast compile); "
@@ -71,7 +81,22 @@ def check_cache_options(args) -> None:
 # CLI options that set SamplingParams fields (named in their errors)
 _FLAGS = {"--max-tokens", "--temperature", "--top-k", "--top-p", "--min-p", "--seed",
           "--beam-width", "--length-penalty", "--repetition-penalty", "--stop", "--logprobs",
-          "--prompt-logprobs"}
+          "--prompt-logprobs", "--json-schema", "--regex", "--choice", "--grammar"}
+
+
+def constraint_options(args) -> dict:
+    """SamplingParams' structured-output fields from --json-schema / --regex / --choice /
+    --grammar (files read as text; errors name the option)."""
+    from jaxrt.errors import read_text_file
+    if args.json_schema is not None:
+        return {"json_schema": read_text_file(args.json_schema)}
+    if args.regex is not None:
+        return {"regex": args.regex}
+    if args.choice is not None:
+        return {"choice": tuple(args.choice.split(","))}
+    if args.grammar is not None:
+        return {"grammar": read_text_file(args.grammar)}
+    return {}
 
 
 def _build(args, source, is_engine, Target, compile_loaded, layers_choice, Engine, seqs,
@@ -93,6 +118,7 @@ def _build(args, source, is_engine, Target, compile_loaded, layers_choice, Engin
                     num_pages=args.num_pages if is_engine else None,
                     max_model_len=max_len, max_num_batched_tokens=budget,
                     min_bucket_tokens=budget, warmup=True,
+                    speculative=args.speculative_config,
                     log=None if args.json else sys.stderr)
     return model, engine
 
@@ -119,13 +145,20 @@ def run(args) -> int:
                         ("--stop", list(args.stop))):
         for text in texts:
             check_text(text, flag)
-    params = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop),
-        logprobs=args.logprobs, prompt_logprobs=args.prompt_logprobs,
-        repetition_penalty=args.repetition_penalty,
-        beam_width=args.beam_width, length_penalty=args.length_penalty)
+    try:
+        params = SamplingParams(
+            max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+            top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop),
+            logprobs=args.logprobs, prompt_logprobs=args.prompt_logprobs,
+            repetition_penalty=args.repetition_penalty,
+            beam_width=args.beam_width, length_penalty=args.length_penalty,
+            **constraint_options(args))
+    except SettingError as e:  # name the option that set the field
+        flag = "--" + getattr(e, "setting", "").replace("_", "-")
+        raise SettingError(f"{flag}: {e}" if flag in _FLAGS else str(e)) from None
     check_cache_options(args)
+    from jaxrt.runtime.speculative import from_cli
+    args.speculative_config = from_cli(args.speculative)
     start = time.perf_counter()
     is_engine = resolve_model(args.model)[0] == "engine"
     if is_engine:
@@ -202,6 +235,10 @@ def run(args) -> int:
     if args.json:
         obj = {"prompt_ids": out.prompt_ids, "ids": out.ids, "text": out.text,
                "finish_reason": out.finish_reason, **timing}
+        if args.speculative_config is not None:
+            st = engine.stats()
+            obj["speculative"] = {"acceptance_rate": st.spec_acceptance_rate,
+                                  "mean_accepted_length": st.spec_mean_accepted_length}
         if out.logprobs is not None:
             obj["logprobs"] = [{str(k): v for k, v in lp.items()} for lp in out.logprobs]
         if out.prompt_logprobs is not None:

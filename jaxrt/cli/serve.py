@@ -45,6 +45,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--warmup", choices=("auto", "true", "false", "background"),
                    default="auto")
+    p.add_argument("--speculative", default=None, metavar="JSON",
+                   help='speculative decoding, e.g. \'{"method": "ngram", "num_tokens": 4}\'')
 
 
 def engine_kwargs(args) -> dict:
@@ -60,7 +62,9 @@ def engine_kwargs(args) -> dict:
         raise SettingError(f"--kv-cache-memory-fraction must be in (0, 1], got "
                          f"{args.kv_cache_memory_fraction}")
     warmup = {"true": True, "false": False}.get(args.warmup, args.warmup)
-    return dict(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+    from jaxrt.runtime.speculative import from_cli
+    return dict(speculative=from_cli(args.speculative),
+                max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                 max_num_batched_tokens=args.max_num_batched_tokens, num_pages=args.num_pages,
                 page_size=args.page_size,
                 kv_cache_memory_fraction=args.kv_cache_memory_fraction,

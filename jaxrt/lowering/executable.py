@@ -225,24 +225,29 @@ class StepExecutable:
         return self._programs._compiled[("step", T, S, Q, MP, N)].memory_analysis()
 
     def run_sampled(self, tokens, positions, slot_mapping, page_table, context_lens,
-                    q_index, logit_index, sampling: tuple[np.ndarray, np.ndarray]):
+                    q_index, logit_index, sampling: tuple[np.ndarray, np.ndarray],
+                    token_bitmask: np.ndarray | None = None):
         """One step and its sampling on the device (see docs/architecture.md): returns
         (tokens i32[N], logprobs f32[N], logits f32[N, vocab]), all on the device.
         `sampling` is `SamplingBatch.packed()` of N rows.
 
         Compiles on the first call for a new shape bucket; the cache is donated and
-        replaced, so only this object should keep a reference to it.
+        replaced, so only this object should keep a reference to it. `token_bitmask`
+        i32[N, ceil(vocab/32)] (structured output) runs the masked variant of the step,
+        compiled on its first use: logits outside the mask are -inf before sampling.
         """
         from ..runtime.programs import pack
         args = [np.asarray(a, np.int32) for a in (tokens, positions, slot_mapping,
                                                   page_table, context_lens, q_index,
                                                   logit_index)]
         key = _bucket(*args)
-        if not self._programs.has(("step", *key)):
-            self.compile_for(*key)
-        packed = pack([*args, *sampling])
+        words = 0 if token_bitmask is None else int(token_bitmask.shape[1])
+        if not self._programs.has(self._programs.step_key(key, words)):
+            self._programs.compile_step(key, self._weight_structs, self._kv_struct, words)
+        extra = [] if token_bitmask is None else [np.asarray(token_bitmask, np.int32)]
+        packed = pack([*args, *sampling, *extra])
         tokens, token_lp, logits, self._kv = self._programs.run_step(
-            key, self._placed(), packed, self._cache())
+            key, self._placed(), packed, self._cache(), words)
         return tokens, token_lp, logits
 
     def run(self, tokens, positions, slot_mapping, page_table, context_lens, q_index,

@@ -73,7 +73,15 @@ def run_workload(engine, workload: Workload, *, warm_prefix: bool = True) -> dic
         "preemptions": after.preemptions - before.preemptions,
         "compile_s": after.warmup_seconds,
         "compiles_after_warmup": after.compiles_after_warmup,
+        # speculative decoding (0 without it)
+        "spec_acceptance_rate": _rate(after.spec_accepted_tokens - before.spec_accepted_tokens,
+                                      after.spec_proposed_tokens - before.spec_proposed_tokens),
+        "spec_mean_accepted_length": after.spec_mean_accepted_length,
     }
+
+
+def _rate(num: int, den: int) -> float:
+    return num / den if den else 0.0
 
 
 def format_table(rows: list[dict]) -> str:

@@ -163,6 +163,15 @@ class BlockManager:
         table.extend(self._take_page() for _ in range(need))
         return True
 
+    def trim(self, seq_id: int, num_tokens: int) -> None:
+        """Give back the sequence's pages past those holding `num_tokens` tokens (pages a
+        rejected speculative proposal needed), last first. Never a committed page: those
+        hold computed tokens, which a caller keeps."""
+        table = self._tables[seq_id]
+        keep = max(self.pages_needed(num_tokens), len(self._hashes[seq_id]))
+        while len(table) > keep:
+            self._release(table.pop())
+
     def commit(self, seq_id: int, tokens: Sequence[int], num_computed: int) -> None:
         """Record that the first `num_computed` tokens have their K/V written: cache every
         newly full page. A page whose content is already cached elsewhere is given back

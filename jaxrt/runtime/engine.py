@@ -58,6 +58,7 @@ from .request import (BeamOutput, Request, RequestOutput, SamplingParams, Stream
 from .sampler import SampledToken, Sampler, SamplingBatch
 from .programs import greedy_sampling
 from . import prompt_logprobs
+from . import speculative as spec, structured
 from .scheduler import (BucketPolicy, ScheduledBatch, ScheduledSeq, Scheduler,
                         SchedulerConfig, StepInputs, build_step_inputs)
 
@@ -95,6 +96,12 @@ class EngineStats:
     compiles_after_warmup: int    # should stay 0: a compile on the request path
     warming_up: bool = False      # a background warm-up is still compiling
     decode_loops: int = 0         # runner calls that ran several decode steps
+    # speculative decoding: proposed tokens accepted / proposed, and tokens a verifying
+    # sequence gained per step (accepted + the target's own)
+    spec_proposed_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_acceptance_rate: float = 0.0
+    spec_mean_accepted_length: float = 0.0
 
 
 class Engine:
@@ -112,8 +119,9 @@ class Engine:
                  warmup: bool | str = "auto",
                  strict_compiles: bool = False, compile_threads: int | None = None,
                  parse_special: bool = False, chat_template: str | None = None,
-                 log: Any = "stderr"):
+                 speculative: dict | None = None, log: Any = "stderr"):
         compile_threads = _compile_threads(compile_threads)  # refused before loading
+        self.speculative = spec.SpeculativeConfig.parse(speculative)
         decode_steps = _decode_steps(decode_steps)
         mode = _warmup_mode(warmup, strict_compiles)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -177,8 +185,15 @@ class Engine:
                                    math.ceil(max_model_len / ps), q_block=q_block,
                                    growth=(_default_growth() if bucket_growth is None
                                            else bucket_growth),
-                                   token_floor=min_bucket_tokens)
+                                   token_floor=min_bucket_tokens,
+                                   verify_logits=0 if self.speculative is None else
+                                   max_num_seqs * (self.speculative.num_tokens + 1))
+        if self.speculative is not None:
+            self.scheduler.proposer = self._propose
+            self.scheduler.spec_tokens = self.speculative.num_tokens
         self.sampler = Sampler(self.vocab_size, max_logprobs)
+        self.grammars = structured.Grammars(tokenizer, self.vocab_size, self.eos_token_ids)
+        self._masked_buckets: set = set()  # buckets whose masked step has run (compiled)
         # Runners with the step programs (jaxrt.runtime.programs) sample on the device and
         # run decode loops; others return logits to the sampler and step one at a time.
         self._fused = callable(getattr(model, "run_sampled", None))
@@ -444,7 +459,12 @@ class Engine:
         if rid in self._live:
             raise SettingError(f"request id {rid!r} is already in use")
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        return Request(rid, ids, params, time.perf_counter(), seed, self.eos_token_ids)
+        # structured output: the request's matcher (a grammar llguidance rejects for this
+        # vocabulary fails here, before anything is queued)
+        grammar = self.grammars.matcher(params.constraint) \
+            if params.constraint is not None else None
+        return Request(rid, ids, params, time.perf_counter(), seed, self.eos_token_ids,
+                       grammar=grammar)
 
     def encode_prompt(self, text: str) -> list[int]:
         """A text prompt as ids: BOS as the tokenizer adds it; special-token text stays
@@ -502,7 +522,7 @@ class Engine:
             return self._advance(call)
         if self.decode_steps > 1:
             rows = self.scheduler.schedule_decode_steps(self.decode_steps,
-                                                        self._can_decode_on_device)
+                                                        self._loop_serves)
             if rows is not None:
                 return self._decode_steps(rows)
         batch = self.scheduler.schedule()
@@ -514,9 +534,13 @@ class Engine:
                                    prompt_logprobs.rows_wanted(batch))
         self._ensure_compiled(("step", inputs.bucket))
         sampled = self._run_and_sample(inputs)
+        sp = self.scheduler.spec_stats
+        proposed, accepted = sp.proposed, sp.accepted
         finished = self.scheduler.update(batch, sampled, time.perf_counter())
         self._steps += 1
-        self._generated += len(inputs.logit_seqs)
+        # a verified proposal of k tokens has k + 1 logit rows and yields accepted + 1
+        self._generated += len(inputs.logit_seqs) - (sp.proposed - proposed) \
+            + (sp.accepted - accepted)
         return self._finished(finished)
 
     def _finished(self, finished: list[Request]) -> list[RequestOutput]:
@@ -543,34 +567,59 @@ class Engine:
     def _can_decode_on_device(req: Request) -> bool:
         """The decode loops' own sampling serves this request: no penalties, no top-n
         logprobs, no beams, and no truncation (top-k/top-p/min-p take the sampled step,
-        whose sampler branches on them; see `sample_tokens(truncate=False)`)."""
+        whose sampler branches on them; see `sample_tokens(truncate=False)`). Nor a
+        structured-output constraint: the host advances its grammar after every token,
+        and the next token's mask depends on it, so such a request takes the single
+        sampled step (which applies the mask)."""
         p = req.params
-        return not (p.uses_penalties or p.logprobs or p.is_beam_search or p.truncates)
+        return not (p.uses_penalties or p.logprobs or p.is_beam_search or p.truncates
+                    or req.grammar is not None)
 
-    def _sampling_rows(self, seqs) -> list:
-        return [(s.request.params, s.request.seed, len(s.seq.output_ids),
-                 s.request.prompt_ids, s.seq.output_ids) for s in seqs]
+    def _loop_serves(self, req: Request) -> bool:
+        """Decode loops serve the request: their sampling does, and speculation does not
+        (a loop of K device steps cannot verify proposals)."""
+        return self._can_decode_on_device(req) and not (
+            self.speculative is not None and spec.eligible(req))
+
+    def _propose(self, req: Request, seq, k: int) -> list[int]:
+        return spec.propose(self.speculative, req, seq, k)
+
+    @staticmethod
+    def _sampling_rows(seqs) -> list:
+        return spec.sampling_rows(seqs)
 
     def _run_and_sample(self, inputs: StepInputs) -> dict[int, SampledToken]:
         seqs = inputs.logit_seqs
         batch = SamplingBatch.build(self._sampling_rows(seqs), inputs.bucket.N,
                                     self.vocab_size)
         full = batch.needs_full_sampler or any(s.request.params.is_beam_search for s in seqs)
+        mask = structured.step_bitmask(seqs, inputs.bucket.N, self.vocab_size)
         if self._fused:
+            # the masked variant of the sampled step compiles on the first constrained
+            # batch of a bucket; batches without a constraint never pay for the mask
+            masked = mask is not None and structured.takes_mask(self.runner)
+            if masked and inputs.bucket not in self._masked_buckets:
+                self._note_compile(f"masked step {inputs.bucket}")
+                self._masked_buckets.add(inputs.bucket)
             with self._run_lock:
-                tokens, token_lp, logits = self.runner.run_sampled(*inputs.args(),
-                                                                   batch.packed())
-            self._collect_prompt_logprobs(inputs, logits)
+                tokens, token_lp, logits = self.runner.run_sampled(
+                    *inputs.args(), batch.packed(), **({"token_bitmask": mask} if masked
+                                                       else {}))
+            self._collect_prompt_logprobs(inputs, logits)  # raw logits (vLLM)
+            if mask is not None and not masked:   # mask, then sample on the host's side
+                logits, full = structured.mask_logits(logits, mask), True
             if not full:
                 import jax
                 tokens, token_lp = jax.device_get((tokens, token_lp))
-                return {s.seq.seq_id: SampledToken(int(tokens[i]), float(token_lp[i]),
-                                                   _NO_TOP_IDS, _NO_TOP_LOGPROBS)
-                        for i, s in enumerate(seqs)}
+                return spec.by_seq(seqs, [SampledToken(int(tokens[i]), float(token_lp[i]),
+                                                       _NO_TOP_IDS, _NO_TOP_LOGPROBS)
+                                          for i in range(len(seqs))])
         else:
             with self._run_lock:
                 logits = self.runner.run(*inputs.args())
-            self._collect_prompt_logprobs(inputs, logits)
+            self._collect_prompt_logprobs(inputs, logits)  # raw logits (vLLM)
+            if mask is not None:
+                logits = structured.mask_logits(logits, mask)
         n, penalties = inputs.bucket.N, batch.has_penalties
         if not self.sampler.is_compiled(n, penalties):
             with self._compile_lock:
@@ -578,7 +627,7 @@ class Engine:
                     self._note_compile(f"sampler N={n}")
                     self._compile_seconds += self.sampler.compile_for(n, penalties)
         out = self.sampler(logits, batch)
-        return {s.seq.seq_id: out[i] for i, s in enumerate(seqs)}
+        return spec.by_seq(seqs, out[:len(seqs)])
 
     def _collect_prompt_logprobs(self, inputs: StepInputs, logits) -> None:
         if inputs.prompt_rows:
@@ -796,13 +845,14 @@ class Engine:
         return stream
 
     def stats(self) -> EngineStats:
-        b = self.block_manager.stats()
+        b, sp = self.block_manager.stats(), self.scheduler.spec_stats
         return EngineStats(self._steps, self._generated, self.scheduler.num_preemptions,
                            b.prefix_cache_hit_rate, b.evictions, b.num_pages, b.pages_in_use,
                            b.free_pages, len(self.policy.all_buckets()), self._warmup_seconds,
                            self._compile_seconds, self._compiles_after_warmup,
                            self._background is not None and self._background.is_alive(),
-                           self._decode_loops)
+                           self._decode_loops, sp.proposed, sp.accepted, sp.acceptance_rate,
+                           sp.mean_accepted_length)
 
 
 class RequestStream:

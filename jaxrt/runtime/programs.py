@@ -52,11 +52,14 @@ def _unpack(buf, layout: Sequence[tuple[tuple[int, ...], Any]]) -> list:
     return out
 
 
-def step_layout(T: int, S: int, Q: int, MP: int, N: int) -> list:
+def step_layout(T: int, S: int, Q: int, MP: int, N: int, mask_words: int = 0) -> list:
+    """The sampled step's packed inputs; `mask_words` > 0 (the masked variant) appends
+    a token bitmask i32[N, mask_words] (jaxrt.runtime.structured)."""
     i32, f32 = jnp.int32, jnp.float32
-    return [((T,), i32), ((T,), i32), ((T,), i32), ((S, MP), i32), ((S,), i32),
-            ((S, Q), i32), ((N,), i32), ((N, SAMPLING_FLOATS), f32),
-            ((N, SAMPLING_INTS), i32)]
+    layout = [((T,), i32), ((T,), i32), ((T,), i32), ((S, MP), i32), ((S,), i32),
+              ((S, Q), i32), ((N,), i32), ((N, SAMPLING_FLOATS), f32),
+              ((N, SAMPLING_INTS), i32)]
+    return layout + ([((N, mask_words), i32)] if mask_words else [])
 
 
 def decode_layout(S: int, MP: int) -> list:
@@ -69,11 +72,17 @@ def buffer_size(layout) -> int:
     return sum(int(np.prod(shape, dtype=np.int64)) for shape, _ in layout)
 
 
-def sampled_step(step: StepFn, layout) -> Callable:
-    """(params, packed, kv) -> (tokens i32[N], logprobs f32[N], logits f32[N, V], kv)."""
+def sampled_step(step: StepFn, layout, masked: bool = False) -> Callable:
+    """(params, packed, kv) -> (tokens i32[N], logprobs f32[N], logits f32[N, V], kv).
+    `masked`: the layout ends with a token bitmask, applied to the logits (-inf where a
+    bit is clear) before sampling; the logits returned are the masked ones."""
     def run(params, packed, kv):
-        *args, floats, ints = _unpack(packed, layout)
+        parts = _unpack(packed, layout)
+        *args, floats, ints = parts[:9]
         logits, kv = step(params, *args, kv)
+        if masked:
+            from .structured import apply_token_bitmask
+            logits = apply_token_bitmask(logits, parts[9])
         tokens, token_lp, _ = sample_tokens(logits, *unpack_sampling(floats, ints))
         return tokens, token_lp, logits, kv
     return run
@@ -173,18 +182,25 @@ class StepPrograms:
             return None
         return None if stats is None else int(stats.temp_size_in_bytes)
 
-    def trace_step(self, shape: tuple[int, int, int, int, int], params_struct, kv_struct):
-        """The sampled step of a bucket, traced (jax.stages.Traced): lower and compile."""
-        layout = step_layout(*shape)
-        return self._trace(sampled_step(self._step, layout), layout, params_struct,
-                           kv_struct)
+    def trace_step(self, shape: tuple[int, int, int, int, int], params_struct, kv_struct,
+                   mask_words: int = 0):
+        """The sampled step of a bucket, traced (jax.stages.Traced): lower and compile.
+        `mask_words` > 0: the masked variant (a token bitmask of that many words a row)."""
+        layout = step_layout(*shape, mask_words)
+        return self._trace(sampled_step(self._step, layout, masked=mask_words > 0), layout,
+                           params_struct, kv_struct)
+
+    @staticmethod
+    def step_key(shape, mask_words: int = 0) -> tuple:
+        return ("step-masked", *shape, mask_words) if mask_words else ("step", *shape)
 
     def compile_step(self, shape: tuple[int, int, int, int, int], params_struct,
-                     kv_struct) -> float:
-        key = ("step", *shape)
+                     kv_struct, mask_words: int = 0) -> float:
+        key = self.step_key(shape, mask_words)
         if key in self._compiled:
             return 0.0
-        return self._finish(key, lambda: self.trace_step(shape, params_struct, kv_struct))
+        return self._finish(key, lambda: self.trace_step(shape, params_struct, kv_struct,
+                                                         mask_words))
 
     def compile_decode(self, S: int, MP: int, num_steps: int, params_struct,
                        kv_struct, *, static_blocks: bool = False) -> float:
@@ -223,9 +239,9 @@ class StepPrograms:
         self.compile_seconds += seconds
         return seconds
 
-    def run_step(self, shape, params, packed: np.ndarray, kv):
+    def run_step(self, shape, params, packed: np.ndarray, kv, mask_words: int = 0):
         """-> (tokens, logprobs, logits, kv), all on the device."""
-        return self._compiled[("step", *shape)](params, packed, kv)
+        return self._compiled[self.step_key(shape, mask_words)](params, packed, kv)
 
     def run_decode(self, S: int, MP: int, num_steps: int, params, packed: np.ndarray,
                    feed, kv):

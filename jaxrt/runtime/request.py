@@ -62,6 +62,12 @@ class SamplingParams:
     beam_width: int = 1
     length_penalty: float = 1.0
     ignore_eos: bool = False
+    # structured output (jaxrt.runtime.structured), at most one: a JSON schema (dict or
+    # JSON text), a regex, a list of choices, or a Lark/GBNF grammar
+    json_schema: Any = field(default=None, hash=False)
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
 
     def __post_init__(self):
         for name in ("stop", "stop_token_ids"):
@@ -72,6 +78,16 @@ class SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        if isinstance(self.choice, list):
+            object.__setattr__(self, "choice", tuple(self.choice))
+        # checked now: an invalid schema, regex or grammar never reaches a queue
+        from .structured import constraint_grammar
+        object.__setattr__(self, "_grammar", constraint_grammar(self))
+
+    @property
+    def constraint(self) -> str | None:
+        """The llguidance grammar of the structured-output constraint, or None."""
+        return self._grammar
 
     @property
     def is_greedy(self) -> bool:
@@ -158,6 +174,8 @@ class SamplingParams:
                 bad("stop", "stop strings are not supported with beam search")
             if self.logprobs is not None:
                 bad("logprobs", "beam search returns each beam's cumulative logprob only")
+            if self.constraint is not None:
+                bad("beam_width", "beam search does not take structured-output constraints")
             limit = min(vocab_size, max_logprobs if max_logprobs is not None else vocab_size)
             if 2 * self.beam_width > limit:
                 bad("beam_width", f"beam search ranks 2 * beam_width candidates per beam; "
@@ -259,6 +277,7 @@ class Request:
         """Prompt logprobs are asked and some are not computed yet: every prompt token's
         logits are needed, so the prefix cache is not read."""
         return self.prompt_logprobs_missing > 0
+    grammar: Any = None             # structured output: the request's llguidance matcher
 
     @property
     def is_finished(self) -> bool:

@@ -37,8 +37,10 @@ import numpy as np
 from jaxrt.errors import SettingError
 from .block_manager import BlockManager
 from .detokenize import IncrementalDetokenizer
+from . import structured
 from .request import Request, RequestState, Sequence
 from .sampler import SampledToken, beam_candidates
+from .speculative import SpeculativeStats, accepted_length
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,9 @@ class ScheduledSeq:
     start: int          # first position computed this step (== seq.num_computed)
     num_tokens: int
     needs_logits: bool  # this chunk ends the sequence's known tokens: sample the next
+    # speculative decoding: tokens proposed after the sequence's last one, verified in
+    # this step (num_tokens = 1 + len(draft), logits at every one of them)
+    draft: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, request: Request, seq: Sequence, num_tokens: int) -> "ScheduledSeq":
@@ -102,6 +107,11 @@ class Scheduler:
         self.running: list[Request] = []   # admission order = priority order
         self.num_preemptions = 0
         self._next_seq_id = 0
+        # speculative decoding (jaxrt.runtime.speculative): proposer(request, seq, k) ->
+        # up to k tokens, for the requests it serves; None: off
+        self.proposer: Callable[[Request, Sequence, int], list[int]] | None = None
+        self.spec_tokens = 0
+        self.spec_stats = SpeculativeStats()
 
     # ---- requests -------------------------------------------------------------------
 
@@ -160,12 +170,34 @@ class Scheduler:
                     n = min(pending, budget) if cfg.enable_chunked_prefill else pending
                     if n > budget:
                         continue
+                    draft = self._propose(req, seq, budget) if decode_pass else ()
+                    if draft:
+                        plan.setdefault(req.request_id, []).append(ScheduledSeq(
+                            req, seq, seq.num_computed, 1 + len(draft), True, draft))
+                        budget -= 1 + len(draft)
+                        continue
                     if not schedule_seq(req, seq, n):
                         break
         if not preempted:  # vLLM: never admit in a step that had to preempt
             self._admit(plan, budget)
         entries = [s for req in self.running for s in plan.get(req.request_id, ())]
         return ScheduledBatch(entries, preempted)
+
+    def _propose(self, req: Request, seq: Sequence, budget: int) -> tuple[int, ...]:
+        """A proposal to verify this step, with its slots reserved, or () (no proposer,
+        nothing proposed, or pages short: speculation never preempts)."""
+        if self.proposer is None or len(req.seqs) != 1:
+            return ()
+        k = min(self.spec_tokens, budget - 1,
+                req.params.max_tokens - len(seq.output_ids) - 1,
+                self.config.max_model_len - len(seq.tokens))
+        if k <= 0:
+            return ()
+        draft = tuple(self.proposer(req, seq, k))[:k]
+        if not draft or not self.bm.append_slots(seq.seq_id,
+                                                 seq.num_computed + 1 + len(draft)):
+            return ()
+        return draft
 
     def schedule_decode_steps(self, num_steps: int, eligible: Callable[[Request], bool]
                               ) -> list[ScheduledSeq] | None:
@@ -267,6 +299,8 @@ class Scheduler:
             if s.seq.num_computed != s.start:
                 raise AssertionError(f"sequence {s.seq.seq_id} computed {s.seq.num_computed}, "
                                      f"scheduled from {s.start}")
+            if s.draft:
+                continue  # `_verified` commits what the target accepted
             s.seq.num_computed = s.end
             self.bm.commit(s.seq.seq_id, s.seq.tokens, s.end)
         finished = []
@@ -274,13 +308,33 @@ class Scheduler:
             req = s.request
             if not s.needs_logits or req.is_finished:
                 continue
-            if req.params.is_beam_search:
+            if s.draft:
+                self._verified(req, s.seq, s, sampled[s.seq.seq_id], now)
+            elif req.params.is_beam_search:
                 self._on_beam_logits(req, s.seq, sampled[s.seq.seq_id], now)
             else:
                 self._append_token(req, s.seq, sampled[s.seq.seq_id], now)
             if req.is_finished:
                 finished.append(req)
         return finished
+
+    def _verified(self, req: Request, seq: Sequence, s: ScheduledSeq,
+                  targets: list[SampledToken], now: float) -> None:
+        """A proposal's verification: keep the accepted prefix and the target's token
+        after it; KV past the accepted positions is neither committed nor kept in pages
+        beyond the next token's slot."""
+        accepted = accepted_length(s.draft, [t.token for t in targets])
+        computed = s.start + 1 + accepted
+        seq.num_computed = computed
+        self.bm.commit(seq.seq_id, seq.tokens + list(s.draft[:accepted]), computed)
+        self.bm.trim(seq.seq_id, computed + 1)
+        st = self.spec_stats
+        st.verifies, st.proposed, st.accepted = \
+            st.verifies + 1, st.proposed + len(s.draft), st.accepted + accepted
+        for t in targets[:accepted + 1]:
+            self._append_token(req, seq, t, now)
+            if req.is_finished:
+                return
 
     def _append_token(self, req: Request, seq: Sequence, s: SampledToken, now: float):
         p = req.params
@@ -292,6 +346,9 @@ class Scheduler:
             req.first_token_time = now
         req.token_times.append(now)
         reason = self._stop_reason(req, seq)
+        if req.grammar is not None and structured.advance(req.grammar, s.token) \
+                and reason is None:
+            reason = "stop"   # the grammar is complete: nothing may follow
         if reason:
             self._finish(req, reason)
 
@@ -430,6 +487,8 @@ class BucketPolicy:
     # Each bucket is one compile: a larger growth factor compiles fewer buckets and pads
     # more (up to growth x the work). 2 suits CPUs; accelerators compile slowly.
     growth: int = 2
+    # speculative decoding: the most logit rows a verify step needs (0: no such buckets)
+    verify_logits: int = 0
 
     def __post_init__(self):
         # A ladder needs growth >= 2 and a floor >= 1 to end; q_block divides.
@@ -463,19 +522,31 @@ class BucketPolicy:
         return Bucket(T, S, self.q_block, self.max_pages_per_seq,
                       T if all_logits else min(S, self.max_num_seqs))
 
+    def _verify(self, T: int) -> Bucket:
+        """A mixed bucket with logits at up to `verify_logits` tokens (speculation)."""
+        b = self._mixed(T)
+        return Bucket(b.T, b.S, b.Q, b.MP, max(b.N, min(T, self.verify_logits)))
+
     def all_buckets(self) -> list[Bucket]:
         out = [self._decode(s) for s in self.decode_sizes]
         out += [self._mixed(t) for t in self.token_sizes]
+        if self.verify_logits:
+            out += [self._verify(t) for t in self.token_sizes]
         return sorted(set(out))
 
     def pick(self, num_tokens: int, num_rows: int, decode_only: bool,
-             all_logits: bool = False) -> Bucket:
-        """The bucket of a step; `all_logits`: a mixed step whose N = T logits rows can
-        cover every token (prompt logprobs; these buckets compile on first use). Decode
-        buckets have N = T already."""
+             all_logits: bool = False, num_logits: int = 0) -> Bucket:
+        """The bucket of a step. `all_logits`: a mixed step whose N = T logits rows can
+        cover every token (prompt logprobs; these buckets compile on first use); decode
+        buckets have N = T already. `num_logits` rows past a mixed bucket's N (a
+        speculative proposal's verify rows) take its verify bucket."""
         if decode_only:
             return self._decode(next(s for s in self.decode_sizes if s >= num_rows))
         b = self._mixed(next(t for t in self.token_sizes if t >= num_tokens), all_logits)
+        if num_logits > b.N:
+            b = self._verify(b.T)
+            if num_logits > b.N:
+                raise AssertionError(f"{num_logits} logit rows do not fit bucket {b}")
         if num_rows > b.S:
             raise AssertionError(f"{num_rows} rows do not fit bucket {b}")
         return b
@@ -517,7 +588,9 @@ def build_step_inputs(batch: ScheduledBatch, bm: BlockManager, policy: BucketPol
         raise AssertionError(f"a sequence needs {max_pages} pages; the page table holds "
                              f"{policy.max_pages_per_seq}")
     prompt_rows = prompt_rows or {}
-    b = policy.pick(batch.num_tokens, rows, batch.is_decode_only, bool(prompt_rows))
+    num_logits = sum(s.num_tokens if s.draft else 1 for s in batch.seqs if s.needs_logits)
+    b = policy.pick(batch.num_tokens, rows, batch.is_decode_only, bool(prompt_rows),
+                    num_logits)
     i32 = np.int32
     tokens, positions = np.zeros(b.T, i32), np.zeros(b.T, i32)
     slots = np.full(b.T, pad_slot, i32)
@@ -531,7 +604,8 @@ def build_step_inputs(batch: ScheduledBatch, bm: BlockManager, policy: BucketPol
         n = s.num_tokens
         table = np.asarray(bm.page_table(s.seq.seq_id)[:bm.pages_needed(s.end)], i32)
         pos = np.arange(s.start, s.end, dtype=i32)
-        tokens[t:t + n] = s.seq.tokens[s.start:s.end]
+        tokens[t:t + n] = [s.seq.tokens[s.start], *s.draft] if s.draft \
+            else s.seq.tokens[s.start:s.end]
         positions[t:t + n] = pos
         slots[t:t + n] = table[pos // ps] * ps + pos % ps
         for j in range(0, n, q):
@@ -540,7 +614,10 @@ def build_step_inputs(batch: ScheduledBatch, bm: BlockManager, policy: BucketPol
             context_lens[r] = s.end
             q_index[r, :m] = np.arange(t + j, t + j + m, dtype=i32)
             r += 1
-        if s.needs_logits:
+        if s.draft:  # a proposal to verify: logits at every one of its tokens
+            logit_index[len(logit_seqs):len(logit_seqs) + n] = np.arange(t, t + n)
+            logit_seqs += [s] * n
+        elif s.needs_logits:
             logit_index[len(logit_seqs)] = t + n - 1
             logit_seqs.append(s)
         for p in prompt_rows.get(s.seq.seq_id, ()):

@@ -9,6 +9,8 @@ non-streaming request runs) aborts its requests, which frees their pages.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import asyncio
 import hmac
 import json
@@ -214,10 +216,10 @@ def _prompt_ids(engine, prompt) -> list[int]:
 
 def _sample_params(engine, req, max_tokens: int, logprobs: int | None, ids: list[int],
                    j: int, prompt_logprobs: int | None = None) -> SamplingParams:
-    params = req.sampling_params(max_tokens, logprobs, prompt_logprobs)
-    if params.seed is not None and j:   # parallel samples must differ (vLLM: seed + index)
-        params = SamplingParams(**{**params.__dict__, "seed": (params.seed + j) % (2 ** 63)})
     try:
+        params = req.sampling_params(max_tokens, logprobs, prompt_logprobs)  # (bad schema: 400)
+        if params.seed is not None and j:  # parallel samples must differ (vLLM: seed + j)
+            params = dataclasses.replace(params, seed=(params.seed + j) % (2 ** 63))
         params.validate(engine.vocab_size, engine.max_model_len, len(ids),
                         max_logprobs=engine.max_logprobs)
     except ValueError as e:

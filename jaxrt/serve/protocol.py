@@ -2,11 +2,13 @@
 
 Strict types (a string is not an integer, `true` is not a number), no NaN or infinity, and
 unknown fields refused with a 400, as OpenAI does. Fields OpenAI has that jaxrt cannot
-honour (`logit_bias`, tools, JSON output, `suffix`, `best_of` != n) are accepted only at
-their neutral value and refused otherwise. `echo` with `logprobs` returns the prompt
-tokens' logprobs first (`SamplingParams.prompt_logprobs`). vLLM's extensions are
-accepted: `top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`, `ignore_eos`, and on
-completions `prompt_logprobs`.
+honour (`logit_bias`, tools, `suffix`, `best_of` != n) are accepted only at their neutral
+value and refused otherwise. `echo` with `logprobs` returns the prompt tokens' logprobs
+first (`SamplingParams.prompt_logprobs`). vLLM's extensions are accepted: `top_k`,
+`min_p`, `repetition_penalty`, `stop_token_ids`, `ignore_eos`, on completions
+`prompt_logprobs`, and structured output's `guided_json`, `guided_regex`,
+`guided_choice`, `guided_grammar`. OpenAI's `response_format` takes `text`,
+`json_object` (any JSON object) and `json_schema` (`{"json_schema": {"name", "schema"}}`).
 """
 from __future__ import annotations
 
@@ -40,6 +42,20 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: StrictBool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = _STRICT
+    name: StrictStr
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    description: StrictStr | None = None
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = _STRICT
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class _Sampling(BaseModel):
     """Fields both endpoints share."""
     model_config = _STRICT
@@ -60,6 +76,34 @@ class _Sampling(BaseModel):
     ignore_eos: StrictBool = False
     user: StrictStr | None = None
     logit_bias: dict[StrictStr, Float] | None = None
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | StrictStr | None = None
+    guided_regex: StrictStr | None = None
+    guided_choice: Annotated[list[StrictStr], Field(min_length=1, max_length=1024)] | None \
+        = None
+    guided_grammar: StrictStr | None = None
+
+    def constraint(self) -> dict[str, Any]:
+        """The structured-output SamplingParams fields this request sets (at most one)."""
+        given = {}
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            given["json_schema"] = {"type": "object"}
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise BadRequest("response_format json_schema needs json_schema.schema",
+                                 "response_format")
+            given["json_schema"] = fmt.json_schema.schema_
+        for field, name in (("guided_json", "json_schema"), ("guided_regex", "regex"),
+                            ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+            value = getattr(self, field)
+            if value is not None:
+                if given:
+                    raise BadRequest(f"{field}: only one of response_format, guided_json, "
+                                     f"guided_regex, guided_choice, guided_grammar may "
+                                     f"be given", field)
+                given[name] = value
+        return given
 
     def _check_common(self) -> None:
         if self.logit_bias:
@@ -86,7 +130,7 @@ class _Sampling(BaseModel):
             frequency_penalty=float(self.frequency_penalty or 0.0),
             repetition_penalty=1.0 if self.repetition_penalty is None
             else float(self.repetition_penalty),
-            ignore_eos=self.ignore_eos)
+            ignore_eos=self.ignore_eos, **self.constraint())
 
     @property
     def include_usage(self) -> bool:
@@ -151,18 +195,12 @@ class Message(BaseModel):
         return "".join(p.text for p in self.content)
 
 
-class ResponseFormat(BaseModel):
-    model_config = _STRICT
-    type: Literal["text"]
-
-
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
-    response_format: ResponseFormat | None = None
     tools: Annotated[list[Any], Field(max_length=0)] | None = None
     tool_choice: Literal["none"] | None = None
     parallel_tool_calls: StrictBool | None = None

@@ -109,6 +109,16 @@ BAD_CASES = [
     (["generate", "does-not-exist.gguf", "--prompt", "hi"], "no such file"),
     (["generate", "smollm2-135m", "--prompt", "hi", "--prompt-logprobs", "21"],
      "--prompt-logprobs: SamplingParams.prompt_logprobs=21: at most 20"),
+    # structured output: refused before the model is read
+    (["generate", "smollm2-135m", "--prompt", "hi", "--regex", "a(b"], "--regex: "),
+    (["generate", "smollm2-135m", "--prompt", "hi", "--json-schema", "{missing}"],
+     "no such file"),
+    (["generate", "smollm2-135m", "--prompt", "hi", "--json-schema", "{ir}"],
+     "--json-schema: SamplingParams.json_schema="),
+    (["generate", "smollm2-135m", "--prompt", "hi", "--choice", "a,,b"], "--choice: "),
+    (["generate", "smollm2-135m", "--prompt", "hi", "--speculative", "{"], "--speculative"),
+    (["generate", "smollm2-135m", "--prompt", "hi", "--speculative",
+      '{"method": "ngram", "num_tokens": 2, "k": 1}'], "unknown key 'k'"),
 ]
 
 

@@ -197,17 +197,19 @@ class FakeRunner:
         return self._programs.compile_decode(S, MP, num_steps, _params(), self._kv)
 
     def run_sampled(self, tokens, positions, slot_mapping, page_table, context_lens,
-                    q_index, logit_index, sampling):
+                    q_index, logit_index, sampling, token_bitmask=None):
         args = (tokens, positions, slot_mapping, page_table, context_lens, q_index,
                 logit_index)
         self._check(args)
         shape = (len(tokens), *page_table.shape[:1], q_index.shape[1], page_table.shape[1],
                  len(logit_index))
-        if not self._programs.has(("step", *shape)):
+        words = 0 if token_bitmask is None else token_bitmask.shape[1]
+        if not self._programs.has(self._programs.step_key(shape, words)):
             self.compiles_in_run += 1
-            self.compile_for(*shape)
+            self._programs.compile_step(shape, _params(), self._kv, words)
+        extra = [] if token_bitmask is None else [token_bitmask]
         out_tokens, out_lp, logits, self._kv = self._programs.run_step(
-            shape, _params(), pack([*args, *sampling]), self._kv)
+            shape, _params(), pack([*args, *sampling, *extra]), self._kv, words)
         self.runs += 1
         return out_tokens, out_lp, logits
 

@@ -291,7 +291,8 @@ _ANY = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
                  st.lists(st.integers(-2, 300), max_size=3))
 _FIELDS = ["max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop",
            "stop_token_ids", "logprobs", "repetition_penalty", "presence_penalty",
-           "frequency_penalty", "beam_width", "length_penalty", "ignore_eos"]
+           "frequency_penalty", "beam_width", "length_penalty", "ignore_eos",
+           "json_schema", "regex", "choice", "grammar"]
 
 
 @settings(max_examples=200, **EXPLORE)
@@ -306,7 +307,9 @@ def test_fuzz_sampling_params(fields, prompt_len):
         assert "\n" not in str(e)
         return
     for name, value in fields.items():  # accepted exactly as given
-        if name not in ("stop", "stop_token_ids"):
+        if name == "choice" and value is not None:
+            assert p.choice == tuple(value)
+        elif name not in ("stop", "stop_token_ids"):
             assert getattr(p, name) == value or (value != value)
     assert p.seed is None or 0 <= p.seed < 2**64
     assert 0 < p.max_tokens and prompt_len + p.max_tokens <= 64
@@ -323,10 +326,16 @@ _ENGINE_ARGS = ["max_num_seqs", "max_num_batched_tokens", "max_model_len", "seed
                 "num_pages", "page_size"]
 
 
+_SPECULATIVE = st.one_of(_ANY, st.dictionaries(
+    st.sampled_from(["method", "num_tokens", "max_ngram", "min_ngram", "model"]),
+    st.one_of(_ANY, st.just("ngram"), st.integers(0, 20)), max_size=4))
+
+
 @settings(max_examples=60, **EXPLORE)
 @given(kwargs=st.dictionaries(st.sampled_from(_ENGINE_ARGS),
                               st.one_of(st.integers(-3, 70), st.sampled_from([2**64, 2**70]),
-                                        st.none()), max_size=3),
+                                        st.none()), max_size=3)
+       | st.fixed_dictionaries({"speculative": _SPECULATIVE}),
        params=st.one_of(st.none(), st.dictionaries(st.sampled_from(_FIELDS), _ANY,
                                                    max_size=2)))
 def test_fuzz_engine_arguments(fake_runner, kwargs, params):

@@ -1,0 +1,139 @@
+"""Issue 16's figures: n-gram speculation on a prompt that repeats its input, and the
+cost of structured output at a batch, on the real SmolLM2 (or any model jaxrt loads).
+
+    PYTHONPATH=$PWD python bench/bench_spec_structured.py [--model smollm2-135m]
+        [--batch 64] [--out-len 128] [--k 4] [--json bench/results/spec_structured.json]
+
+1. ngram: batch 1, greedy, a summarization-style prompt that quotes a passage and asks
+   for it back. Plain vs `speculative={"method": "ngram", "num_tokens": k}`: decode
+   tok/s, speed-up, acceptance rate, mean accepted length, and whether the outputs are
+   token-identical.
+2. structured: `--batch` requests decoding `--out-len` tokens, unconstrained vs every
+   row constrained by a permissive regex (the mask allows most of the vocabulary, the
+   costly case for mask computation); output tok/s and the ratio. Constrained requests
+   take the single sampled step (no decode loops), so on accelerators this also prices
+   that.
+3. mask: the sampled step of one decode bucket (N = --batch rows) run directly, without
+   a mask and with an all-ones mask (the masked variant), ms per call: what "pass an
+   all-ones mask always" would cost unconstrained batches.
+Prints a table; writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+PASSAGE = ("The committee met on Tuesday to review the budget for the coming year. "
+           "Members agreed that spending on roads and schools should rise, while the "
+           "costs of administration should fall by a tenth. The chair asked each "
+           "department to send a revised plan by the end of the month, and said that "
+           "the final budget would be published in the spring after a public hearing.")
+
+
+def ngram(model, tokenizer, k: int, out_len: int) -> dict:
+    from jaxrt.runtime.engine import Engine, SamplingParams
+    prompt = (f"Passage: {PASSAGE}\n\nRewrite the passage above word for word.\n\n"
+              f"Rewritten passage:")
+    params = SamplingParams(max_tokens=out_len, ignore_eos=True)
+    rows = {}
+    for name, spec in (("plain", None), ("ngram", {"method": "ngram", "num_tokens": k})):
+        engine = Engine(model, tokenizer=tokenizer, max_num_seqs=1, max_model_len=512,
+                        speculative=spec,
+                        warmup=True, log=None)
+        engine.generate(prompt, SamplingParams(max_tokens=4))  # first runs
+        before = engine.stats()
+        t0 = time.perf_counter()
+        out = engine.generate(prompt, params)[0]
+        wall = time.perf_counter() - t0
+        st = engine.stats()
+        decode = out.token_times[-1] - out.token_times[0]
+        rows[name] = {"ids": out.ids, "decode_tok_s": (len(out.ids) - 1) / decode,
+                      "wall_s": wall, "steps": st.steps - before.steps,
+                      "acceptance_rate": st.spec_acceptance_rate,
+                      "mean_accepted_length": st.spec_mean_accepted_length}
+    return {"k": k, "out_len": out_len,
+            "identical": rows["plain"]["ids"] == rows["ngram"]["ids"],
+            "speedup": rows["ngram"]["decode_tok_s"] / rows["plain"]["decode_tok_s"],
+            **{f"{n}_{key}": v for n, r in rows.items() for key, v in r.items()
+               if key != "ids"}}
+
+
+def structured(model, tokenizer, batch: int, out_len: int) -> dict:
+    from jaxrt.runtime.engine import Engine, SamplingParams
+    engine = Engine(model, tokenizer=tokenizer, max_num_seqs=batch,
+                    max_model_len=64 + out_len, warmup=True,
+                    log=None)
+    prompts = [f"Item {i}: describe a colour in a few words." for i in range(batch)]
+    out = {}
+    for name, extra in (("plain", {}), ("regex", {"regex": r"[a-zA-Z0-9 ,.;:'-]+"})):
+        params = SamplingParams(max_tokens=out_len, ignore_eos=True, **extra)
+        engine.generate(prompts[:2], SamplingParams(max_tokens=2, **extra))  # compiles
+        t0 = time.perf_counter()
+        outs = engine.generate(prompts, params)
+        wall = time.perf_counter() - t0
+        out[f"{name}_tok_s"] = sum(len(o.ids) for o in outs) / wall
+    out["ratio"] = out["regex_tok_s"] / out["plain_tok_s"]
+    out["batch"], out["out_len"] = batch, out_len
+    return out
+
+
+def mask_cost(runner, batch: int, max_pages: int, vocab: int, reps: int = 20) -> dict:
+    import jax
+    from jaxrt.runtime.programs import greedy_sampling
+    from jaxrt.runtime.structured import bitmask_words
+    i32 = np.int32
+    n = batch
+    args = (np.zeros(n, i32), np.zeros(n, i32), np.full(n, runner.num_pages * runner.page_size,
+                                                        i32),
+            np.zeros((n, max_pages), i32), np.zeros(n, i32), np.full((n, 1), n, i32),
+            np.arange(n, dtype=i32))
+    ones = np.full((n, bitmask_words(vocab)), -1, np.int32)
+    res = {}
+    for name, kw in (("no_mask", {}), ("all_ones_mask", {"token_bitmask": ones})):
+        jax.block_until_ready(runner.run_sampled(*args, greedy_sampling(n), **kw))
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            jax.block_until_ready(runner.run_sampled(*args, greedy_sampling(n), **kw))
+        res[f"{name}_ms"] = (time.perf_counter() - t0) / reps * 1e3
+    res["overhead"] = res["all_ones_mask_ms"] / res["no_mask_ms"] - 1
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--out-len", type=int, default=128)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    import jax
+    from jaxrt.compiler import load
+    compiled = load(args.model, max_model_len=64 + max(args.out_len, 448),
+                    max_num_seqs=args.batch)
+    model = compiled.executable()
+    report = {"model": args.model, "backend": jax.default_backend(),
+              "device": str(jax.devices()[0])}
+    report["ngram"] = ngram(model, compiled.tokenizer, args.k, args.out_len)
+    report["structured"] = structured(model, compiled.tokenizer, args.batch, args.out_len)
+    mp = -(-(64 + args.out_len) // model.page_size)
+    report["mask"] = mask_cost(model, args.batch, mp, model.vocab_size)
+    g, s, m = report["ngram"], report["structured"], report["mask"]
+    print(f"ngram k={g['k']}: plain {g['plain_decode_tok_s']:.1f} tok/s, ngram "
+          f"{g['ngram_decode_tok_s']:.1f} tok/s, speed-up {g['speedup']:.2f}x, acceptance "
+          f"{g['ngram_acceptance_rate']:.2f}, mean accepted length "
+          f"{g['ngram_mean_accepted_length']:.2f}, identical {g['identical']}")
+    print(f"structured batch {s['batch']}: plain {s['plain_tok_s']:.1f} tok/s, regex "
+          f"{s['regex_tok_s']:.1f} tok/s, ratio {s['ratio']:.3f}")
+    print(f"sampled step N={args.batch}: no mask {m['no_mask_ms']:.2f} ms, all-ones mask "
+          f"{m['all_ones_mask_ms']:.2f} ms ({m['overhead'] * 100:+.1f}%)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

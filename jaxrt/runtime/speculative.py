@@ -1,0 +1,201 @@
+"""N-gram (prompt lookup) speculative decoding.
+
+    Engine(model, speculative={"method": "ngram", "num_tokens": 4, "max_ngram": 3,
+                               "min_ngram": 1})
+
+Each step, for every decoding sequence whose request speculation serves (`eligible`), the
+proposer matches the sequence's last n tokens (n from max_ngram down to min_ngram)
+against its earlier tokens (prompt + output) and proposes the up-to-k tokens that followed
+the most recent match. The scheduler gives the sequence 1 + len(proposal) query tokens
+in the ordinary mixed step (its last token, then the proposal), with logits at all of
+them (`BucketPolicy` verify buckets, N up to max_num_seqs x (k + 1)). The sampled step
+draws the target's token at every position, as plain decoding would (row j of a
+sequence samples output position len(output) + j, with the request's seed), and the
+scheduler accepts the longest prefix of the proposal equal to those tokens, then appends
+the target's token after it (the "bonus" or the correction).
+
+For greedy requests this is the usual rule. For sampled ones it is the standard rejection
+rule for a deterministic proposer: the proposal x is accepted with probability p(x) (the
+target's draw y equals x), and on rejection the output is y given y != x, i.e. p with x
+removed and renormalised. Because the draws are counter-based (seed, output position),
+they are the very tokens plain decoding would draw: seeded outputs are token-identical
+with and without speculation, greedy or not.
+
+KV written at rejected positions is never committed to the prefix cache (commits stop at
+the last accepted position) and is overwritten when those positions are computed again;
+pages the proposal needed beyond the next token's slot are given back at once.
+
+Constrained requests (structured output) speculate too: a proposal is cut to the
+tokens their grammar accepts (`LLMatcher.validate_tokens`), before a token that would
+complete it, and row j of the verify step gets the mask of the grammar after the
+proposal's first j tokens (`structured.step_bitmask`, which rolls the matcher back).
+
+Served: requests without penalties (their rows would need counts that include the
+proposal) or beams; those decode without speculation. Speculation replaces the decode loops for
+the requests it serves (a loop of K device steps cannot verify proposals).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from jaxrt.errors import SettingError
+
+METHODS = ("ngram",)
+_KEYS = {"method", "num_tokens", "max_ngram", "min_ngram"}
+MAX_NUM_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    method: str
+    num_tokens: int          # k: tokens proposed per step (at most)
+    max_ngram: int = 3
+    min_ngram: int = 1
+
+    @classmethod
+    def parse(cls, value: Any) -> "SpeculativeConfig | None":
+        """`Engine(speculative=)`: None, or a dict of the fields above (SettingError
+        naming the first bad key or value)."""
+        if value is None:
+            return None
+        if isinstance(value, SpeculativeConfig):
+            return value
+        if not isinstance(value, dict):
+            raise SettingError(f"speculative={value!r:.60}: expected a dict such as "
+                               f"{{'method': 'ngram', 'num_tokens': 4}}")
+        unknown = sorted(set(map(str, value)) - _KEYS)
+        if unknown:
+            raise SettingError(f"speculative: unknown key {unknown[0]!r} (known: "
+                               f"{', '.join(sorted(_KEYS))})")
+        method = value.get("method")
+        if method == "draft":
+            raise SettingError("speculative method 'draft' (a draft model) is not "
+                               "implemented; use 'ngram'")
+        if method not in METHODS:
+            raise SettingError(f"speculative method {method!r}: expected one of {METHODS}")
+        if "num_tokens" not in value:
+            raise SettingError("speculative: num_tokens is required")
+        out = {}
+        for key, least, most in (("num_tokens", 1, MAX_NUM_TOKENS), ("max_ngram", 1, 64),
+                                 ("min_ngram", 1, 64)):
+            v = value.get(key, getattr(cls, key, None))
+            if isinstance(v, bool) or not isinstance(v, int) or not least <= v <= most:
+                raise SettingError(f"speculative {key}={v!r:.40}: must be an integer in "
+                                   f"[{least}, {most}]")
+            out[key] = v
+        if out["min_ngram"] > out["max_ngram"]:
+            raise SettingError(f"speculative min_ngram={out['min_ngram']} exceeds "
+                               f"max_ngram={out['max_ngram']}")
+        return cls(method, **out)
+
+
+def from_cli(text: str | None) -> "SpeculativeConfig | None":
+    """`--speculative '{"method": "ngram", "num_tokens": 4}'` (SettingError naming the
+    option for bad JSON or a bad setting)."""
+    if text is None:
+        return None
+    import json
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SettingError(f"--speculative: not valid JSON ({e.msg} at character "
+                           f"{e.pos})") from None
+    try:
+        return SpeculativeConfig.parse(value)
+    except SettingError as e:
+        raise SettingError(f"--speculative: {e}") from None
+
+
+def eligible(req: Any) -> bool:
+    """Speculation serves this request: no penalties, no beams."""
+    p = req.params
+    return not p.uses_penalties and not p.is_beam_search
+
+
+def propose(config: SpeculativeConfig, req: Any, seq: Any, k: int) -> list[int]:
+    """The proposal for a decoding sequence: n-gram lookup, cut to what the request's
+    grammar accepts (and before a token that would complete the grammar)."""
+    if not eligible(req):
+        return []
+    draft = propose_ngram(seq.tokens, k, config.max_ngram, config.min_ngram)
+    matcher = req.grammar
+    if matcher is None or not draft:
+        return draft
+    kept = 0
+    for token in draft[:matcher.validate_tokens(draft)]:
+        matcher.consume_token(token)
+        if matcher.is_stopped():  # it completes the grammar: the target's to draw
+            matcher.rollback(kept + 1)
+            return draft[:kept]
+        kept += 1
+    matcher.rollback(kept)
+    return draft[:kept]
+
+
+def sampling_rows(seqs: Sequence[Any]) -> list:
+    """`SamplingBatch.build` rows for the logit rows of a step: a verified proposal's
+    j-th row samples output position len(output) + j (its seed's draw there)."""
+    rows, at = [], {}
+    for s in seqs:
+        j = at[id(s)] = at.get(id(s), -1) + 1
+        rows.append((s.request.params, s.request.seed, len(s.seq.output_ids) + j,
+                     s.request.prompt_ids, s.seq.output_ids))
+    return rows
+
+
+def by_seq(seqs: Sequence[Any], tokens: Sequence[Any]) -> dict:
+    """Sampled rows by seq_id: a SampledToken, or a list for a verified proposal."""
+    out: dict = {}
+    for s, t in zip(seqs, tokens):
+        if s.draft:
+            out.setdefault(s.seq.seq_id, []).append(t)
+        else:
+            out[s.seq.seq_id] = t
+    return out
+
+
+def propose_ngram(tokens: Sequence[int], k: int, max_ngram: int, min_ngram: int
+                  ) -> list[int]:
+    """Up to k tokens that followed the most recent earlier occurrence of the longest
+    suffix of `tokens` (n in [min_ngram, max_ngram]); [] when none occurs."""
+    size = len(tokens)
+    if k <= 0 or size < 2:
+        return []
+    arr = np.asarray(tokens, np.int64)
+    for n in range(min(max_ngram, size - 1), min_ngram - 1, -1):
+        # windows starting at 0 .. size-1-n: each ends before the suffix's last token
+        windows = np.lib.stride_tricks.sliding_window_view(arr[:size - 1], n)
+        hits = np.flatnonzero((windows == arr[size - n:]).all(axis=1))
+        if hits.size:
+            start = int(hits[-1]) + n
+            return arr[start:start + k].tolist()
+    return []
+
+
+def accepted_length(draft: Sequence[int], target: Sequence[int]) -> int:
+    """How many proposed tokens equal the target's token at their position: target[j]
+    is what the model draws after the sequence + draft[:j]."""
+    n = 0
+    while n < len(draft) and draft[n] == target[n]:
+        n += 1
+    return n
+
+
+@dataclass
+class SpeculativeStats:
+    verifies: int = 0        # sequence-steps that verified a proposal
+    proposed: int = 0        # proposed tokens
+    accepted: int = 0        # of those, accepted
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens a verifying sequence gains per step: accepted proposals + the target's
+        own token (vLLM's "mean acceptance length")."""
+        return (self.accepted + self.verifies) / self.verifies if self.verifies else 0.0

@@ -1,0 +1,233 @@
+"""Structured output: JSON schemas, regexes, choices and grammars, through llguidance.
+
+    SamplingParams(json_schema={...})       # a dict, or a JSON string
+    SamplingParams(regex=r"[0-9]{3}-[0-9]{4}")
+    SamplingParams(choice=["yes", "no"])
+    SamplingParams(grammar='start: "a"+')   # Lark, or llama.cpp GBNF
+
+At most one constraint per request. `constraint_grammar` turns it into an llguidance
+grammar when the SamplingParams is built, and checks it (an invalid schema, regex or
+grammar is a `SettingError` then, before anything is queued); `Grammars.matcher` builds a
+request's `LLMatcher` against the engine's tokenizer when the request is added (a schema
+llguidance can only reject with the vocabulary at hand fails there, still before queueing).
+
+Per step, for each constrained row, the host fills one row of a bitmask int32[N,
+ceil(V/32)] (bit v % 32 of word v // 32: token v is allowed) and the sampled step applies
+it to the logits on the device before sampling (`apply_token_bitmask`: -inf outside).
+After a token is sampled the host advances the request's matcher (`advance`); EOS is in
+the mask only where the grammar accepts, and once the matcher has stopped (nothing may
+follow) the request finishes with reason "stop".
+
+Why llguidance and not xgrammar (bench/structured_libs.py, bench/results/
+structured_libs_cpu.json; SmolLM2's 49,152 tokens, a nested JSON schema, 2-core CPU):
+llguidance has no dependencies and reads a `tokenizers` JSON, which is what jaxrt's
+Tokenizer is; xgrammar requires torch, transformers and triton at runtime (importing it
+takes ~2.4 s, llguidance ~0.05 s) and reads a transformers tokenizer. Per token xgrammar is
+faster (mask 0.02-0.05 ms vs 0.14 ms, advance ~0.004 ms both), and both are far below a
+decode step; llguidance's mask cost is the one that grows with batch (64 rows ~9 ms on
+one core; `LLExecutor` fills rows in parallel).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+import numpy as np
+
+from jaxrt.errors import InputError, SettingError
+
+CONSTRAINTS = ("json_schema", "regex", "choice", "grammar")
+# JSON output is laid out as Python's json.dumps does (", " and ": ", no other whitespace):
+# with llguidance's default flexible whitespace a small model can emit newlines and
+# indentation until max_tokens (SmolLM2 did). A schema's "x-guidance" options override it.
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def bitmask_words(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+def _first_line(message: str) -> str:
+    lines = [ln.strip() for ln in str(message).strip().splitlines() if ln.strip()]
+    return "; ".join(lines[:2]) if lines else "invalid"
+
+
+def constraint_grammar(params: Any) -> str | None:
+    """The llguidance grammar of `params`' one constraint (None without one), checked:
+    SettingError naming the field for a bad value or more than one constraint."""
+    given = [name for name in CONSTRAINTS if getattr(params, name) is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise SettingError(f"SamplingParams: {' and '.join(given)} are both set; give at "
+                           f"most one of {', '.join(CONSTRAINTS)}")
+    name = given[0]
+    value = getattr(params, name)
+    import llguidance
+
+    def bad(why: str):
+        e = SettingError(f"SamplingParams.{name}={value!r:.60}: {why}")
+        e.setting = name
+        return e
+
+    if name == "json_schema":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise bad(f"not valid JSON ({e.msg} at character {e.pos})") from None
+        if not isinstance(value, (dict, bool)):
+            raise bad("a JSON schema is an object (a dict or its JSON text)")
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                value, defaults=JSON_LAYOUT)
+        except (ValueError, TypeError) as e:
+            raise bad(_first_line(str(e))) from None
+    elif name == "regex":
+        if not isinstance(value, str) or not value:
+            raise bad("must be a non-empty string")
+        grammar = llguidance.LLMatcher.grammar_from_regex(value)
+    elif name == "choice":
+        if not isinstance(value, tuple) or not value \
+                or any(not isinstance(c, str) or not c for c in value):
+            raise bad("must be a non-empty list of non-empty strings")
+        grammar = llguidance.grammar_from("choice", list(value))
+    else:
+        if not isinstance(value, str) or not value.strip():
+            raise bad("must be a non-empty Lark or GBNF grammar")
+        try:
+            grammar = llguidance.grammar_from("grammar", value)
+        except ValueError as e:
+            raise bad(_first_line(str(e))) from None
+    error = llguidance.LLMatcher.validate_grammar(grammar)
+    if error:
+        raise bad(_first_line(error))
+    return grammar
+
+
+class Grammars:
+    """Matchers for one engine's vocabulary: the llguidance tokenizer is built once, on
+    the first constrained request (~0.3 s for SmolLM2's 49k tokens)."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: Sequence[int]):
+        self._tokenizer, self.vocab_size = tokenizer, vocab_size
+        self._eos = [int(t) for t in eos_token_ids]
+        self._lltok = None
+
+    def _llg_tokenizer(self):
+        if self._lltok is None:
+            import llguidance
+            tok = self._tokenizer
+            text = None
+            if hasattr(tok, "to_json_str"):
+                text = tok.to_json_str()
+            elif hasattr(tok, "backend"):
+                text = tok.backend.to_str()
+            elif hasattr(tok, "to_str"):
+                text = tok.to_str()
+            if text is None:
+                raise InputError("structured output needs a Hugging Face `tokenizers` "
+                                 "tokenizer; this engine has none")
+            if not self._eos:
+                raise InputError("structured output needs the model's EOS token ids")
+            self._lltok = llguidance.LLTokenizer(text, n_vocab=self.vocab_size,
+                                                 eos_token=self._eos)
+        return self._lltok
+
+    def matcher(self, grammar: str):
+        import llguidance
+        m = llguidance.LLMatcher(self._llg_tokenizer(), grammar, log_level=0)
+        if m.is_error():
+            raise SettingError(f"structured output: {_first_line(m.get_error())}")
+        bits = np.unpackbits(fill_bitmask([(0, m)], 1, self.vocab_size).view(np.uint8),
+                             bitorder="little")[:self.vocab_size]
+        bits[self._eos] = 0
+        if not m.is_accepting() and not bits.any():
+            raise SettingError("structured output: no token of this model's vocabulary "
+                               "can start the constrained output")
+        return m
+
+
+def fill_bitmask(rows: Sequence[tuple[int, Any]], num_rows: int,
+                 vocab_size: int) -> np.ndarray:
+    """int32[num_rows, ceil(V/32)]: every token allowed, except in rows[i] = (row, matcher),
+    which get their matcher's next-token mask."""
+    import llguidance.numpy as lnp
+    mask = np.full((num_rows, bitmask_words(vocab_size)), -1, np.int32)
+    for row, matcher in rows:
+        lnp.fill_next_token_bitmask(matcher, mask, row)
+    return mask
+
+
+def step_bitmask(seqs: Sequence[Any], num_rows: int, vocab_size: int) -> np.ndarray | None:
+    """The bitmask of a step's logit rows (`StepInputs.logit_seqs`), None when no row is
+    constrained. The rows of a verified proposal repeat its sequence: row j gets the mask
+    after the proposal's first j tokens (consumed, then rolled back)."""
+    if not any(s.request.grammar is not None for s in seqs):
+        return None
+    import llguidance.numpy as lnp
+    mask = np.full((num_rows, bitmask_words(vocab_size)), -1, np.int32)
+    consumed: dict[int, tuple[Any, int]] = {}
+    for row, s in enumerate(seqs):
+        matcher = s.request.grammar
+        if matcher is None:
+            continue
+        j = consumed.get(id(s), (matcher, 0))[1]
+        lnp.fill_next_token_bitmask(matcher, mask, row)
+        if j < len(s.draft):  # (the proposer kept only tokens the grammar accepts)
+            if not matcher.consume_token(s.draft[j]):
+                raise AssertionError(f"structured output: proposed token {s.draft[j]} "
+                                     f"is outside the grammar")
+            consumed[id(s)] = (matcher, j + 1)
+    for matcher, n in consumed.values():
+        matcher.rollback(n)
+    return mask
+
+
+_TAKES_MASK: dict[type, bool] = {}
+
+
+def takes_mask(runner: Any) -> bool:
+    """The runner's sampled step applies a token bitmask (`run_sampled(token_bitmask=)`)."""
+    kind = type(runner)
+    if kind not in _TAKES_MASK:
+        import inspect
+        try:
+            params = inspect.signature(runner.run_sampled).parameters
+        except (TypeError, ValueError, AttributeError):
+            params = {}
+        _TAKES_MASK[kind] = "token_bitmask" in params
+    return _TAKES_MASK[kind]
+
+
+def advance(matcher: Any, token: int) -> bool:
+    """Feed a sampled token to a request's matcher; True when the grammar is complete
+    (nothing may follow). The mask made the token legal, so a refusal is a bug."""
+    if not matcher.consume_token(int(token)):
+        raise AssertionError(f"structured output: token {token} was sampled outside the "
+                             f"grammar's mask ({_first_line(matcher.get_error())})")
+    return matcher.is_stopped()
+
+
+def apply_token_bitmask(logits, bitmask):
+    """logits f32[N, V], bitmask i32[N, ceil(V/32)] -> logits with -inf where the bit is
+    clear (traced inside the masked sampled step)."""
+    import jax.numpy as jnp
+    vocab = logits.shape[-1]
+    ids = jnp.arange(vocab, dtype=jnp.int32)
+    words = jnp.take(bitmask, ids // 32, axis=1)                        # [N, V]
+    allowed = ((words >> (ids % 32)) & 1) != 0
+    return jnp.where(allowed, logits, -jnp.inf)
+
+
+_APPLY = None
+
+
+def mask_logits(logits, bitmask: np.ndarray):
+    """`apply_token_bitmask` as its own device call, for runners whose sampled step takes
+    no mask (the logits stay on the device)."""
+    global _APPLY
+    if _APPLY is None:
+        import jax
+        _APPLY = jax.jit(apply_token_bitmask)
+    return _APPLY(logits, bitmask)
