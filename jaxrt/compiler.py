@@ -132,19 +132,26 @@ class CompiledModel:
 def default_pipeline(target: Target, *, page_size: int = 16, memory_fraction: float = 0.9,
                      max_model_len: int = 0, max_num_seqs: int = 64,
                      max_num_batched_tokens: int = 2048, num_pages: int = 0,
-                     outline_layers: bool | None = None) -> str:
+                     outline_layers: bool | None = None, quantize: str = "") -> str:
     """The pipeline `load` runs. `outline_layers` compiles the repeated layers once (a scan
     over stacked weights); False keeps the stack unrolled. None picks by target: scan on
     CPUs, where compile time dominates start-up, unrolled on accelerators, where it decodes
     faster (one H200, bf16, batch 1: 169 vs 80 tok/s for Llama-3.1-8B; see
-    bench/results/layers_h200.json)."""
+    bench/results/layers_h200.json).
+
+    `quantize` names a quantize mode (int8-weight, fp8-weight, w8a8, fp8; per-channel
+    scales). It runs after cast-float (scales stay f32) and before outline-layers, so
+    those two swap places when quantizing."""
     passes = ["canonicalize", "cse", "dce"]
     if outline_layers is None:
         outline_layers = target.backend == "cpu"
+    cast = [f"cast-float{{dtype={target.dtype}}}"] if target.dtype != "f32" else []
+    if quantize:
+        passes += cast + [f"quantize{{mode={quantize}}}"]
+        cast = []
     if outline_layers:
         passes.append("outline-layers")
-    if target.dtype != "f32":
-        passes.append(f"cast-float{{dtype={target.dtype}}}")
+    passes += cast
     passes.append(
         f"plan-kv-cache{{page-size={page_size} memory-fraction={memory_fraction} "
         f"max-model-len={max_model_len} max-num-seqs={max_num_seqs} "

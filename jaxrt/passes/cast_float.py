@@ -8,7 +8,7 @@ from jaxrt.ir.module import Module
 from jaxrt.ir.substitute import set_float_dtype
 from jaxrt.ir.types import DType
 
-from .manager import Pass, PassContext, register_pass
+from .manager import Pass, PassContext, PipelineError, register_pass
 
 # Dtypes a tensor can take by a plain cast. Integer and fp8 types need scales (per tensor,
 # channel or page) to hold a model's values: a quantized implementation, which we lack.
@@ -41,6 +41,10 @@ class CastFloat(Pass):
         unscaled_float_dtype(self.dtype, "scaled (quantized) weights and activations")
 
     def run(self, module: Module, ctx: PassContext) -> None:
+        from .quantize import is_quantized
+        if is_quantized(module):
+            raise PipelineError("cast-float: the module is already quantized; run cast-float "
+                                "before quantize (scales stay f32)")
         new = set_float_dtype(module, DType.parse(self.dtype),
                               keep_f32=("kv",) if self.keep_kv_f32 else ())
         module.functions, module.weights = new.functions, new.weights
