@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -23,7 +24,7 @@ from jaxrt.errors import SettingError
 from .frontends.config import ModelConfig
 from .frontends.errors import ModelFormatError
 from .frontends.tokenizer import Tokenizer
-from .ir import Module
+from .ir import DType, Module
 
 ENGINE_FORMAT = 1
 _GIB = 1 << 30
@@ -244,7 +245,6 @@ _SAFETENSORS_DTYPE = {"F32": "f32", "BF16": "bf16", "F16": "f16", "I8": "i8", "I
 
 
 def load_engine(path: str) -> CompiledModel:
-    from safetensors import safe_open
 
     from .frontends.hf_reader import read_safetensors_header
     from .ir.parser import parse
@@ -284,8 +284,7 @@ def load_engine(path: str) -> CompiledModel:
         if _SAFETENSORS_DTYPE.get(header[name].dtype) != t.dtype.value:
             raise ModelFormatError(weights_path, f"weight {name} is {header[name].dtype}, "
                                                  f"IR says {t}")
-    with safe_open(weights_path, framework="numpy") as f:
-        weights = {name: f.get_tensor(name) for name in module.weights}
+    weights = _read_engine_weights(weights_path, header, module)
     tok_path = os.path.join(path, "tokenizer.json")
     check_tokenizer_file(tok_path)
     tokenizer = Tokenizer.from_file(tok_path, **_tokenizer_meta(meta))
@@ -299,6 +298,23 @@ def load_engine(path: str) -> CompiledModel:
     config = meta["config"]
     return CompiledModel(module, weights, tokenizer, config, template, path,
                          meta.get("pipeline", ""))
+
+
+def _read_engine_weights(path: str, header, module: Module) -> dict[str, np.ndarray]:
+    """The module's weights from a validated safetensors file. safetensors' numpy reader
+    has no fp8 dtype: fp8 codes are read as their bytes (offsets from the header)."""
+    from safetensors import safe_open
+    fp8 = {n for n, t in module.weights.items() if t.dtype in (DType.f8e4m3, DType.f8e5m2)}
+    with safe_open(path, framework="numpy") as f:
+        weights = {n: f.get_tensor(n) for n in module.weights if n not in fp8}
+    if fp8:
+        with open(path, "rb") as f:
+            data_start = 8 + struct.unpack("<Q", f.read(8))[0]
+        for n in fp8:
+            t, e = module.weights[n], header[n]
+            raw = np.fromfile(path, np.uint8, e.end - e.begin, offset=data_start + e.begin)
+            weights[n] = raw.view(t.dtype.to_numpy()).reshape(t.shape)
+    return weights
 
 
 def _tokenizer_meta(meta: dict) -> dict[str, Any]:

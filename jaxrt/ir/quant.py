@@ -39,8 +39,8 @@ def check_scale(x: TensorType, scale: TensorType, what: str) -> None:
     """`scale` is a valid scale layout for `x` (module docstring); VerifyError naming
     both shapes otherwise."""
     def bad(why: str) -> VerifyError:
-        return VerifyError(f"{what}: scale shape {list(scale.shape)} does not fit tensor "
-                           f"shape {list(x.shape)} ({why})")
+        return VerifyError(f"{what}: scale shape {_dims(scale)} does not fit tensor "
+                           f"shape {_dims(x)} ({why})")
 
     if scale.dtype != DType.f32:
         raise VerifyError(f"{what}: scales must be f32, got {scale}")
@@ -54,6 +54,10 @@ def check_scale(x: TensorType, scale: TensorType, what: str) -> None:
         return
     if not (isinstance(d, int) and isinstance(s, int) and s > 0 and d % s == 0):
         raise bad(f"the last axis must be 1, {d} or divide {d} into groups")
+
+
+def _dims(t: TensorType) -> str:
+    return "[" + ", ".join(map(str, t.shape)) + "]"
 
 
 def group_count(granularity: str, rows: int, cols: int, group_size: int) -> tuple[int, int]:
