@@ -164,3 +164,25 @@ def test_quantized_models_lower_as_the_interpreter_runs_them(options, tiny_loade
         for n in codes:
             assert np.asarray(again.weights[n]).tobytes() == fresh[n].tobytes()
         np.testing.assert_array_equal(np.asarray(again.executable().run(*inputs)), got)
+
+
+@pytest.mark.parametrize("mode", ["int8-weight", "fp8"])
+def test_bf16_model_quantizes_after_cast_float(mode):
+    """cast-float then quantize: codes from the bf16 weights, f32 scales, bf16 activations.
+    The lowering and the interpreter both round the dequantized weight (or nothing, for
+    token mode) to bf16 and the result once more: they agree to a bf16 step (2^-8
+    relative) of the result's scale, as in tests/lowering/test_xla_rules.py."""
+    import jax
+
+    from jaxrt.lowering.compile import lower_function
+    m = _projections()
+    w = _weights(m)
+    PassManager(f"cast-float{{dtype=bf16}},quantize{{mode={mode}}}",
+                hooks=[VerifyHook()]).run(m)
+    scales = [n for n, ty in m.weights.items() if n.endswith(".scale")]
+    assert scales and all(m.weights[n].dtype == DType.f32 for n in scales)
+    tokens = np.array([1, 5, 9, 2], np.int32)
+    resident = materialize(m, w)
+    want = interpreter.run_function(m.functions["f"], [tokens], resident, m)[0]
+    got = np.asarray(jax.jit(lower_function(m, "f"))(resident, tokens)[0])
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
