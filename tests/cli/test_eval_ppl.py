@@ -106,6 +106,25 @@ def test_cli_json_and_errors(tiny_dir, tmp_path, capsys):
     assert "--context 33 exceeds the model's context of 32" in capsys.readouterr().err
 
 
+def test_quantized_engine_directory_scores_as_the_model(tiny_dir, tmp_path, capsys):
+    """jaxrt compile -q w8a8 stores codes and scales; eval-ppl on the engine directory gives
+    the NLL of eval-ppl -q w8a8 on the model (same weights bit for bit, same windows)."""
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{(i * 5) % 61 + 3}" for i in range(24)))
+    engine = str(tmp_path / "engine")
+    assert main(["compile", tiny_dir, "-o", engine, "-q", "w8a8"]) == 0
+    assert "quantize{mode=w8a8}" in capsys.readouterr().out
+    assert main(["eval-ppl", engine, "--text", str(text), "--json"]) == 0
+    from_engine = json.loads(capsys.readouterr().out)
+    assert main(["eval-ppl", tiny_dir, "--text", str(text), "--json", "-q", "w8a8"]) == 0
+    direct = json.loads(capsys.readouterr().out)
+    assert from_engine["tokens"] == direct["tokens"] == 23  # 24 words, no BOS: 23 scored
+    assert from_engine["nll"] == pytest.approx(direct["nll"], rel=1e-6)
+    assert main(["eval-ppl", engine, "--text", str(text), "-q", "fp8"]) == 2
+    assert "is an engine directory" in capsys.readouterr().err
+    assert main(["compile", tiny_dir, "-o", engine, "-q", "fp8", "-p", "dce"]) == 2
+
+
 ENGLISH = ("The old lighthouse stood at the end of a narrow spit of land, where the river met "
            "the sea. For more than a century its keepers had climbed the spiral stairs each "
            "evening to light the lamp, and each morning they had climbed them again to trim "
