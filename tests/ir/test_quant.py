@@ -214,3 +214,20 @@ def test_quantize_definition_checks_its_scale_shape():
     with pytest.raises(Exception, match=r"scale shape \[3, 1\] does not fit tensor shape "
                                         r"\[6, 8\]"):
         parse(text)
+
+
+def test_quant_ops_round_trip_text_and_run_their_references():
+    text = ("module @m {\n"
+            "  func @f(%x: f32[T, 8], %s: f32[T, 1]) -> (f32[T, 8]) {\n"
+            "    %0 = quant.quantize(%x, %s) {dtype = f8e4m3fn} : f8e4m3fn[T, 8]\n"
+            "    %1 = quant.dequantize(%0, %s) {dtype = f32} : f32[T, 8]\n"
+            "    return %1\n  }\n}\n")
+    m = parse(text)
+    verify(m)
+    assert str(m) == text
+    from jaxrt.ir.interpreter import run
+    x = np.random.default_rng(1).standard_normal((3, 8)).astype(np.float32)
+    s = Q.token_scale(x, F8)
+    (y,) = run(m, "f", [x, s])
+    _check_fp8(x, s, Q.quantize(x, s, F8))
+    np.testing.assert_array_equal(y, Q.dequantize(Q.quantize(x, s, F8), s))
