@@ -70,31 +70,26 @@ def _direct_nlls(model, ids, context, stride):
 
 
 def test_nll_equals_a_direct_computation(tiny_dir):
-    """Windows of 12 every 5 tokens over 40 tokens (7 windows), run in chunks of 4 tokens
+    """Windows of 12 every 5 tokens over 24 tokens (4 windows), run in chunks of 4 tokens
     through the cache. f32 on both sides, differing in summation order: logits agree to
     1e-5 of their largest magnitude (tests/lowering/test_xla_rules.py's f32 bound), and
     -log softmax moves by at most twice the logits' largest error: 2e-5 x max |logit|."""
     from jaxrt.compiler import Target, compile_loaded
     from jaxrt.frontends.sources import load_model
-    ids = [int(x) for x in (np.arange(40) * 11) % 61 + 3]
+    ids = [int(x) for x in (np.arange(24) * 11) % 61 + 3]
     model = compile_loaded(load_model(tiny_dir), target=Target("cpu", 1 << 30, "f32"),
                            page_size=4, num_pages=3, max_model_len=12)
     got, count = token_nlls(model.executable(), ids, context=12, stride=5, chunk=4)
-    assert count == 7
+    assert count == 4
     want, max_logit = _direct_nlls(model, ids, 12, 5)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * max_logit)
     res = perplexity(model.executable(), ids, context=12, stride=5, chunk=8)
-    assert res.tokens == 39 and res.ppl == pytest.approx(np.exp(got.mean()), rel=1e-6)
+    assert res.tokens == 23 and res.ppl == pytest.approx(np.exp(got.mean()), rel=1e-6)
 
 
-def test_cli_json_and_errors(tiny_dir, tmp_path, capsys):
+def test_cli_errors_are_one_line(tiny_dir, tmp_path, capsys):
     text = tmp_path / "t.txt"
-    text.write_text(" ".join(f"w{(i * 7) % 61 + 3}" for i in range(30)))
-    assert main(["eval-ppl", tiny_dir, "--text", str(text), "--json", "-q", "int8-weight",
-                 "--context", "16", "--stride", "6"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["tokens"] == 29 and out["windows"] == 4 and out["quantize"] == "int8-weight"
-    assert out["ppl"] == pytest.approx(np.exp(out["nll"])) and out["nll"] > 0
+    text.write_text("w3 w4 w5")
     (tmp_path / "empty.txt").write_text(" \n")
     for path, message in ((tmp_path / "missing.txt", "missing.txt"),
                           (tmp_path / "empty.txt", "the text file is empty")):
@@ -102,8 +97,10 @@ def test_cli_json_and_errors(tiny_dir, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("jaxrt eval-ppl: error: ") and message in err
         assert err.count("\n") == 1
-    assert main(["eval-ppl", tiny_dir, "--text", str(text), "--context", "33"]) == 2
-    assert "--context 33 exceeds the model's context of 32" in capsys.readouterr().err
+    for args, message in ((["--context", "33"], "--context 33 exceeds the model's context of 32"),
+                          (["--context", "2", "--stride", "2"], "stride must be in")):
+        assert main(["eval-ppl", tiny_dir, "--text", str(text), *args]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_quantized_engine_directory_scores_as_the_model(tiny_dir, tmp_path, capsys):
@@ -114,11 +111,15 @@ def test_quantized_engine_directory_scores_as_the_model(tiny_dir, tmp_path, caps
     engine = str(tmp_path / "engine")
     assert main(["compile", tiny_dir, "-o", engine, "-q", "w8a8"]) == 0
     assert "quantize{mode=w8a8}" in capsys.readouterr().out
-    assert main(["eval-ppl", engine, "--text", str(text), "--json"]) == 0
+    assert main(["eval-ppl", engine, "--text", str(text), "--json", "--stride", "5",
+                 "--context", "8"]) == 0
     from_engine = json.loads(capsys.readouterr().out)
-    assert main(["eval-ppl", tiny_dir, "--text", str(text), "--json", "-q", "w8a8"]) == 0
+    assert main(["eval-ppl", tiny_dir, "--text", str(text), "--json", "-q", "w8a8",
+                 "--stride", "5", "--context", "8"]) == 0
     direct = json.loads(capsys.readouterr().out)
     assert from_engine["tokens"] == direct["tokens"] == 23  # 24 words, no BOS: 23 scored
+    assert direct["windows"] == 5 and direct["quantize"] == "w8a8"
+    assert direct["ppl"] == pytest.approx(np.exp(direct["nll"])) and direct["nll"] > 0
     assert from_engine["nll"] == pytest.approx(direct["nll"], rel=1e-6)
     assert main(["eval-ppl", engine, "--text", str(text), "-q", "fp8"]) == 2
     assert "is an engine directory" in capsys.readouterr().err

@@ -22,6 +22,8 @@ PREFIX = [5, 9, 13, 17, 21, 25, 29, 33]
 PROMPTS = [PREFIX + [40, 41, 42], [7, 8, 9], PREFIX + [50], PREFIX + [60, 61, 62, 63, 64, 65]]
 PARAMS = [SamplingParams(max_tokens=n, logprobs=2, ignore_eos=True) for n in (8, 12, 5, 9)]
 JOBS = [props.Job(tuple(p), q) for p, q in zip(PROMPTS, PARAMS)]
+# Two sequences a step (still batched: four requests), two decode buckets instead of three.
+SMALL = dict(max_num_seqs=2)
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +36,9 @@ def w8a8_factory():
 def test_quantized_batched_equals_alone_and_caching_changes_nothing(w8a8_factory):
     f = w8a8_factory
     alone = props.one_at_a_time(f, JOBS)
-    props.assert_same(f, props.batched(f, JOBS, enable_prefix_caching=False), alone,
+    props.assert_same(f, props.batched(f, JOBS, enable_prefix_caching=False, **SMALL), alone,
                       "batched vs alone")
-    e = props.engine(f)
+    e = props.engine(f, **SMALL)
     props.assert_same(f, e.generate(PROMPTS, PARAMS), alone, "caching (cold)")
     props.assert_same(f, e.generate(PROMPTS, PARAMS), alone, "caching (warm)")
     assert e.stats().prefix_cache_hit_rate > 0
