@@ -14,6 +14,7 @@ import copy
 import json
 import math
 import os
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -24,7 +25,7 @@ from jaxrt.errors import SettingError
 from .frontends.config import ModelConfig
 from .frontends.errors import ModelFormatError
 from .frontends.tokenizer import Tokenizer
-from .ir import Module
+from .ir import DType, Module
 from .ir.sharding import device_bytes, mesh_of, spec_of
 
 ENGINE_FORMAT = 1
@@ -135,21 +136,33 @@ def default_pipeline(target: Target, *, page_size: int = 16, memory_fraction: fl
                      max_model_len: int = 0, max_num_seqs: int = 64,
                      max_num_batched_tokens: int = 2048, num_pages: int = 0,
                      outline_layers: bool | None = None, tensor_parallel: int = 1,
-                     data_parallel: int = 1) -> str:
+                     data_parallel: int = 1, quantize: str = "") -> str:
     """The pipeline `load` runs. `outline_layers` compiles the repeated layers once (a scan
     over stacked weights); False keeps the stack unrolled. None picks by target: scan on
     CPUs, where compile time dominates start-up, unrolled on accelerators, where it decodes
     faster (one H200, bf16, batch 1: 169 vs 80 tok/s for Llama-3.1-8B; see
     bench/results/layers_h200.json). `tensor_parallel` / `data_parallel` > 1 add the
-    `shard` pass (docs/parallelism.md); at 1 the pipeline is unchanged."""
+    `shard` pass (docs/parallelism.md); at 1 the pipeline is unchanged.
+
+    `quantize` names a quantize mode (int8-weight, fp8-weight, w8a8, fp8; per-channel
+    scales). It runs after cast-float (scales stay f32) and before outline-layers, so
+    those two swap places when quantizing. Quantized weights are not sharded yet: the
+    two together are refused."""
     passes = ["canonicalize", "cse", "dce"]
     if outline_layers is None:
         outline_layers = target.backend == "cpu"
+    cast = [f"cast-float{{dtype={target.dtype}}}"] if target.dtype != "f32" else []
+    if quantize:
+        passes += cast + [f"quantize{{mode={quantize}}}"]
+        cast = []
     if outline_layers:
         passes.append("outline-layers")
-    if target.dtype != "f32":
-        passes.append(f"cast-float{{dtype={target.dtype}}}")
+    passes += cast
     if tensor_parallel != 1 or data_parallel != 1:
+        if quantize:
+            raise SettingError(f"quantize={quantize!r} with tensor_parallel="
+                               f"{tensor_parallel}, data_parallel={data_parallel}: the "
+                               f"shard pass does not split quantized weights yet")
         # After the casts and stacks: it annotates the weights the step reads. Before the
         # plan, which budgets per device.
         passes.append(f"shard{{tp={tensor_parallel} dp={data_parallel}}}")
@@ -245,7 +258,6 @@ _SAFETENSORS_DTYPE = {"F32": "f32", "BF16": "bf16", "F16": "f16", "I8": "i8", "I
 
 
 def load_engine(path: str) -> CompiledModel:
-    from safetensors import safe_open
 
     from .frontends.hf_reader import read_safetensors_header
     from .ir.parser import parse
@@ -288,8 +300,7 @@ def load_engine(path: str) -> CompiledModel:
         if _SAFETENSORS_DTYPE.get(header[name].dtype) != t.dtype.value:
             raise ModelFormatError(weights_path, f"weight {name} is {header[name].dtype}, "
                                                  f"IR says {t}")
-    with safe_open(weights_path, framework="numpy") as f:
-        weights = {name: f.get_tensor(name) for name in module.weights}
+    weights = _read_engine_weights(weights_path, header, module)
     tok_path = os.path.join(path, "tokenizer.json")
     check_tokenizer_file(tok_path)
     tokenizer = Tokenizer.from_file(tok_path, **_tokenizer_meta(meta))
@@ -303,6 +314,23 @@ def load_engine(path: str) -> CompiledModel:
     config = meta["config"]
     return CompiledModel(module, weights, tokenizer, config, template, path,
                          meta.get("pipeline", ""))
+
+
+def _read_engine_weights(path: str, header, module: Module) -> dict[str, np.ndarray]:
+    """The module's weights from a validated safetensors file. safetensors' numpy reader
+    has no fp8 dtype: fp8 codes are read as their bytes (offsets from the header)."""
+    from safetensors import safe_open
+    fp8 = {n for n, t in module.weights.items() if t.dtype in (DType.f8e4m3, DType.f8e5m2)}
+    with safe_open(path, framework="numpy") as f:
+        weights = {n: f.get_tensor(n) for n in module.weights if n not in fp8}
+    if fp8:
+        with open(path, "rb") as f:
+            data_start = 8 + struct.unpack("<Q", f.read(8))[0]
+        for n in fp8:
+            t, e = module.weights[n], header[n]
+            raw = np.fromfile(path, np.uint8, e.end - e.begin, offset=data_start + e.begin)
+            weights[n] = raw.view(t.dtype.to_numpy()).reshape(t.shape)
+    return weights
 
 
 def _tokenizer_meta(meta: dict) -> dict[str, Any]:

@@ -2,9 +2,9 @@
 
 `engine.json` must match its schema exactly (no missing, extra or mistyped key); the
 config it records must be a valid ModelConfig; the IR (`model.jxr`) must agree with it
-(vocabulary, KV cache plan) and declare only float weights; the KV cache it declares must
-fit this device's memory budget before anything is allocated. Text files are read capped
-(`jaxrt.errors.read_text_file`). Every failure is a `ModelFormatError` naming the file.
+(vocabulary, KV cache plan) and declare only float weights (or the i8 / fp8 codes of
+quantized projections); the KV cache it declares must fit this device's memory budget
+before anything is allocated. Text files are read capped (`jaxrt.errors.read_text_file`). Every failure is a `ModelFormatError` naming the file.
 """
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ TOKENIZER_KEYS = {"bos_id", "eos_ids"}
 # A tokenizer.json is JSON text; the largest real ones are tens of MB.
 MAX_TOKENIZER_BYTES = 256 << 20
 _FLOAT_WEIGHT_DTYPES = {"f32", "bf16", "f16"}
+# Codes of quantized weights (quant.linear operands); their scales are f32.
+_QUANT_WEIGHT_DTYPES = {"i8", "f8e4m3fn"}
 
 
 def read_engine_meta(path: str, engine_format: int) -> dict[str, Any]:
@@ -146,9 +148,9 @@ def check_module(module, meta: dict[str, Any], ir_path: str, meta_path: str) -> 
                                           f"{os.path.basename(ir_path)} computes logits "
                                           f"{logits}")
     for name, t in module.weights.items():
-        if t.dtype.value not in _FLOAT_WEIGHT_DTYPES:
+        if t.dtype.value not in _FLOAT_WEIGHT_DTYPES | _QUANT_WEIGHT_DTYPES:
             raise ModelFormatError(ir_path, f"weight {name} is {t}: engine weights are "
-                                            f"f32, bf16 or f16")
+                                            f"f32, bf16, f16, or i8 / f8e4m3fn codes")
         if name.endswith("embed_tokens.weight") and t.shape[0] != config.vocab_size:
             raise ModelFormatError(meta_path, f"config.vocab_size = {config.vocab_size}, but "
                                               f"weight {name} has {t.shape[0]} rows")

@@ -53,7 +53,7 @@ SAFETENSORS_NAMES = {DType.f32: "F32", DType.bf16: "BF16", DType.f16: "F16",
                      DType.f8e4m3: "F8_E4M3", DType.f8e5m2: "F8_E5M2"}
 # The code that turns file bytes into weight values: a change to it invalidates entries.
 _VALUE_CODE = ("frontends/gguf_reader.py", "frontends/hf_reader.py", "frontends/loaded.py",
-               "ir/weights.py")
+               "ir/weights.py", "ir/quant.py")
 
 
 def cache_dir() -> str | None:

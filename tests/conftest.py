@@ -82,3 +82,17 @@ def smollm2(smollm2_path):
 def gemma3(gemma3_path):
     from jaxrt.frontends.gguf_reader import read_gguf
     return read_gguf(gemma3_path)
+
+
+def f32_executable(loaded):
+    """A real model compiled for the CPU in float32 with a 256-token cache."""
+    from jaxrt.compiler import Target, compile_loaded
+    model = compile_loaded(loaded, target=Target("cpu", 2 << 30, "f32"), max_model_len=256,
+                           num_pages=16)
+    return model.executable(dtype="f32")
+
+
+@pytest.fixture(scope="session")
+def smollm2_f32_exe(smollm2):
+    """SmolLM2's f32 executable, compiled once for the parity and perplexity tests."""
+    return f32_executable(smollm2)

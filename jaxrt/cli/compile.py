@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from jaxrt.errors import InputError
+from jaxrt.errors import InputError, SettingError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -13,6 +13,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-p", "--pipeline", default=None,
                    help="pass pipeline (default: canonicalize,cse,dce[,cast-float],"
                         "plan-kv-cache)")
+    p.add_argument("-q", "--quantize", default=None,
+                   choices=("int8-weight", "fp8-weight", "w8a8", "fp8"),
+                   help="quantize the linear projections (per-channel scales) in the default "
+                        "pipeline; with -p, write quantize{mode=...} in the pipeline instead")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: by device)")
     p.add_argument("--layers", choices=("auto", "scan", "unrolled"), default="auto",
                    help="scan: compile one layer body for the whole stack (fast compile); "
@@ -29,10 +33,14 @@ def run(args) -> int:
 
     if resolve_model(args.model)[0] == "engine":
         raise InputError(f"{args.model}: already an engine directory")
+    if args.quantize and args.pipeline:
+        raise SettingError(f"-q {args.quantize} applies to the default pipeline; with -p, "
+                           f"write quantize{{mode={args.quantize}}} in the pipeline")
     start = time.perf_counter()
     model = load(args.model, pipeline=args.pipeline, dtype=args.dtype,
                  page_size=args.page_size, max_model_len=args.max_model_len,
-                 max_num_seqs=args.max_num_seqs, outline_layers=layers_choice(args.layers))
+                 max_num_seqs=args.max_num_seqs, outline_layers=layers_choice(args.layers),
+                 quantize=args.quantize or "")
     save_engine(model, args.output)
     plan = model.module.attributes.get("kv_cache", {})
     print(f"wrote {args.output}: pipeline {model.pipeline}; kv cache "

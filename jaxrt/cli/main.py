@@ -9,7 +9,7 @@ import traceback
 
 from jaxrt.errors import SettingError, is_user_error, one_line
 
-# subcommand -> module in jaxrt.cli (each defines add_arguments(parser) and run(args) -> int)
+# subcommand -> module in jaxrt.cli, '-' spelled '_' (each defines add_arguments(parser) and run(args) -> int)
 SUBCOMMANDS = {
     "opt": "Run a pass pipeline over IR text (the mlir-opt of jaxrt).",
     "inspect": "Summarize IR text, a model or an engine directory.",
@@ -18,7 +18,12 @@ SUBCOMMANDS = {
     "compile": "Compile a model into an engine directory.",
     "bench": "Run an offline serving benchmark.",
     "serve": "Serve a model over the OpenAI HTTP API.",
+    "eval-ppl": "Perplexity of a text under a model (optionally quantized).",
 }
+
+
+def _module(command: str) -> str:
+    return f"jaxrt.cli.{command.replace('-', '_')}"
 
 
 class CliError(SettingError):
@@ -31,14 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name, help_text in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        importlib.import_module(f"jaxrt.cli.{name}").add_arguments(p)
+        importlib.import_module(_module(name)).add_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits 2 with a one-line usage error
-    module = importlib.import_module(f"jaxrt.cli.{args.command}")
+    module = importlib.import_module(_module(args.command))
     try:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:

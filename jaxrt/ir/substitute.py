@@ -10,7 +10,7 @@ from typing import Callable, Iterable, Mapping
 
 from .module import Function, Module, Op, Value, make_op
 from .opdef import VerifyError
-from .ops import convert, iota, weight
+from .ops import convert, dequantize, iota, quantize, quantized_linear, weight
 from .types import DType, TensorType, substitute_dims
 from .weights import prune_weights
 
@@ -97,6 +97,10 @@ def set_float_dtype(module: Module, dtype: DType, *, keep_f32: Iterable[str] = (
     if not dtype.is_float or dtype.itemsize == 1:
         raise ValueError(f"compute dtype must be f32, bf16 or f16, got {dtype.value} "
                          f"(8-bit and integer types need scales: quantization)")
+    if any(op.opdef in (quantized_linear, quantize, dequantize)
+           for fn in module.functions.values() for op in fn.ops):
+        raise ValueError(f"module @{module.name} is quantized: change the float dtype "
+                         f"before quantizing (its scales stay f32), not after")
     keep = frozenset(keep_f32)
     # A shallow copy whose weight table gains the cast definitions; `module` is untouched.
     module = Module(module.name, module.functions, dict(module.weights),

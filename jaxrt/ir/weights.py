@@ -7,7 +7,7 @@ as a pure function of other weights:
     weight @"model.layers.0:30.mlp.up_proj.weight" : f32[30, 1536, 576] = stack(@a, @b, ...)
 
 Passes add definitions (outline-layers stacks per-layer weights, cast-float casts them,
-fusion will concatenate, quantization will scale); `materialize` evaluates the ones a
+fusion will concatenate, `quantize` computes scales and codes); `materialize` evaluates the ones a
 module still uses, on the host, exactly once. Source data must already have the declared
 type: a mismatch is an error, never a silent cast.
 """
@@ -20,6 +20,8 @@ import numpy as np
 
 from jaxrt.errors import InputError
 from .opdef import VerifyError
+from .quant import (QUANT_DTYPES, check_quant_dtype, check_scale, compute_scale, group_count,
+                    quantize)
 from .types import DType, TensorType
 
 
@@ -130,6 +132,30 @@ def _eval_repeat(d, xs):
     out = np.repeat(x.reshape(shape), times, axis=axis)
     return np.ascontiguousarray(out.reshape(x.shape[:axis] + (x.shape[axis] * times,)
                                             + x.shape[axis + 1:]))
+def _infer_quant_scale(d, ts):
+    (t,) = ts
+    dtype = d.attr("dtype")
+    check_quant_dtype(dtype, "quant_scale")
+    if t.rank != 2 or not t.dtype.is_float or t.dtype in QUANT_DTYPES:
+        raise VerifyError(f"quant_scale: expects a float [out, in] weight, got {t}")
+    group_size = d.attr("group_size", 0)
+    _ints(group_size, "quant_scale: group_size")
+    return TensorType(group_count(d.attr("granularity"), *t.shape, group_size), DType.f32)
+
+
+def _infer_quantize(d, ts):
+    t, scale = ts
+    if not t.dtype.is_float or t.dtype in QUANT_DTYPES:
+        raise VerifyError(f"quantize: expects a float weight, got {t}")
+    check_quant_dtype(d.attr("dtype"), "quantize")
+    check_scale(t, scale, "quantize")
+    return t.with_dtype(d.attr("dtype"))
+
+
+def _eval_quant_scale(d, xs):
+    rows, cols = xs[0].shape
+    shape = group_count(d.attr("granularity"), rows, cols, d.attr("group_size", 0))
+    return compute_scale(xs[0], d.attr("dtype"), shape)
 
 
 # name -> (number of sources (None: one or more), attribute keys, infer, evaluate)
@@ -146,6 +172,12 @@ _DEFS: dict[str, tuple[int | None, tuple[str, ...], Callable, Callable]] = {
     "repeat": (1, ("axis", "block", "times"), _infer_repeat, _eval_repeat),
     "cast": (1, ("dtype",), _infer_cast,
              lambda d, xs: xs[0].astype(d.attr("dtype").to_numpy())),
+    # quant_scale(@w) {dtype, granularity, group_size?}: f32 scales max|w| / qmax
+    "quant_scale": (1, ("dtype", "granularity", "group_size"), _infer_quant_scale,
+                    _eval_quant_scale),
+    # quantize(@w, @scale) {dtype}: the codes of w / scale (jaxrt/ir/quant.py)
+    "quantize": (2, ("dtype",), _infer_quantize,
+                 lambda d, xs: quantize(xs[0], xs[1], d.attr("dtype"))),
 }
 
 WEIGHT_DEF_OPS = tuple(_DEFS)

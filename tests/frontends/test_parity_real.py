@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jaxrt.compiler import Target, compile_loaded
 from jaxrt.frontends.tokenizer import render_chat
+from tests.conftest import f32_executable
 
 NEW_TOKENS = 32
 RAW = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a"]
@@ -23,12 +23,6 @@ CHAT = ["What is 2 + 2? Answer briefly.", "Name three colors."]
 # float32 on both sides; the residual is summation order across 30 / 18 layers. 1e-4 of the
 # logit range is the bound, and about 10x the worst error seen.
 LOGIT_RTOL = 1e-4
-
-
-def _executable(loaded):
-    target = Target("cpu", 2 << 30, "f32")
-    model = compile_loaded(loaded, target=target, max_model_len=256, num_pages=16)
-    return model.executable(dtype="f32")
 
 
 def _prompts(loaded):
@@ -87,9 +81,8 @@ def _torch_greedy(hf, ids, n):
     return out
 
 
-def _check(loaded, hf):
+def _check(loaded, hf, exe):
     import torch
-    exe = _executable(loaded)
     for ids in _prompts(loaded):
         ours = _all_logits(exe, ids)
         with torch.no_grad():
@@ -106,10 +99,10 @@ def _check(loaded, hf):
 
 
 @pytest.mark.xdist_group("smollm2")
-def test_smollm2_matches_transformers(smollm2, smollm2_hf_model):
-    _check(smollm2, smollm2_hf_model)
+def test_smollm2_matches_transformers(smollm2, smollm2_hf_model, smollm2_f32_exe):
+    _check(smollm2, smollm2_hf_model, smollm2_f32_exe)
 
 
 @pytest.mark.xdist_group("gemma3")
 def test_gemma3_matches_transformers(gemma3, gemma3_hf_model):
-    _check(gemma3, gemma3_hf_model)
+    _check(gemma3, gemma3_hf_model, f32_executable(gemma3))

@@ -123,7 +123,8 @@ def test_used_resident_source_and_prune():
     (WeightDef("transpose", ("a",), (("perm", (0, 0)),)), (3, 3), "not a permutation"),
     (cast("a", DType.parse("i8")), (3, 4), "not a float cast"),
     (cast("a", DType.parse("f8e4m3fn")), (3, 4), "needs scales"),
-    (WeightDef("quantize", ("a",)), (3, 4), "unknown weight definition 'quantize'"),
+    (WeightDef("smooth", ("a",)), (3, 4), "unknown weight definition 'smooth'"),
+    (WeightDef("quantize", ("a",)), (3, 4), r"quantize: takes 2 source\(s\), got 1"),
     (WeightDef("transpose", ("a", "b"), (("perm", (1, 0)),)), (4, 3), "takes 1 source"),
 ])
 def test_verifier_rejects_bad_definitions(defn, declared, message):

@@ -149,6 +149,28 @@ add(ops.paged_attention,
     layer=0, scale=0.5)
 
 
+# ---- quantization (f32 only: scales are f32 whatever the compute dtype) ---------------------
+I8, F8 = DType.int8, DType.f8e4m3
+QX = normal(4, 8, scale=3.0)
+for qdt in (I8, F8):
+    for scale in (np.full((1, 1), 0.05, np.float32), np.abs(normal(4, 1)) + 0.01,
+                  np.abs(normal(4, 2)) + 0.01):
+        add(ops.quantize, [QX, scale], bf16=False, dtype=qdt)
+add(ops.dequantize, [ints(-127, 128, 4, 8).astype(np.int8), np.abs(normal(4, 2))], bf16=False,
+    dtype=F32)
+add(ops.dequantize, [normal(3, 8).astype(F8.to_numpy()), np.abs(normal(1, 1))], bf16=False,
+    dtype=BF16)
+for act in ("none", "token"):
+    add(ops.quantized_linear, [normal(5, 8), ints(-127, 128, 6, 8).astype(np.int8),
+                               np.abs(normal(6, 1)) * 0.01], bf16=False, act=act)
+    add(ops.quantized_linear, [normal(2, 5, 8), ints(-127, 128, 6, 8).astype(np.int8),
+                               np.abs(normal(6, 4)) * 0.01, normal(6)], bf16=False, act=act)
+    add(ops.quantized_linear, [normal(5, 8), normal(6, 8).astype(F8.to_numpy()),
+                               np.abs(normal(6, 2)) * 0.1], bf16=False, act=act)
+    add(ops.quantized_linear, [normal(5, 8), normal(6, 8).astype(F8.to_numpy()),
+                               np.full((1, 1), 0.1, np.float32)], bf16=False, act=act)
+
+
 def one_op_module(opdef, inputs, attrs, weights, result_types, dtype: DType) -> Module:
     def ir_type(x):
         dt = DType.from_numpy(x.dtype)

@@ -23,7 +23,8 @@ def test_plan_kv_cache_refuses_scaled_dtypes_at_parse(dtype):
 @pytest.mark.parametrize("dtype", SCALED)
 def test_cast_float_refuses_scaled_dtypes_at_parse(dtype):
     with pytest.raises(PipelineError, match=rf"dtype {dtype} needs scaled \(quantized\) "
-                                            rf"weights and activations; not supported yet"):
+                                            rf"weights and activations; use the quantize "
+                                            rf"pass \(quantize\{{mode=int8-weight"):
         parse_pipeline(f"cast-float{{dtype={dtype}}}")
 
 

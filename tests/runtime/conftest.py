@@ -59,8 +59,9 @@ def _smollm2() -> RunnerFactory:
                          eos_token_ids=tuple(model.tokenizer.eos_ids))
 
 
-def _tiny_llama() -> RunnerFactory:
-    """A random two-layer GQA Llama through the real frontend, passes and lowering."""
+def _tiny_llama(quantize: str = "") -> RunnerFactory:
+    """A random two-layer GQA Llama through the real frontend, passes and lowering;
+    `quantize` names a quantize pass mode (tests/runtime/test_engine_quantized.py)."""
     from types import SimpleNamespace
 
     import numpy as np
@@ -77,9 +78,10 @@ def _tiny_llama() -> RunnerFactory:
     loaded = SimpleNamespace(config=cfg, weights=weights, tokenizer=None, chat_template=None,
                              source="random:tiny-llama")
     model = compile_loaded(loaded, target=Target("cpu", 1 << 30, "f32"), page_size=4,
-                           num_pages=64)
+                           num_pages=64, quantize=quantize)
     exe = model.executable()
-    return RunnerFactory("tiny-llama", lambda: exe, page_size=4, runner_pages=64,
+    name = f"tiny-llama-{quantize}" if quantize else "tiny-llama"
+    return RunnerFactory(name, lambda: exe, page_size=4, runner_pages=64,
                          vocab_size=256, prompt_tokens=range(3, 256), exact=False)
 
 
@@ -103,7 +105,10 @@ def _flax_llama() -> RunnerFactory:
 
 
 FACTORIES: dict[str, Callable[[], RunnerFactory]] = {
-    "fake": _fake, "tiny-llama": _tiny_llama, "smollm2": _smollm2, "flax-llama": _flax_llama}
+    "fake": _fake, "tiny-llama": _tiny_llama, "smollm2": _smollm2, "flax-llama": _flax_llama,
+    # opt-in (not in the default list): test_engine_quantized.py runs them itself
+    **{f"tiny-llama-{mode}": (lambda mode=mode: _tiny_llama(mode))
+       for mode in ("int8-weight", "fp8-weight", "w8a8", "fp8")}}
 
 
 def _selected() -> list[str]:

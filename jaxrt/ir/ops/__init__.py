@@ -8,6 +8,8 @@ from .nn import (argmax, embedding, gelu, geglu, linear, logits, rms_norm, rope,
                  swiglu)
 from .attention import attention, kv_update, paged_attention
 from .control import scan
+from .quant import dequantize, quantize
+from .quant import linear as quantized_linear
 
 __all__ = [n for n in dir() if not n.startswith("_") and n not in ("core", "primitive", "nn",
-                                                                "control")]
+                                                                "control", "quant")]

@@ -1,0 +1,160 @@
+"""quantize: store linear-projection weights as int8 / fp8 e4m3fn codes with f32 scales.
+
+    quantize{mode=int8-weight granularity=channel exclude="down_proj"}
+
+Every `llm.linear` whose weight operand is a module weight (its name not matching
+`exclude`, searched with `re.search`) becomes `quant.linear(x, @w.<dtype>,
+@w.<dtype>.scale, bias?)`, where the codes and scales are weight definitions
+
+    weight @w.i8.scale : f32[out, 1] = quant_scale(@w) {dtype = i8, granularity = "channel"}
+    weight @w.i8 : i8[out, in] = quantize(@w, @w.i8.scale) {dtype = i8}
+
+evaluated once at load (and stored as such in engine directories). A fused projection
+(a weight defined as the concat of q/k/v or gate/up) is one weight here, so it is
+quantized as one: per-tensor granularity gives the fused weight a single scale.
+
+Modes: `int8-weight` and `fp8-weight` quantize weights only (activations stay in the
+compute dtype); `w8a8` (int8) and `fp8` also quantize activations, per token at run
+time (dynamic: no calibration). `w8a8-smoothquant` needs calibrated smoothing factors
+(`jaxrt calibrate`), which do not exist yet: refused.
+
+Not quantized: the embedding table and the LM head (`llm.embedding`, `llm.logits`).
+An embedding lookup reads one row per token (quantizing it saves memory, not time), and
+the small models here tie the head to that table (SmolLM2, Gemma 3): a quantized head
+would be a second copy. Errors in the head also reach the logits undamped by any later
+layer. Only `llm.linear` ops are candidates, so these need no `exclude`.
+
+Order: after cast-float (scales stay f32; cast-float refuses a quantized module) and
+before outline-layers (which stacks the codes and scales like any weight; this pass
+refuses a module whose layers are already outlined).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from jaxrt.errors import SettingError
+from jaxrt.ir import ops
+from jaxrt.ir.module import Module, Op, make_op
+from jaxrt.ir.quant import GRANULARITIES, group_count
+from jaxrt.ir.types import DType
+from jaxrt.ir.weights import WeightDef, infer_def, prune_weights
+
+from .manager import Pass, PassContext, PipelineError, register_pass
+
+# mode -> (code dtype, activation quantization of quant.linear)
+MODES = {"int8-weight": (DType.int8, "none"), "fp8-weight": (DType.f8e4m3, "none"),
+         "w8a8": (DType.int8, "token"), "fp8": (DType.f8e4m3, "token")}
+QUANT_OPS = (ops.quantize, ops.dequantize, ops.quantized_linear)
+
+
+def is_quantized(module: Module) -> bool:
+    return "quantization" in module.attributes or any(
+        op.opdef in QUANT_OPS for fn in module.functions.values() for op in fn.ops)
+
+
+@register_pass
+@dataclass(frozen=True)
+class Quantize(Pass):
+    name = "quantize"
+    mode: str = "int8-weight"
+    granularity: str = "channel"
+    group_size: int = 128  # input elements per scale (granularity=group)
+    exclude: str = ""  # regex over weight names left in float
+
+    def __post_init__(self):
+        if self.mode == "w8a8-smoothquant":
+            raise SettingError("quantize: mode w8a8-smoothquant needs SmoothQuant smoothing "
+                               "factors from calibration, which is not implemented; use w8a8 "
+                               "(dynamic per-token activation scales)")
+        if self.mode not in MODES:
+            raise SettingError(f"quantize: mode must be one of {', '.join(MODES)}, got "
+                               f"{self.mode!r}")
+        if self.granularity not in GRANULARITIES:
+            raise SettingError(f"quantize: granularity must be one of "
+                               f"{', '.join(GRANULARITIES)}, got {self.granularity!r}")
+        if self.group_size < 1:
+            raise SettingError(f"quantize: group-size must be >= 1, got {self.group_size}")
+        try:
+            re.compile(self.exclude)
+        except re.error as e:
+            raise SettingError(f"quantize: exclude is not a regular expression: {e}") from None
+
+    def run(self, module: Module, ctx: PassContext) -> None:
+        if is_quantized(module):
+            done = module.attributes.get("quantization", {}).get("mode", "quant.* ops")
+            raise PipelineError(f"quantize: the module is already quantized ({done}); "
+                                f"quantizing codes again would scale them twice")
+        if any(op.opdef is ops.scan for fn in module.functions.values() for op in fn.ops):
+            raise PipelineError("quantize: the layers are already outlined (a scan); run "
+                                "quantize before outline-layers")
+        dtype, act = MODES[self.mode]
+        exclude = re.compile(self.exclude) if self.exclude else None
+        made: dict[str, tuple[str, str]] = {}  # float weight -> (codes, scales)
+        excluded: set[str] = set()
+        for fn in module.functions.values():
+            new_ops: list[Op] = []
+            for op in fn.ops:
+                src = op.operands[1].owner if op.opdef is ops.linear else None
+                if src is None or src.opdef is not ops.weight:
+                    new_ops.append(op)
+                    continue
+                wname = src.attrs.name
+                if exclude is not None and exclude.search(wname):
+                    excluded.add(wname)
+                    new_ops.append(op)
+                    continue
+                if wname not in made:
+                    made[wname] = self._define(module, wname, dtype)
+                qname, sname = made[wname]
+                wq = make_op(ops.weight, [], {"name": qname}, [module.weights[qname]])
+                ws = make_op(ops.weight, [], {"name": sname}, [module.weights[sname]])
+                new = make_op(ops.quantized_linear,
+                              [op.operands[0], wq.result, ws.result, *op.operands[2:]],
+                              {"act": act})
+                new_ops += [wq, ws, new]
+                fn.replace_uses(op.result, new.result)
+            fn.set_ops(_drop_dead_weight_reads(fn, new_ops))
+        if not made:
+            why = f" (exclude={self.exclude!r} matched all {len(excluded)})" if excluded else ""
+            raise PipelineError(f"quantize: no llm.linear reads a weight to quantize{why}")
+        prune_weights(module)
+        module.attributes["quantization"] = {
+            "mode": self.mode, "granularity": self.granularity,
+            "group_size": self.group_size if self.granularity == "group" else 0,
+            "weights": len(made), "excluded": sorted(excluded)}
+        ctx.count("quantized_weights", len(made))
+        ctx.count("excluded_weights", len(excluded))
+
+    def _define(self, module: Module, wname: str, dtype: DType) -> tuple[str, str]:
+        """Declare `wname`'s scales and codes as weight definitions; returns their names."""
+        t = module.weights[wname]
+        if not t.dtype.is_float or t.dtype.itemsize == 1:
+            raise PipelineError(f"quantize: weight {wname} is {t}, not a float weight")
+        if self.granularity == "group":
+            try:
+                group_count("group", *t.shape, self.group_size)
+            except ValueError as e:
+                raise SettingError(f"quantize: weight {wname} {t}: {e}") from None
+        qname = _fresh(module, f"{wname}.{dtype.value}")
+        sname = _fresh(module, qname + ".scale")
+        attrs = (("dtype", dtype), ("granularity", self.granularity))
+        if self.granularity == "group":
+            attrs += (("group_size", self.group_size),)
+        for name, d in ((sname, WeightDef("quant_scale", (wname,), attrs)),
+                        (qname, WeightDef("quantize", (wname, sname), (("dtype", dtype),)))):
+            module.weights[name] = infer_def(d, [module.weights[s] for s in d.sources])
+            module.weight_defs[name] = d
+        return qname, sname
+
+
+def _fresh(module: Module, name: str) -> str:
+    while name in module.weights:
+        name += "_"
+    return name
+
+
+def _drop_dead_weight_reads(fn, new_ops: list[Op]) -> list[Op]:
+    """The float weights' reads that only the replaced linears used."""
+    used = {v for op in new_ops for v in op.operands} | set(fn.results)
+    return [op for op in new_ops if op.opdef is not ops.weight or op.result in used]
