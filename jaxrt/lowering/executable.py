@@ -243,7 +243,11 @@ class StepExecutable:
         key = _bucket(*args)
         words = 0 if token_bitmask is None else int(token_bitmask.shape[1])
         if not self._programs.has(self._programs.step_key(key, words)):
-            self._programs.compile_step(key, self._weight_structs, self._kv_struct, words)
+            if words:  # the masked variant of the bucket
+                self._programs.compile_step(key, self._weight_structs, self._kv_struct,
+                                            words)
+            else:
+                self.compile_for(*key)  # recorded in compiled_shapes
         extra = [] if token_bitmask is None else [np.asarray(token_bitmask, np.int32)]
         packed = pack([*args, *sampling, *extra])
         tokens, token_lp, logits, self._kv = self._programs.run_step(

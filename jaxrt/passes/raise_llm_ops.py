@@ -245,11 +245,14 @@ def _fit_theta(inv: np.ndarray, head_dim: int):
     if _frequencies_match(inv, head_dim, attrs):
         return attrs
     # llama3 keeps the highest frequencies and scales the lowest: theta from either pair
+    # (a float32 ratio raised to the d/2 leaves theta a few ulps * d off: round candidates)
     for a, b in ((0, 1), (-2, -1)):
-        theta = float(np.float32((inv[b] / inv[a]) ** (-head_dim / 2.0)))
-        attrs = _fit_llama3(inv, head_dim, theta)
-        if attrs is not None:
-            return attrs
+        estimate = float((inv[b] / inv[a]) ** (-head_dim / 2.0))
+        for theta in dict.fromkeys([float(np.float32(estimate))] + [
+                float(f"{estimate:.{digits}g}") for digits in (2, 3, 4, 5, 6)]):
+            attrs = _fit_llama3(inv, head_dim, theta)
+            if attrs is not None:
+                return attrs
     return None
 
 
