@@ -143,9 +143,11 @@ def poisoned(make: Callable[[], Any]) -> Callable[[], Any]:
     return lambda: poison(make(), next(count))
 
 
-# Real-model runners compile per process: keep each one's tests on one xdist worker.
+# Real-model runners compile per process: keep each one's tests on one xdist worker. The
+# group is the runner's own (not the model tests' "smollm2" group, which shares other
+# session fixtures), so the two long groups can run on different workers.
 @pytest.fixture(scope="session", params=[
-    pytest.param(n, marks=pytest.mark.xdist_group(n)) if n != "fake" else n
+    pytest.param(n, marks=pytest.mark.xdist_group(f"runner-{n}")) if n != "fake" else n
     for n in _selected()])
 def runner_factory(request) -> RunnerFactory:
     factory = FACTORIES[request.param]()
