@@ -18,6 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="quantize the linear projections (per-channel scales) in the default "
                         "pipeline; with -p, write quantize{mode=...} in the pipeline instead")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: by device)")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="shard the engine over N devices (the shard pass; docs/parallelism.md)")
+    p.add_argument("--data-parallel", type=int, default=1, metavar="M")
     p.add_argument("--layers", choices=("auto", "scan", "unrolled"), default="auto",
                    help="scan: compile one layer body for the whole stack (fast compile); "
                         "unrolled: every layer apart (faster decode on GPUs); auto: scan on "
@@ -40,7 +43,8 @@ def run(args) -> int:
     model = load(args.model, pipeline=args.pipeline, dtype=args.dtype,
                  page_size=args.page_size, max_model_len=args.max_model_len,
                  max_num_seqs=args.max_num_seqs, outline_layers=layers_choice(args.layers),
-                 quantize=args.quantize or "")
+                 quantize=args.quantize or "", tensor_parallel=args.tensor_parallel,
+                 data_parallel=args.data_parallel)
     save_engine(model, args.output)
     plan = model.module.attributes.get("kv_cache", {})
     print(f"wrote {args.output}: pipeline {model.pipeline}; kv cache "

@@ -50,6 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     constraint.add_argument("--grammar", default=None, metavar="FILE",
                             help="constrain the output to a Lark or GBNF grammar (a file)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: by device)")
+    p.add_argument("-q", "--quantize", default="", metavar="MODE",
+                   help="quantize the linear projections: int8-weight, fp8-weight, w8a8, fp8")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split the model over N devices (Megatron-style; docs/parallelism.md)")
     p.add_argument("--layers", choices=("auto", "scan", "unrolled"), default="auto",
                    help="scan: compile one layer body for the whole stack (fast compile); "
                         "unrolled: every layer apart (faster decode on GPUs); auto: scan on "
@@ -68,7 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def check_cache_options(args) -> None:
     """One-line errors for cache sizes no plan can honour, before anything is loaded."""
     for flag, value in (("--max-model-len", args.max_model_len),
-                        ("--num-pages", args.num_pages)):
+                        ("--num-pages", args.num_pages),
+                        ("--tensor-parallel", args.tensor_parallel)):
         if value is not None and value < 1:
             raise SettingError(f"{flag} must be >= 1, got {value}")
     fraction, cap = args.kv_cache_memory_fraction, args.kv_cache_max_gib
@@ -103,6 +108,9 @@ def _build(args, source, is_engine, Target, compile_loaded, layers_choice, Engin
            max_len, budget):
     """The compiled model and its warmed-up Engine for this one request."""
     if is_engine:
+        if args.quantize or args.tensor_parallel != 1:
+            raise SettingError(f"{args.model} is an engine directory: -q/--tensor-parallel "
+                               f"apply when compiling it (jaxrt compile)")
         model = source
     else:
         target = Target.detect(args.dtype, kv_cache_max_gib=args.kv_cache_max_gib)
@@ -110,7 +118,8 @@ def _build(args, source, is_engine, Target, compile_loaded, layers_choice, Engin
             source, target=target, max_model_len=args.max_model_len or max_len,
             max_num_seqs=seqs, max_num_batched_tokens=budget, num_pages=args.num_pages or 0,
             memory_fraction=args.kv_cache_memory_fraction or 0.9,
-            outline_layers=layers_choice(args.layers))
+            outline_layers=layers_choice(args.layers), quantize=args.quantize,
+            tensor_parallel=args.tensor_parallel)
     runner = model.executable()
     # One request: one prefill bucket and one decode bucket per beam count, each sized to
     # the whole request, so warm-up compiles only what this run uses.

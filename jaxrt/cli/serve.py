@@ -38,6 +38,12 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory-fraction", type=float, default=0.9)
     p.add_argument("--kv-cache-max-gib", type=float, default=None)
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: by device)")
+    p.add_argument("-q", "--quantize", default="", metavar="MODE",
+                   help="quantize the linear projections: int8-weight, fp8-weight, w8a8, fp8")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split the model over N devices (docs/parallelism.md)")
+    p.add_argument("--data-parallel", type=int, default=1, metavar="M",
+                   help="replicas of the model over a dp axis (docs/parallelism.md)")
     p.add_argument("--layers", choices=("auto", "scan", "unrolled"), default="auto")
     p.add_argument("--decode-steps", type=int, default=None)
     p.add_argument("--no-prefix-caching", action="store_true")
@@ -55,7 +61,9 @@ def engine_kwargs(args) -> dict:
                         ("--max-model-len", args.max_model_len),
                         ("--max-num-batched-tokens", args.max_num_batched_tokens),
                         ("--num-pages", args.num_pages), ("--page-size", args.page_size),
-                        ("--decode-steps", args.decode_steps)):
+                        ("--decode-steps", args.decode_steps),
+                        ("--tensor-parallel", args.tensor_parallel),
+                        ("--data-parallel", args.data_parallel)):
         if value is not None and value < 1:
             raise SettingError(f"{flag} must be >= 1, got {value}")
     if not 0 < args.kv_cache_memory_fraction <= 1:
@@ -71,7 +79,9 @@ def engine_kwargs(args) -> dict:
                 kv_cache_max_gib=args.kv_cache_max_gib, dtype=args.dtype,
                 outline_layers=layers_choice(args.layers), decode_steps=args.decode_steps,
                 enable_prefix_caching=not args.no_prefix_caching,
-                max_logprobs=args.max_logprobs, seed=args.seed, warmup=warmup)
+                max_logprobs=args.max_logprobs, seed=args.seed, warmup=warmup,
+                quantize=args.quantize, tensor_parallel=args.tensor_parallel,
+                data_parallel=args.data_parallel)
 
 
 def run(args) -> int:

@@ -29,7 +29,8 @@ the request path is counted in `stats().compiles_after_warmup` (and raises with
 `strict_compiles=True`). `close()` stops a background warm-up.
 
 `tensor_parallel` / `data_parallel` (> 1: the `shard` pass, a device mesh; see
-docs/parallelism.md), `kv_cache_memory_fraction`, `kv_cache_max_gib` (a cap on the cache;
+docs/parallelism.md), `quantize` (a mode of the quantize pass: int8-weight, fp8-weight,
+w8a8, fp8), `kv_cache_memory_fraction`, `kv_cache_max_gib` (a cap on the cache;
 on a CPU 4 GiB by default) and `dtype` matter only when the engine loads the model itself; a runner object
 arrives with its cache and dtype already chosen.
 """
@@ -111,7 +112,7 @@ class Engine:
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                  kv_cache_memory_fraction: float = 0.9, kv_cache_max_gib: float | None = None,
                  outline_layers: bool | None = None,
-                 tensor_parallel: int = 1, data_parallel: int = 1,
+                 tensor_parallel: int = 1, data_parallel: int = 1, quantize: str = "",
                  num_pages: int | None = None,
                  max_model_len: int | None = None, dtype: Any = None, max_logprobs: int = 20,
                  seed: int | None = None, q_block: int = 16, bucket_growth: int | None = None,
@@ -138,11 +139,20 @@ class Engine:
                 memory_fraction=kv_cache_memory_fraction, max_cache_gib=kv_cache_max_gib,
                 max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                 max_num_batched_tokens=max_num_batched_tokens, outline_layers=outline_layers,
-                tensor_parallel=tensor_parallel, data_parallel=data_parallel)
+                tensor_parallel=tensor_parallel, data_parallel=data_parallel,
+                quantize=quantize)
             tokenizer = tokenizer if tokenizer is not None else tok
             eos_token_ids = eos_token_ids if eos_token_ids is not None else eos
             chat_template = chat_template if chat_template is not None else template
         else:
+            # a runner arrives compiled: what it was compiled with cannot change here
+            for name, value, neutral in (("tensor_parallel", tensor_parallel, 1),
+                                         ("data_parallel", data_parallel, 1),
+                                         ("quantize", quantize, "")):
+                if value != neutral:
+                    raise SettingError(f"{name}={value!r} applies when the Engine loads the "
+                                       f"model from a path or alias; this runner is "
+                                       f"already compiled")
             if chat_template is None:
                 chat_template = getattr(model, "chat_template", None)
             tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
@@ -1003,7 +1013,7 @@ def _load(model: str, *, dtype, page_size: int, num_pages: int | None,
           memory_fraction: float, max_cache_gib: float | None, max_num_seqs: int,
           max_model_len: int | None, max_num_batched_tokens: int | None,
           outline_layers: bool | None = None, tensor_parallel: int = 1,
-          data_parallel: int = 1):
+          data_parallel: int = 1, quantize: str = ""):
     """Path or alias -> (StepExecutable, tokenizer, eos ids, the planned max length).
     The plan-kv-cache pass sizes the cache (num_pages) from these options and the target
     (device memory; on a CPU the available host memory and a cap on the cache)."""
@@ -1021,7 +1031,18 @@ def _load(model: str, *, dtype, page_size: int, num_pages: int | None,
                     max_model_len=max_model_len or 0, max_num_seqs=max_num_seqs,
                     max_num_batched_tokens=max_num_batched_tokens or 2048,
                     num_pages=num_pages or 0, outline_layers=outline_layers,
-                    tensor_parallel=tensor_parallel, data_parallel=data_parallel)
+                    tensor_parallel=tensor_parallel, data_parallel=data_parallel,
+                    quantize=quantize)
+    if target is None:  # an engine directory: its mesh and quantization were compiled in
+        mesh = dict(compiled.module.attributes.get("mesh") or {})
+        have = (int(mesh.get("tp", 1)), int(mesh.get("dp", 1)))
+        if (tensor_parallel, data_parallel) != have:
+            raise SettingError(f"tensor_parallel={tensor_parallel}, data_parallel="
+                               f"{data_parallel}: {model} is an engine directory compiled "
+                               f"for tp={have[0]}, dp={have[1]}")
+        if quantize:
+            raise SettingError(f"quantize={quantize!r}: {model} is an engine directory; "
+                               f"quantize when compiling it (jaxrt compile -q)")
     eos = tuple(compiled.config.eos_token_ids) or tuple(getattr(compiled.tokenizer, "eos_ids",
                                                                 ()))
     # The planned length: the model's context, or what max_model_len / an engine directory's

@@ -119,6 +119,13 @@ BAD_CASES = [
     (["generate", "smollm2-135m", "--prompt", "hi", "--speculative", "{"], "--speculative"),
     (["generate", "smollm2-135m", "--prompt", "hi", "--speculative",
       '{"method": "ngram", "num_tokens": 2, "k": 1}'], "unknown key 'k'"),
+    (["generate", "smollm2-135m", "--prompt", "hi", "--tensor-parallel", "0"],
+     "--tensor-parallel must be >= 1"),
+    (["generate", "smollm2-135m", "--prompt", "hi", "--tensor-parallel", "2"],
+     "9 attention heads are not divisible by tp=2"),
+    (["generate", "smollm2-135m", "--prompt", "hi", "-q", "int9"],
+     "quantize: mode must be one of"),
+    (["serve", "smollm2-135m", "--tensor-parallel", "0"], "--tensor-parallel must be >= 1"),
 ]
 
 

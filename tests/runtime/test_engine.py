@@ -140,6 +140,10 @@ def test_bad_engine_config(fake_runner):
         make_engine(fake_runner, num_pages=65)
     with pytest.raises(ValueError, match="max_model_len"):
         make_engine(fake_runner, num_pages=4, max_model_len=48)
+    # a compiled runner cannot be sharded or quantized by the Engine: refused, not ignored
+    for setting in ({"tensor_parallel": 2}, {"data_parallel": 2}, {"quantize": "fp8"}):
+        with pytest.raises(ValueError, match=f"{next(iter(setting))}=.*already compiled"):
+            make_engine(fake_runner, **setting)
     engine = make_engine(fake_runner, num_pages=4, max_model_len=16)
     with pytest.raises(ValueError, match="KV pages"):   # 3 beams x 2 pages > 4
         engine.add_request([3, 4], SamplingParams(max_tokens=8, beam_width=3))
