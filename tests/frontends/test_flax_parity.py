@@ -50,14 +50,19 @@ def serve(flax_model, prompt_len):
                      num_pages=pages, target=CPU, outline_layers=False)
 
 
+def step_logits(exe, prompt):
+    """The served @step's logits at every prompt position (one prefill step)."""
+    n = len(prompt)
+    pos = np.arange(n, dtype=np.int32)
+    return np.asarray(exe.run(prompt.astype(np.int32), pos, pos,
+                              np.arange(exe.num_pages, dtype=np.int32)[None],
+                              np.array([n], np.int32), pos[None], pos))
+
+
 def check_logits(exe, hf, prompt):
     with torch.no_grad():
         want = hf(torch.tensor(prompt[None])).logits[0].numpy()
-    n = len(prompt)
-    pos = np.arange(n, dtype=np.int32)
-    got = np.asarray(exe.run(prompt.astype(np.int32), pos, pos,
-                             np.arange(exe.num_pages, dtype=np.int32)[None],
-                             np.array([n], np.int32), pos[None], pos))
+    got = step_logits(exe, prompt)
     scale = float(np.abs(want).max())
     err = np.abs(got - want).max()
     assert err <= REL_TOL * scale, f"max |diff| {err} vs scale {scale}"
@@ -84,23 +89,6 @@ def check_tokens(ours, want, logits):
     assert len(ours) == len(want) == NEW_TOKENS
 
 
-@examples(4)
-@given(llama_cases())
-def test_flax_llama_matches_transformers(case):
-    hf_config, prompt_len, seed = case
-    hf = make_model(hf_config, seed)
-    flax_model = load_llama_weights(FlaxLlama(hf_config, rngs=nnx.Rngs(0)), hf)
-    exe = serve(flax_model, prompt_len)
-    prompt = np.random.default_rng(seed).integers(0, hf_config.vocab_size, prompt_len)
-    check_logits(exe, hf, prompt)
-    want, logits = hf_greedy(hf, prompt)
-    engine = Engine(exe, max_num_seqs=4, warmup=False, log=None)
-    out = engine.generate([prompt.tolist()], SamplingParams(max_tokens=NEW_TOKENS,
-                                                             temperature=0.0,
-                                                             ignore_eos=True))[0]
-    check_tokens(list(out.ids), want, logits)
-
-
 def greedy_matches(exe, hf, prompt):
     want, logits = hf_greedy(hf, prompt)
     engine = Engine(exe, max_num_seqs=4, warmup=False, log=None)
@@ -110,18 +98,29 @@ def greedy_matches(exe, hf, prompt):
     check_tokens(list(out.ids), want, logits)
 
 
+def check_flax_model(hf_config, prompt_len, seed, flax_class, load_weights):
+    """Logits and greedy tokens of a Flax model loaded with a random transformers model's
+    weights, imported and served, against that transformers model."""
+    hf = make_model(hf_config, seed)
+    flax_model = load_weights(flax_class(hf_config, rngs=nnx.Rngs(0)), hf)
+    exe = serve(flax_model, prompt_len)
+    prompt = np.random.default_rng(seed).integers(0, hf_config.vocab_size, prompt_len)
+    check_logits(exe, hf, prompt)
+    greedy_matches(exe, hf, prompt)
+
+
+@examples(4)
+@given(llama_cases())
+def test_flax_llama_matches_transformers(case):
+    check_flax_model(*case, FlaxLlama, load_llama_weights)
+
+
 @examples(2)
 @given(gemma3_cases())
 def test_flax_gemma3_matches_transformers(case):
     # sliding and global layers with their RoPE bases, QK-norm, (1 + w) norms, GeGLU,
     # scaled embeddings, final soft-cap: raised to llm.* ops and served with the cache
-    hf_config, prompt_len, seed = case
-    hf = make_model(hf_config, seed)
-    flax_model = load_gemma3_weights(FlaxGemma3(hf_config, rngs=nnx.Rngs(0)), hf)
-    exe = serve(flax_model, prompt_len)
-    prompt = np.random.default_rng(seed).integers(0, hf_config.vocab_size, prompt_len)
-    check_logits(exe, hf, prompt)
-    greedy_matches(exe, hf, prompt)
+    check_flax_model(*case, FlaxGemma3, load_gemma3_weights)
 
 
 def test_flax_gemma_attention_softcap_matches_the_model():
@@ -143,11 +142,7 @@ def test_flax_gemma_attention_softcap_matches_the_model():
     assert [(op.attrs.window, op.attrs.softcap) for op in attn] == [(3, 2.0), (None, 2.0)]
     prompt = np.arange(3, 13)
     want = np.asarray(flax_model(prompt))
-    n = len(prompt)
-    pos = np.arange(n, dtype=np.int32)
-    got = np.asarray(exe.run(prompt.astype(np.int32), pos, pos,
-                             np.arange(exe.num_pages, dtype=np.int32)[None],
-                             np.array([n], np.int32), pos[None], pos))
+    got = step_logits(exe, prompt)
     assert np.abs(got - want).max() <= REL_TOL * float(np.abs(want).max())
 
 
