@@ -30,10 +30,11 @@ def import_forward(fn: Callable, params: Any):
 
 
 def raise_module(module, *, stats: bool = False):
-    """Run the raising pipeline (through insert-kv-cache) on an imported module."""
+    """Run the raising pipeline (through insert-kv-cache) on an imported module; with
+    `stats`, the returned PipelineStats also counts each rewrite rule's matches."""
     from .passes import PassManager
     from .passes.manager import VerifyHook
-    pm = PassManager(RAISE_PIPELINE, [VerifyHook()])
+    pm = PassManager(RAISE_PIPELINE, [VerifyHook()], record_stats=stats)
     pm.run(module)
     return pm.stats
 

@@ -23,13 +23,14 @@ import jax.extend.core
 from jax.extend.core import DropVar as _DropVar
 import numpy as np
 
+from jaxrt.errors import InputError
 from ..ir import Builder, DType, Function, Module, TensorType, Value, ops
 from ..ir.module import make_op
 
 CONST_LIMIT = 1 << 16  # constants above this many elements become module weights
 
 
-class JaxImportError(ValueError):
+class JaxImportError(InputError):
     """A jaxpr construct jaxrt cannot import: names the primitive and its source line."""
 
     def __init__(self, primitive: str, message: str, where: str = ""):

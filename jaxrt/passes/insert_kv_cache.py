@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jaxrt.errors import InputError
 from jaxrt.ir import ops
 from jaxrt.ir.module import Builder, Function, Module, Value, make_op
 from jaxrt.ir.opdef import Trait
@@ -35,7 +36,7 @@ STEP_ARGS = (("tokens", ("T",)), ("positions", ("T",)), ("slot_mapping", ("T",))
              ("logit_index", ("N",)))  # the contract of docs/architecture.md (builder.py)
 
 
-class CacheInsertionError(ValueError):
+class CacheInsertionError(InputError):
     """The forward is not a causal LM the KV cache can serve."""
 
 
