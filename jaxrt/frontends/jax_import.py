@@ -446,6 +446,18 @@ def _concatenate(ctx, *xs, dimension, **_):
     return ctx(ops.concat, *xs, axis=int(dimension))
 
 
+@rule("stack")
+def _stack(ctx, *xs, axis, **_):
+    # stack(xs, axis) = concat(reshape(x) with a size-1 axis inserted, ..., axis)
+    out = ctx.out_type()
+    parts = []
+    for x in xs:
+        v = ctx.v(x)
+        a = int(axis) % out.rank
+        parts.append(ctx.b(ops.reshape, v, shape=v.type.shape[:a] + (1,) + v.type.shape[a:]))
+    return ctx.b(ops.concat, *parts, axis=int(axis) % out.rank)
+
+
 @rule("slice")
 def _slice(ctx, x, *, start_indices, limit_indices, strides=None, **_):
     v = ctx.v(x)
@@ -497,7 +509,7 @@ def _gather(ctx, x, idx, *, dimension_numbers, slice_sizes, **_):
             and tuple(dn.offset_dims) == tuple(range(r))):
         # a static slice with constant starts (x[..., a:b] on symbolic shapes)
         for ax, s in zip(dn.start_index_map, np.asarray(idx)):
-            n, dim = int(slice_sizes[ax]), v.type.shape[ax]
+            n, dim = _dim(slice_sizes[ax], "", "gather"), v.type.shape[ax]
             if not isinstance(dim, int):
                 ctx.fail(f"slice of symbolic axis {ax}")
             s = int(np.clip(int(s), 0, dim - n))
@@ -509,7 +521,9 @@ def _gather(ctx, x, idx, *, dimension_numbers, slice_sizes, **_):
             dn.collapsed_slice_dims) or dn.operand_batching_dims or i.type.shape[-1] != 1):
         ctx.fail(f"gather form {dn} (only take along one axis imports)")
     a = dn.collapsed_slice_dims[0]
-    if any(int(n) != (1 if d == a else v.type.shape[d]) for d, n in enumerate(slice_sizes)):
+    # (sizes compared as IR dims: a symbolic size stays a symbol, never int()-ed)
+    if any(_dim(n, "", "gather") != (1 if d == a else v.type.shape[d])
+           for d, n in enumerate(slice_sizes)):
         ctx.fail(f"gather slice sizes {slice_sizes} (only whole slices import)")
     nb = i.type.rank - 1
     if tuple(dn.offset_dims) != tuple(range(a)) + tuple(range(a + nb, nb + r - 1)):

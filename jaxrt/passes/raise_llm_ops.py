@@ -17,6 +17,8 @@ kernels see the same ops a hand-written builder emits:
     embedding  take(w[V, H], ids (negatives wrapped))    -> embedding(ids, w)
     rope       x*cos(E) + rotate_half(x)*sin(E), E = concat(p*f, p*f), f the frequencies
                of some theta (optionally / a linear factor)  -> rope(x, p) {theta, ...}
+               stack([x1 c - x2 s, x1 s + x2 c], -1), x1/x2 = x[..., 0::2]/x[..., 1::2]
+                                                     -> rope(x, p) {style = interleaved}
     attention  softmax(mask(q.k * scale)) . v, causal mask from one positions vector, GQA
                by repeat (broadcast + reshape)       -> attention(q, k, v) {scale, causal}
                mask & (p[:, None] - p[None, :] < w)  -> ... {window = w}
@@ -332,6 +334,96 @@ def raise_rope(rw, a, b):
     return _miss(rw, "rope", "no operand is rotate_half(x) * sin beside x * cos")
 
 
+def _parity_of(v: Value):
+    """x[..., p::2] (a take of constant ids p, p+2, ... or a stride-2 slice on the last
+    axis) -> (x, p), else None."""
+    if _is(v, ops.take) and v.owner.attrs.axis % v.type.rank == v.type.rank - 1:
+        x, ids = v.owner.operands
+        ids_v = _const_array(ids)
+        d = x.shape[-1]
+        if ids_v is not None and isinstance(d, int) and d % 2 == 0:
+            flat = ids_v.reshape(-1)
+            for p in (0, 1):
+                if flat.shape == (d // 2,) and np.array_equal(flat, np.arange(p, d, 2)):
+                    return x, p
+    if _is(v, ops.slice_):
+        a = v.owner.attrs
+        x = v.owner.operands[0]
+        d = x.shape[-1]
+        if a.axis % x.type.rank == x.type.rank - 1 and a.stride == 2 and a.start in (0, 1) \
+                and isinstance(d, int) and a.limit >= d - 1 + a.start - (d - 1) % 2:
+            return x, a.start
+    return None
+
+
+def _split_products(v: Value, opdef):
+    """opdef(mul(a, b), mul(c, d)) -> ((a, b), (c, d)), else None."""
+    if not _is(v, opdef):
+        return None
+    l, r = v.owner.operands
+    if not (_is(l, ops.mul) and _is(r, ops.mul)):
+        return None
+    return tuple(l.owner.operands), tuple(r.owner.operands)
+
+
+def _even_odd_times(pair):
+    """mul operands (x[..., p::2], t) in either order -> (x, p, t), else None."""
+    for a, b in (pair, pair[::-1]):
+        got = _parity_of(a)
+        if got is not None:
+            return got[0], got[1], b
+    return None
+
+
+def raise_rope_interleaved(rw, y, parts):
+    """reshape(stack([x1 c - x2 s, x1 s + x2 c], -1), x.shape) with x1 = x[..., 0::2],
+    x2 = x[..., 1::2] and c, s = cos, sin(p * f) -> rope(x, p) {style = interleaved}."""
+    a, b = (strip_shape(o) for o in parts.owner.operands)
+    if parts.owner.attrs.axis % parts.type.rank != parts.type.rank - 1 or \
+            parts.shape[-1] != 2:
+        return None
+    minus, plus = _split_products(a, ops.sub), _split_products(b, ops.add)
+    if minus is None or plus is None:
+        return None
+    terms = [_even_odd_times(t) for t in (*minus, *plus)]
+    if any(t is None for t in terms):
+        return _miss(rw, "rope-interleaved", "the rotated halves are not x[..., 0::2] and "
+                                             "x[..., 1::2] times cos and sin")
+    (x0, p0, c0), (x1, p1, s0) = terms[0], terms[1]
+    plus_terms = sorted(terms[2:], key=lambda t: t[1])  # (even, sin), (odd, cos)
+    (x2, p2, s1), (x3, p3, c1) = plus_terms
+    if not (x0 is x1 is x2 is x3 and (p0, p1, p2, p3) == (0, 1, 0, 1)
+            and strip_shape(c0) is strip_shape(c1) and strip_shape(s0) is strip_shape(s1)):
+        return _miss(rw, "rope-interleaved", "x[0::2] c - x[1::2] s and x[0::2] s + "
+                                             "x[1::2] c do not share x, cos and sin")
+    x = x0
+    if y.shape != x.shape:
+        return None
+    c, s = strip_shape(c0), strip_shape(s0)
+    if not (_is(c, ops.cos) and _is(s, ops.sin) and c.owner.operands[0] is s.owner.operands[0]):
+        return _miss(rw, "rope-interleaved", "cos/sin are not of one angle tensor")
+    f = c.owner.operands[0]
+    got = None
+    if _is(f, ops.mul):
+        for p, k in (f.owner.operands, f.owner.operands[::-1]):
+            inv = _const_array(k)
+            p = strip_shape(p)
+            if _is(p, ops.convert):
+                p = strip_shape(p.owner.operands[0])
+            if inv is not None and p.dtype == DType.int32:
+                got = p, inv.reshape(-1)
+    if got is None:
+        return _miss(rw, "rope-interleaved", "angles are not positions * constant frequencies")
+    pos, inv = got
+    if pos.shape != x.shape[:-2]:
+        return _miss(rw, "rope-interleaved", f"positions {pos.type} do not match {x.type}")
+    attrs = _fit_theta(inv, x.shape[-1])
+    if attrs is None:
+        return _miss(rw, "rope-interleaved", "frequencies are not theta ** (-2i/d) of any "
+                                             "theta (plain, linear or llama3-scaled)")
+    return rw(ops.rope, x, pos, style="interleaved", **attrs)
+
+
 # ---- attention --------------------------------------------------------------------------------
 
 def _unrepeat(v: Value):
@@ -485,6 +577,9 @@ RULES = RuleSet([
     Rule("softmax", Pat(ops.div, _EXP, Any("s")), raise_softmax),
     # x * cos + rotate_half(x) * sin -> rope(x, positions)
     Rule("rope", Pat(ops.add, Pat(ops.mul, name="a"), Pat(ops.mul, name="b")), raise_rope),
+    # reshape(stack([x1 c - x2 s, x1 s + x2 c], -1)) -> rope(x, positions) {interleaved}
+    Rule("rope-interleaved", Pat(ops.reshape, Pat(ops.concat, name="parts"), name="y"),
+         raise_rope_interleaved),
     # dot_general(x, w) -> linear(x, w')
     Rule("linear", Pat(ops.dot_general, "x", Pat((ops.weight, ops.transpose), name="w")),
          raise_linear),

@@ -119,6 +119,38 @@ def test_llama3_scaled_rope_is_fitted(theta, factor, high, orig, head_dim):
     assert op.attrs.scaling in ("llama3", "linear", "none")  # bands may be empty
 
 
+def rope_interleaved(x, pos, inv, sign=1.0):
+    """GPT-J / Meta-Llama style: pairs (x[2i], x[2i+1]) rotated, written with strided
+    slices and jnp.stack (on a symbolic T: a gather and JAX's stack primitive)."""
+    freqs = pos[:, None].astype(jnp.float32) * inv[None, :]
+    cos, sin = jnp.cos(freqs)[:, None, :], jnp.sin(freqs)[:, None, :]
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = jnp.stack([x1 * cos - x2 * sin, sign * x1 * sin + x2 * cos], axis=-1)
+    return out.reshape(x.shape)
+
+
+def test_interleaved_rope_raised_and_matches_reference():
+    inv = jnp.asarray(1.0 / (1e4 ** (np.arange(0, 8, 2, dtype=np.float32) / 8)))
+    fn = lambda x: rope_interleaved(x, jnp.arange(x.shape[0]), inv)  # noqa: E731
+    m, names = raised(fn, f32(T, 2, 8))
+    (op,) = [o for o in m.functions["forward"].ops if o.opdef.name == "llm.rope"]
+    assert op.attrs.style == "interleaved" and op.attrs.theta == pytest.approx(1e4, rel=1e-5)
+    assert names.count("take") == 0 and "concat" not in names
+    x = np.random.default_rng(5).normal(size=(6, 2, 8)).astype(np.float32)
+    np.testing.assert_allclose(run(m, "forward", [x])[0], np.asarray(jax.jit(fn)(x)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_interleaved_rope_near_miss_wrong_sign():
+    inv = jnp.asarray(1.0 / (1e4 ** (np.arange(0, 8, 2, dtype=np.float32) / 8)))
+    fn = lambda x: rope_interleaved(x, jnp.arange(x.shape[0]), inv, sign=-1.0)  # noqa: E731
+    m, names = raised(fn, f32(T, 2, 8))
+    assert "llm.rope" not in names
+    x = np.random.default_rng(6).normal(size=(5, 2, 8)).astype(np.float32)
+    np.testing.assert_allclose(run(m, "forward", [x])[0], np.asarray(jax.jit(fn)(x)),
+                               rtol=1e-5, atol=1e-5)  # imported as primitives, still exact
+
+
 def test_rope_near_miss_random_frequencies():
     inv = np.array([1.0, 0.3, 0.2, 0.01], np.float32)  # no theta gives these
     m, names = raised(lambda x: rope_half(x, jnp.arange(x.shape[0]), jnp.asarray(inv)),
