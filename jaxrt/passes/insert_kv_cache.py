@@ -162,7 +162,7 @@ class InsertKVCache(Pass):
 def _row_op(v: Value) -> bool:
     """v's op works row by row on operand 0 and its other operands are row-independent."""
     op = v.owner
-    if op.opdef in (ops.linear, ops.logits, ops.rms_norm):
+    if op.opdef in (ops.linear, ops.logits, ops.rms_norm, ops.layer_norm):
         return op.operands[0].type.rank == 2
     if op.opdef.has(Trait.ELEMENTWISE) and len(op.operands) == 1:
         return v.type.rank == 2

@@ -6,6 +6,8 @@ gpt-fast-style code produces to `llm.*` ops, so the KV-cache insertion, fusions 
 kernels see the same ops a hand-written builder emits:
 
     rms-norm   x * rsqrt(sum(x*x)/n + eps) * w          -> rms_norm(x, w) {eps}
+    layer-norm (x - mean x) * rsqrt(var x + eps) * w + b -> layer_norm(x, w, b) {eps}
+               (var two-pass or E[x^2] - E[x]^2, Flax's fast form; / sqrt as well)
                ... * (1 + w)  (Gemma)                    -> rms_norm(x, w) {offset = 1}
     silu       x * 1/(1 + exp(-x))                       -> silu(x)
     gelu-tanh  x * 0.5 * (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))  -> gelu(x) {tanh}
@@ -98,6 +100,114 @@ def raise_rms_norm(rw, x, sum, n, eps, normed, w):
     if w.shape != (h,) or w.dtype != x.dtype:
         return _miss(rw, "rms-norm", f"scale {w.type} is not a [{h}] vector")
     return rw(ops.rms_norm, x, w, eps=float(splat_value(eps)), offset=offset)
+
+
+# ---- layer-norm -------------------------------------------------------------------------------
+
+def _mean_of(v: Value):
+    """sum(x, last axis) / n (reshapes around either) with n = x's last dim -> x."""
+    v = strip_shape(v)
+    if not _is(v, ops.div):
+        return None
+    total, n = v.owner.operands
+    total = strip_shape(total)
+    if not _is(total, ops.reduce_sum):
+        return None
+    x = total.owner.operands[0]
+    last = x.type.rank - 1
+    if tuple(a % x.type.rank for a in total.owner.attrs.axes) != (last,) or \
+            splat_value(n) != float(x.shape[-1]):
+        return None
+    return x
+
+
+def _centered(v: Value):
+    """x - mean(x) -> x, else None."""
+    v = strip_shape(v)
+    if _is(v, ops.sub):
+        x, m = v.owner.operands
+        if _mean_of(m) is x:
+            return x
+    return None
+
+
+def _variance_of(v: Value):
+    """mean((x - mean x)^2), or E[x^2] - E[x]^2 (Flax's fast form, maybe clamped at 0)
+    -> x, else None."""
+    v = strip_shape(v)
+    if _is(v, ops.maximum) and splat_value(v.owner.operands[1]) == 0.0:
+        v = strip_shape(v.owner.operands[0])
+    sq = _mean_of(v)
+    if sq is not None and _is(sq, ops.mul) and sq.owner.operands[0] is sq.owner.operands[1]:
+        return _centered(sq.owner.operands[0])  # two-pass
+    if _is(v, ops.sub):
+        ex2, m2 = v.owner.operands
+        sq = _mean_of(ex2)
+        m2 = strip_shape(m2)
+        if sq is not None and _is(sq, ops.mul) and sq.owner.operands[0] is \
+                sq.owner.operands[1] and _is(m2, ops.mul) and \
+                strip_shape(m2.owner.operands[0]) is strip_shape(m2.owner.operands[1]):
+            x = sq.owner.operands[0]
+            if _mean_of(m2.owner.operands[0]) is x:
+                return x
+    return None
+
+
+def _inverse_std(v: Value, inverted: bool):
+    """rsqrt(var(x) + eps) (or sqrt(...) under a division) -> (x, eps), else None."""
+    v = strip_shape(v)
+    if not _is(v, ops.sqrt if inverted else ops.rsqrt):
+        return None
+    s = strip_shape(v.owner.operands[0])
+    if not _is(s, ops.add) or splat_value(s.owner.operands[1]) is None:
+        return None
+    x = _variance_of(s.owner.operands[0])
+    return None if x is None else (x, float(splat_value(s.owner.operands[1])))
+
+
+def _factors(v: Value, out: list, inverted: bool = False) -> list:
+    """The leaves of a product (mul, and div whose divisor is kept as inverted)."""
+    if _is(v, ops.mul):
+        for o in v.owner.operands:
+            _factors(o, out, inverted)
+    elif _is(v, ops.div) and splat_value(v.owner.operands[1]) is None:
+        _factors(v.owner.operands[0], out, inverted)
+        out.append((v.owner.operands[1], not inverted))
+    else:
+        out.append((v, inverted))
+    return out
+
+
+def _layer_norm_parts(factors):
+    """The factors (x - mean x), rsqrt(var x + eps) (or a divisor sqrt(...)) and w, in any
+    order -> (x, w, eps), else None."""
+    if len(factors) != 3:
+        return None
+    centered = [f for f, inv in factors if not inv and _centered(f) is not None]
+    stds = [(f, st) for f, inv in factors if (st := _inverse_std(f, inv)) is not None]
+    if len(centered) != 1 or len(stds) != 1:
+        return None
+    x = _centered(centered[0])
+    std_factor, (source, eps) = stds[0]
+    rest = [(f, inv) for f, inv in factors if f is not centered[0] and f is not std_factor]
+    if source is not x or len(rest) != 1 or rest[0][1]:
+        return None
+    return x, strip_shape(rest[0][0]), eps
+
+
+def raise_layer_norm(rw, y, b):
+    """(x - mean x) * rsqrt(var x + eps) * w + b, in any association -> layer_norm."""
+    for prod, bias in ((y, b), (b, y)):
+        parts = _layer_norm_parts(_factors(prod, []))
+        if parts is None:
+            continue
+        x, w, eps = parts
+        bias, h = strip_shape(bias), x.shape[-1]
+        if w.shape != (h,) or bias.shape != (h,) or not (w.dtype == bias.dtype == x.dtype):
+            return _miss(rw, "layer-norm", f"scale {w.type} or bias {bias.type} is not a "
+                                           f"[{h}] vector of {x.dtype}")
+        return rw(ops.layer_norm, x, w, bias, eps=eps)
+    return None
 
 
 # ---- activations and softmax -----------------------------------------------------------------
@@ -564,6 +674,8 @@ def raise_attention(rw, p, v):
 RULES = RuleSet([
     # x * rsqrt(sum(x*x)/n + eps) * w -> rms_norm(x, w)
     Rule("rms-norm", Pat(ops.mul, _NORMED, "w"), raise_rms_norm),
+    # (x - mean x) * rsqrt(var x + eps) * w + b -> layer_norm(x, w, b)
+    Rule("layer-norm", Pat(ops.add, "y", "b"), raise_layer_norm),
     # x * 1 / (1 + exp(-x)) -> silu(x)
     Rule("silu", Pat(ops.mul, "x", Pat(ops.div, Const(1.0), Pat(ops.add, Pat(
         ops.exp, Pat(ops.neg, "x")), Const(1.0)))), raise_silu),

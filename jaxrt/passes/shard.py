@@ -43,7 +43,7 @@ from .manager import Pass, PassContext, register_pass
 _GATED = (ops.swiglu, ops.geglu)
 # Ops a projection's result passes through on its way to attention (per head, so a head
 # split stays a head split).
-_THROUGH = (ops.reshape, ops.rope, ops.rms_norm, ops.convert)
+_THROUGH = (ops.reshape, ops.rope, ops.rms_norm, ops.layer_norm, ops.convert)
 
 COLUMN, ROW, VOCAB = "column", "row", "vocab"
 

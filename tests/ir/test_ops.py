@@ -314,6 +314,15 @@ def test_rms_norm(rng, offset):
     np.testing.assert_allclose(apply(ops.rms_norm, x, w, eps=1e-5, offset=offset), want, **TOL)
 
 
+def test_layer_norm(rng):
+    x, w, b = randn(rng, 3, 16), randn(rng, 16), randn(rng, 16)
+    xd = x.astype(np.float64)
+    want = (xd - xd.mean(-1, keepdims=True)) / np.sqrt(xd.var(-1, keepdims=True) + 1e-5) * w + b
+    np.testing.assert_allclose(apply(ops.layer_norm, x, w, b, eps=1e-5), want, **TOL)
+    with pytest.raises(VerifyError, match="layer_norm"):
+        infer(ops.layer_norm, T("T", 8), T(8), T(4))
+
+
 def _rope_direct(x, pos, theta, style, freq_fn=lambda f: f):
     """Rotate each pair (i, i + D/2) ("half") or (2i, 2i + 1) ("interleaved") by pos * freq_i."""
     out = np.empty(x.shape, np.float64)

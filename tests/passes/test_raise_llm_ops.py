@@ -40,6 +40,42 @@ def test_rms_norm_and_gemma_offset():
     assert offsets == [0.0, 1.0]
 
 
+def layer_norm_two_pass(x, w, b, eps=1e-5):
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / jnp.sqrt(var + eps) * w + b
+
+
+@pytest.mark.parametrize("form", ["two-pass", "flax"])
+def test_layer_norm_both_variance_forms(form):
+    from flax import nnx
+    rng = np.random.default_rng(7)
+    x = (rng.normal(size=(5, 8)) * 3 + 1).astype(np.float32)
+    if form == "flax":  # nnx.LayerNorm: E[x^2] - E[x]^2 clamped at 0, rsqrt times scale
+        ln = nnx.LayerNorm(8, rngs=nnx.Rngs(0))
+        ln.scale.set_value(jnp.asarray(rng.normal(size=8), jnp.float32))
+        ln.bias.set_value(jnp.asarray(rng.normal(size=8), jnp.float32))
+        graphdef, params, rest = nnx.split(ln, nnx.Param, ...)
+        fn = lambda p, x: nnx.merge(graphdef, p, rest)(x)  # noqa: E731
+    else:
+        params = {"scale": rng.normal(size=8).astype(np.float32),
+                  "bias": rng.normal(size=8).astype(np.float32)}
+        fn = lambda p, x: layer_norm_two_pass(x, p["scale"], p["bias"])  # noqa: E731
+    imported, names = _with_weights(fn, params, f32(T, 8))
+    assert names.count("llm.layer_norm") == 1 and "reduce_sum" not in names
+    np.testing.assert_allclose(run(imported.module, "forward", [x], imported.weights)[0],
+                               np.asarray(jax.jit(fn)(params, x)), rtol=1e-5, atol=1e-5)
+
+
+def test_layer_norm_near_miss_variance_of_another_tensor():
+    def wrong(x, z, w, b):  # normalised by z's spread, not x's
+        mu, muz = x.mean(-1, keepdims=True), z.mean(-1, keepdims=True)
+        var = ((z - muz) ** 2).mean(-1, keepdims=True)
+        return (x - mu) / jnp.sqrt(var + 1e-5) * w + b
+    _, names = raised(wrong, f32(T, 8), f32(T, 8), f32(8), f32(8))
+    assert "llm.layer_norm" not in names
+
+
 def test_rms_norm_near_miss_wrong_divisor():
     m, names = raised(lambda x, w: x * jax.lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) / 7.0
                                                      + 1e-6) * w, f32(T, 8), f32(8))

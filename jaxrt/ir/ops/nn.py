@@ -128,6 +128,27 @@ rms_norm = register(OpDef(
                               "offset": AttrSpec(float, default=0.0)},
     infer=_infer_rms_norm, reference=_ref_rms_norm))
 
+def _infer_layer_norm(types, attrs):
+    x, w, b = types
+    same_dtype(types, "layer_norm")
+    if w.shape != (x.shape[-1],) or b.shape != (x.shape[-1],):
+        raise VerifyError(f"layer_norm: weight {w} and bias {b} must match the last dim of {x}")
+    return [x]
+
+
+def _ref_layer_norm(x, w, b, *, attrs, out_types):
+    xf = as_compute(x)
+    centered = xf - np.mean(xf, axis=-1, keepdims=True)
+    var = np.mean(centered * centered, axis=-1, keepdims=True)
+    y = centered / np.sqrt(var + attrs.eps)
+    return cast_to(y * as_compute(w) + as_compute(b), out_types[0])
+
+
+# layer_norm(x, w, b) = (x - mean(x)) / sqrt(var(x) + eps) * w + b (population variance)
+layer_norm = register(OpDef(
+    "llm.layer_norm", 3, attrs={"eps": AttrSpec(float, default=1e-5)},
+    infer=_infer_layer_norm, reference=_ref_layer_norm))
+
 # ---- rotary embeddings ---------------------------------------------------------------------
 
 ROPE_ATTRS = {

@@ -75,6 +75,15 @@ def _rms_norm(ctx, x, w, *, attrs, out_types):
     return cast(y * (attrs.offset + upcast(w)), out_types[0])
 
 
+@rule(ops.layer_norm)
+def _layer_norm(ctx, x, w, b, *, attrs, out_types):
+    xf = upcast(x)
+    centered = xf - jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(centered * centered, axis=-1, keepdims=True)
+    y = centered * lax.rsqrt(var + attrs.eps)
+    return cast(y * upcast(w) + upcast(b), out_types[0])
+
+
 @rule(ops.rope)
 def _rope(ctx, x, positions, *, attrs, out_types):
     xf = upcast(x)  # [..., heads, head_dim]
