@@ -325,12 +325,8 @@ def _rotate_half_of(v: Value):
     return x
 
 
-def _rope_angles(e: Value):
-    """E = concat(F, F), F = positions[:, None] * inv_freq -> (positions, inv_freq)."""
-    if not _is(e, ops.concat) or len(e.owner.operands) != 2 or \
-            e.owner.operands[0] is not e.owner.operands[1]:
-        return None
-    f = e.owner.operands[0]
+def _positions_times_frequencies(f: Value):
+    """positions[:, None] (maybe converted) * constant frequencies -> (positions, inv)."""
     if not _is(f, ops.mul):
         return None
     for p, c in (f.owner.operands, f.owner.operands[::-1]):
@@ -341,6 +337,34 @@ def _rope_angles(e: Value):
         if inv is not None and p.dtype == DType.int32:
             return p, inv.reshape(-1)
     return None
+
+
+def _rope_angles(e: Value):
+    """E = concat(F, F), F = positions[:, None] * inv_freq -> (positions, inv_freq)."""
+    if not _is(e, ops.concat) or len(e.owner.operands) != 2 or \
+            e.owner.operands[0] is not e.owner.operands[1]:
+        return None
+    return _positions_times_frequencies(e.owner.operands[0])
+
+
+def _finish_rope(rw, rule: str, x: Value, cos: Value, sin: Value, angles_of, shape: str,
+                 **style):
+    """rope(x, positions) from cos/sin of one angle tensor that `angles_of` reads as
+    (positions, constant frequencies) spelled `shape`, else a recorded miss."""
+    c, s = strip_shape(cos), strip_shape(sin)
+    if not (_is(c, ops.cos) and _is(s, ops.sin) and c.owner.operands[0] is s.owner.operands[0]):
+        return _miss(rw, rule, "cos/sin are not of one angle tensor")
+    got = angles_of(c.owner.operands[0])
+    if got is None:
+        return _miss(rw, rule, f"angles are not {shape} with constant frequencies f")
+    pos, inv = got
+    if pos.shape != x.shape[:-2]:
+        return _miss(rw, rule, f"positions {pos.type} do not match {x.type}")
+    attrs = _fit_theta(inv, x.shape[-1])
+    if attrs is None:
+        return _miss(rw, rule, "frequencies are not theta ** (-2i/d) of any theta (plain, "
+                               "linear or llama3-scaled)")
+    return rw(ops.rope, x, pos, **style, **attrs)
 
 
 def _fit_theta(inv: np.ndarray, head_dim: int):
@@ -424,23 +448,8 @@ def raise_rope(rw, a, b):
             for r, sin in ((r, sin), (sin, r)):
                 if _rotate_half_of(r) is not x:
                     continue
-                c, s = strip_shape(cos), strip_shape(sin)
-                if not (_is(c, ops.cos) and _is(s, ops.sin)
-                        and c.owner.operands[0] is s.owner.operands[0]):
-                    return _miss(rw, "rope", "cos/sin are not of one angle tensor")
-                got = _rope_angles(c.owner.operands[0])
-                if got is None:
-                    return _miss(rw, "rope", "angles are not concat(p*f, p*f) with constant "
-                                             "frequencies f (interleaved RoPE is not "
-                                             "raised)")
-                pos, inv = got
-                if pos.shape != x.shape[:-2]:
-                    return _miss(rw, "rope", f"positions {pos.type} do not match {x.type}")
-                attrs = _fit_theta(inv, x.shape[-1])
-                if attrs is None:
-                    return _miss(rw, "rope", "frequencies are not theta ** (-2i/d) of any "
-                                             "theta (plain, linear or llama3-scaled)")
-                return rw(ops.rope, x, pos, **attrs)
+                return _finish_rope(rw, "rope", x, cos, sin, _rope_angles,
+                                    "concat(p*f, p*f)")
     return _miss(rw, "rope", "no operand is rotate_half(x) * sin beside x * cos")
 
 
@@ -509,29 +518,8 @@ def raise_rope_interleaved(rw, y, parts):
     x = x0
     if y.shape != x.shape:
         return None
-    c, s = strip_shape(c0), strip_shape(s0)
-    if not (_is(c, ops.cos) and _is(s, ops.sin) and c.owner.operands[0] is s.owner.operands[0]):
-        return _miss(rw, "rope-interleaved", "cos/sin are not of one angle tensor")
-    f = c.owner.operands[0]
-    got = None
-    if _is(f, ops.mul):
-        for p, k in (f.owner.operands, f.owner.operands[::-1]):
-            inv = _const_array(k)
-            p = strip_shape(p)
-            if _is(p, ops.convert):
-                p = strip_shape(p.owner.operands[0])
-            if inv is not None and p.dtype == DType.int32:
-                got = p, inv.reshape(-1)
-    if got is None:
-        return _miss(rw, "rope-interleaved", "angles are not positions * constant frequencies")
-    pos, inv = got
-    if pos.shape != x.shape[:-2]:
-        return _miss(rw, "rope-interleaved", f"positions {pos.type} do not match {x.type}")
-    attrs = _fit_theta(inv, x.shape[-1])
-    if attrs is None:
-        return _miss(rw, "rope-interleaved", "frequencies are not theta ** (-2i/d) of any "
-                                             "theta (plain, linear or llama3-scaled)")
-    return rw(ops.rope, x, pos, style="interleaved", **attrs)
+    return _finish_rope(rw, "rope-interleaved", x, c0, s0, _positions_times_frequencies,
+                        "p*f", style="interleaved")
 
 
 # ---- attention --------------------------------------------------------------------------------

@@ -356,6 +356,26 @@ class _Format:
         tok = self.engine.tokenizer
         return tok.decode([token], skip_special_tokens=False) if tok is not None else ""
 
+    full_object = ""  # the non-streamed response's "object"
+
+    def choice(self, rid: str, out, ids: list[int]) -> dict:
+        """One finished request's choice fields (before its finish_reason); `ids` are the
+        output ids its text is made of."""
+        raise NotImplementedError
+
+    def full(self, finished: dict[str, StreamDelta]) -> dict:
+        """The non-streamed response of the run's finished requests."""
+        choices = []
+        for rid in self.run.rids:
+            d = finished[rid]
+            out = d.output
+            choices.append({"index": self.run.index[rid],
+                            **self.choice(rid, out, out.ids[:self.visible(d, out.ids)]),
+                            "finish_reason": out.finish_reason})
+        return {"id": self.run.id, "object": self.full_object, "created": self.run.created,
+                "model": self.req.model, "choices": choices,
+                "usage": self.usage(finished, self.prompts)}
+
     def visible(self, delta: StreamDelta, ids: list[int]) -> int:
         """How many of `ids` (the last ones of a request) the text is made of: a final
         stop token is not (as Engine._visible)."""
@@ -378,6 +398,7 @@ class _Format:
 
 class _CompletionFormat(_Format):
     chunk_object = "text_completion"
+    full_object = "text_completion"
 
     def __init__(self, engine, req: CompletionRequest, run: _Run, prompts):
         super().__init__(engine, req, run)
@@ -458,21 +479,10 @@ class _CompletionFormat(_Format):
             return {}
         return {"prompt_logprobs": self.prompt_logprobs_json(plp)}
 
-    def full(self, finished: dict[str, StreamDelta]) -> dict:
-        choices = []
-        for rid in self.run.rids:
-            d = finished[rid]
-            out = d.output
-            ids = out.ids[:self.visible(d, out.ids)]
-            choices.append({"index": self.run.index[rid],
-                            "text": self.prompt_text(rid) + out.text,
-                            "logprobs": self.logprobs(rid, ids, out.logprobs,
-                                                      out.prompt_logprobs, True),
-                            **self._vllm_prompt_logprobs(out.prompt_logprobs),
-                            "finish_reason": out.finish_reason})
-        return {"id": self.run.id, "object": "text_completion", "created": self.run.created,
-                "model": self.req.model, "choices": choices,
-                "usage": self.usage(finished, self.prompts)}
+    def choice(self, rid: str, out, ids: list[int]) -> dict:
+        return {"text": self.prompt_text(rid) + out.text,
+                "logprobs": self.logprobs(rid, ids, out.logprobs, out.prompt_logprobs, True),
+                **self._vllm_prompt_logprobs(out.prompt_logprobs)}
 
     def first_chunks(self) -> list[dict]:
         return []
@@ -483,6 +493,7 @@ class _CompletionFormat(_Format):
 
 class _ChatFormat(_Format):
     chunk_object = "chat.completion.chunk"
+    full_object = "chat.completion"
 
     def __init__(self, engine, req: ChatCompletionRequest, run: _Run):
         super().__init__(engine, req, run)
@@ -518,19 +529,9 @@ class _ChatFormat(_Format):
                     "logprobs": self.logprobs(ids, delta.logprobs),
                     "finish_reason": delta.finish_reason}]}
 
-    def full(self, finished: dict[str, StreamDelta]) -> dict:
-        choices = []
-        for rid in self.run.rids:
-            d = finished[rid]
-            out = d.output
-            ids = out.ids[:self.visible(d, out.ids)]
-            choices.append({"index": self.run.index[rid],
-                            "message": {"role": "assistant", "content": out.text},
-                            "logprobs": self.logprobs(ids, out.logprobs),
-                            "finish_reason": out.finish_reason})
-        return {"id": self.run.id, "object": "chat.completion", "created": self.run.created,
-                "model": self.req.model, "choices": choices,
-                "usage": self.usage(finished, self.prompts)}
+    def choice(self, rid: str, out, ids: list[int]) -> dict:
+        return {"message": {"role": "assistant", "content": out.text},
+                "logprobs": self.logprobs(ids, out.logprobs)}
 
 
 def _sse_line(obj: Any) -> bytes:
