@@ -1,10 +1,10 @@
 """Device time of one decode step at batch 1, by variant (experiments for issue 10).
 
-    XLA_FLAGS=... python bench/bench_step_device.py --model smollm2-135m [--dense-attention]
-        [--greedy-only] --out $OUT/step.json
+    XLA_FLAGS=... python bench/bench_step_device.py --model smollm2-135m
+        [--attention auto|dense|dynamic] [--greedy-only] [--no-cond] --out $OUT/step.json
 
-Variants patch module constants in this process only: --dense-attention raises the
-paged-attention key block so a 4,096-token table is one block (no while loop);
+--attention sets JAXRT_DECODE_ATTENTION (dense: the whole table at once, no while loop;
+dynamic: the block loop). Variants patch module functions in this process only:
 --greedy-only replaces the step's sampling by argmax (no lax.cond). Prints the device
 time per step (back-to-back dispatches) and per token of an 8-step decode loop.
 """
@@ -31,10 +31,9 @@ def main():
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--context", type=int, default=192)
-    p.add_argument("--dense-attention", action="store_true")
+    p.add_argument("--attention", default="auto", choices=["auto", "dense", "dynamic"],
+                   help="JAXRT_DECODE_ATTENTION for this run")
     p.add_argument("--greedy-only", action="store_true")
-    p.add_argument("--static-blocks", action="store_true",
-                   help="paged attention loops with static trip counts")
     p.add_argument("--no-cond", action="store_true",
                    help="sampling without lax.cond (draw computed for every batch)")
     p.add_argument("--label", default="")
@@ -45,16 +44,13 @@ def main():
     from jaxrt.compiler import compile_loaded
     from jaxrt.lowering.xla import attention
     from jaxrt.runtime import programs
-    if args.dense_attention:
-        attention.ACCELERATOR_BLOCK_TOKENS = (256, 1 << 16)
+    os.environ["JAXRT_DECODE_ATTENTION"] = args.attention
     if args.greedy_only:
         def greedy(logits, *rest):
             lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
             t = jnp.argmax(logits, axis=-1).astype(jnp.int32)
             return t, jnp.take_along_axis(lp, t[:, None], axis=-1)[:, 0], lp
         programs.sample_tokens = greedy
-    if args.static_blocks:
-        attention._STATIC_TRIPS.set(True)
     if args.no_cond:  # this process only: every lax.cond computes both branches
         def select(pred, true_fn, false_fn, *operands):
             a, b = true_fn(*operands), false_fn(*operands)
@@ -86,8 +82,8 @@ def main():
     jax.block_until_ready(out)
     loop_token = (time.perf_counter() - t) / n / 8
     row = {"model": args.model, "label": args.label, "xla_flags": os.environ.get("XLA_FLAGS"),
-           "dense_attention": args.dense_attention, "greedy_only": args.greedy_only,
-           "static_blocks": args.static_blocks, "no_cond": args.no_cond,
+           "attention": args.attention, "greedy_only": args.greedy_only,
+           "no_cond": args.no_cond,
            "compile_s": compile_s, "device_step_us": dev * 1e6,
            "dispatch_us": dispatch * 1e6, "loop_per_token_us": loop_token * 1e6}
     print(json.dumps(row), flush=True)

@@ -26,7 +26,7 @@ def main():
     p.add_argument("--models", default="smollm2-135m")
     p.add_argument("--rows", default="1,32")
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--modes", default="dynamic,static")
+    p.add_argument("--modes", default="dynamic,dense")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--pages", type=int, default=2048)
     p.add_argument("--out", default=None)

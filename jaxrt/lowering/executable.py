@@ -104,7 +104,7 @@ class StepExecutable:
                                       page_size=page_size, pad_slot=num_pages * page_size,
                                       mesh=self.mesh)
         self._shapes: set[tuple[int, int, int, int, int]] = set()
-        # (S, MP, num_steps, temp bytes) of static-trip decode loops that copied the cache
+        # (S, MP, num_steps, temp bytes) of dense decode loops that copied the cache
         self.decode_fallbacks: list[tuple[int, int, int, int]] = []
 
     def _place_weights(self, weights: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -176,46 +176,52 @@ class StepExecutable:
 
     # ---- compile and run --------------------------------------------------------------
 
+    def _dense(self, S: int, MP: int) -> bool:
+        """Whether decode programs of S sequences attend to their whole table at once
+        (`attention.decode_dense`: K+V of a device's heads against the bound)."""
+        from .xla.attention import decode_dense
+        parts = 1 if self.mesh is None else self.mesh.kv_parts  # a device's KV heads
+        return decode_dense(S, MP * self.page_size,
+                            self.kv_bytes_per_token // self.num_layers // parts)
+
     def compile_for(self, T: int, S: int, Q: int, MP: int, N: int) -> float:
         """Compile the bucket (tokens, sequences, queries per sequence, max pages per
         sequence, logit rows) ahead of time: the step with sampling on the device
         (`jaxrt.runtime.programs`); returns the seconds spent (0 if cached)."""
         seconds = self._programs.compile_step((T, S, Q, MP, N), self._weight_structs,
-                                              self._kv_struct)
+                                              self._kv_struct,
+                                              dense=Q == 1 and self._dense(S, MP))
         self._shapes.add((T, S, Q, MP, N))
         return seconds
 
     def compile_decode(self, S: int, MP: int, num_steps: int) -> float:
         """Compile the loop of `num_steps` decode steps of S sequences (see `decode`).
 
-        With JAXRT_DECODE_ATTENTION=static, small batches attend with static trip counts
-        (`attention.decode_static_blocks`). Such a loop is kept only if XLA updates the
-        cache in place: one whose temporary buffers are as large as the cache copies it
-        every call, so it is compiled again with dynamic trip counts, with a warning
-        (`decode_fallbacks` records the shapes)."""
-        from .xla.attention import decode_static_blocks
-        parts = 1 if self.mesh is None else self.mesh.kv_parts  # a device's KV heads
-        static = decode_static_blocks(S, MP * self.page_size,
-                                      self.kv_bytes_per_token // self.num_layers // parts)
+        Where `attention.decode_dense` allows, its attention reads the whole table at once
+        (no inner loops, so the device runs the loop without the host). Such a loop is
+        kept only if XLA updates the cache in place: one whose temporary buffers are as
+        large as the cache copies it every call, so it is compiled again with the block
+        loop, with a warning (`decode_fallbacks` records the shapes)."""
+        dense = self._dense(S, MP)
         seconds = self._programs.compile_decode(S, MP, num_steps, self._weight_structs,
-                                                self._kv_struct, static_blocks=static)
-        if static:
+                                                self._kv_struct, dense=dense)
+        if dense:
             key = ("decode", S, MP, num_steps)
             temp = self._programs.temp_bytes(key)
+            parts = 1 if self.mesh is None else self.mesh.kv_parts
             cache = int(np.prod(self._kv_struct.shape)) * self._kv_struct.dtype.itemsize \
                 // parts
             if temp is not None and temp >= cache:
                 import warnings
-                warnings.warn(f"jaxrt: the static-trip decode loop of {S} rows needs "
+                warnings.warn(f"jaxrt: the dense decode loop of {S} rows needs "
                               f"{temp / 2**30:.1f} GiB of temporaries against a "
                               f"{cache / 2**30:.1f} GiB KV cache (a copy of the cache); "
-                              f"compiling it with dynamic trip counts instead",
+                              f"compiling it with the block loop instead",
                               RuntimeWarning, stacklevel=2)
                 self.decode_fallbacks.append((S, MP, num_steps, temp))
                 self._programs.forget(key)
                 seconds += self._programs.compile_decode(
-                    S, MP, num_steps, self._weight_structs, self._kv_struct,
-                    static_blocks=False)
+                    S, MP, num_steps, self._weight_structs, self._kv_struct, dense=False)
         return seconds
 
     def memory_analysis(self, T: int, S: int, Q: int, MP: int, N: int):
@@ -245,7 +251,8 @@ class StepExecutable:
         if not self._programs.has(self._programs.step_key(key, words)):
             if words:  # the masked variant of the bucket
                 self._programs.compile_step(key, self._weight_structs, self._kv_struct,
-                                            words)
+                                            words, dense=key[2] == 1 and self._dense(
+                                                key[1], key[3]))
             else:
                 self.compile_for(*key)  # recorded in compiled_shapes
         extra = [] if token_bitmask is None else [np.asarray(token_bitmask, np.int32)]

@@ -183,40 +183,43 @@ class StepPrograms:
         return None if stats is None else int(stats.temp_size_in_bytes)
 
     def trace_step(self, shape: tuple[int, int, int, int, int], params_struct, kv_struct,
-                   mask_words: int = 0):
+                   mask_words: int = 0, *, dense: bool = False):
         """The sampled step of a bucket, traced (jax.stages.Traced): lower and compile.
-        `mask_words` > 0: the masked variant (a token bitmask of that many words a row)."""
+        `mask_words` > 0: the masked variant (a token bitmask of that many words a row).
+        `dense`: decode attention over the whole table (`attention.dense_decode`)."""
+        from ..lowering.xla.attention import dense_decode
         layout = step_layout(*shape, mask_words)
-        return self._trace(sampled_step(self._step, layout, masked=mask_words > 0), layout,
-                           params_struct, kv_struct)
+        with dense_decode(dense):
+            return self._trace(sampled_step(self._step, layout, masked=mask_words > 0),
+                               layout, params_struct, kv_struct)
 
     @staticmethod
     def step_key(shape, mask_words: int = 0) -> tuple:
         return ("step-masked", *shape, mask_words) if mask_words else ("step", *shape)
 
     def compile_step(self, shape: tuple[int, int, int, int, int], params_struct,
-                     kv_struct, mask_words: int = 0) -> float:
+                     kv_struct, mask_words: int = 0, *, dense: bool = False) -> float:
         key = self.step_key(shape, mask_words)
         if key in self._compiled:
             return 0.0
         return self._finish(key, lambda: self.trace_step(shape, params_struct, kv_struct,
-                                                         mask_words))
+                                                         mask_words, dense=dense))
 
     def compile_decode(self, S: int, MP: int, num_steps: int, params_struct,
-                       kv_struct, *, static_blocks: bool = False) -> float:
-        """Compile the decode loop; `static_blocks` traces its paged attention with loops
-        of static trip count (`attention.static_trip_counts`)."""
+                       kv_struct, *, dense: bool = False) -> float:
+        """Compile the decode loop; `dense` traces its paged attention over the whole
+        table at once (`attention.dense_decode`)."""
         key = ("decode", S, MP, num_steps)
         if key in self._compiled:
             return 0.0
-        from ..lowering.xla.attention import static_trip_counts
+        from ..lowering.xla.attention import dense_decode
         layout = decode_layout(S, MP)
         fn = decode_loop(self._step, layout, page_size=self.page_size,
                          pad_slot=self.pad_slot, num_steps=num_steps)
         feed = jax.ShapeDtypeStruct((num_steps, S), jnp.int32)
 
         def trace():
-            with static_trip_counts(static_blocks):
+            with dense_decode(dense):
                 return self._trace(fn, layout, params_struct, kv_struct, feed)
         return self._finish(key, trace)
 

@@ -119,7 +119,7 @@ def _module(heads, kvh, head_dim, num_pages, page_size, t, s, mp, q_width, dtype
     return m
 
 
-def _run_step(step, block=None, static=False):
+def _run_step(step, block=None, dense=False):
     """(reference kv, reference out, lowered kv, lowered out) for one drawn step, the
     lowering traced with key blocks of about `block` tokens; `base` is a jit argument,
     so the layer is a traced scalar."""
@@ -140,7 +140,7 @@ def _run_step(step, block=None, static=False):
     if step["base"] is not None:
         args.append(np.int32(step["base"]))
     want_kv, want = interpreter.run(m, "f", args)
-    with block_tokens(block), xla_attention.static_trip_counts(static):
+    with block_tokens(block), xla_attention.dense_decode(dense):
         got_kv, got = (np.asarray(x) for x in jax.jit(lower_function(m, "f"))({}, *args))
     return want_kv, want, got_kv, got
 
@@ -180,14 +180,14 @@ def test_block_loop_matches_reference_and_dense_path(step, block):
 
 @settings(max_examples=20, deadline=None)
 @given(ragged_steps(max_ctx=40, max_window=24), st.sampled_from([1, 4, 12]))
-def test_static_trip_counts_match_the_reference_and_the_bounded_loop(step, block):
-    # Static trip counts visit every block of the table, those past every context and
-    # before every window too: they must add nothing, exactly as the bounded loop skips them.
-    want_kv, want, got_kv, got = _run_step(step, block, static=True)
+def test_dense_decode_matches_the_reference_and_the_block_loop(step, block):
+    # Under dense_decode, decode steps (one query a sequence) attend to the whole table at
+    # once whatever the block size; steps with several queries keep the block loop.
+    want_kv, want, got_kv, got = _run_step(step, block, dense=True)
     np.testing.assert_array_equal(got_kv, want_kv)
     _assert_close(got, want, step["dtype"])
-    _, _, _, bounded = _run_step(step, block)
-    _assert_close(got, bounded, step["dtype"])
+    _, _, _, looped = _run_step(step, block)
+    _assert_close(got, looped, step["dtype"])
 
 
 def make_step(ctx, new, *, page_size=16, mp=64, heads=6, kvh=2, head_dim=16, attrs,
@@ -248,13 +248,13 @@ def test_long_contexts_at_the_default_block_size(ctx, new, window, softcap, caus
     _check_step(step)
 
 
-def _jaxpr_primitives(step, block=None, static=False):
+def _jaxpr_primitives(step, block=None, dense=False):
     heads, kvh, head_dim, num_pages, page_size = step["shape"]
     s, mp = step["page_table"].shape
     m = _module(heads, kvh, head_dim, num_pages, page_size, len(step["positions"]), s, mp,
                 step["q_index"].shape[1], step["dtype"], step["attrs"])
     args = [np.zeros(a.type.shape, a.type.dtype.to_numpy()) for a in m.functions["f"].args]
-    with block_tokens(block), xla_attention.static_trip_counts(static):
+    with block_tokens(block), xla_attention.dense_decode(dense):
         jaxpr = jax.make_jaxpr(lambda *xs: lower_function(m, "f")({}, *xs))(*args)
     return {e.primitive.name for e in jaxpr.jaxpr.eqns}
 
@@ -271,29 +271,35 @@ def test_dense_path_only_when_the_table_fits_one_block():
     assert "while" not in _jaxpr_primitives(step)
     assert "while" in _jaxpr_primitives(step, block=128)
     assert "while" in _jaxpr_primitives(make_step([100, 30], [1, 1], mp=33, attrs={}))
-    # static trip counts: a scan (a loop XLA knows the length of), no while
-    static = _jaxpr_primitives(step, block=128, static=True)
-    assert "scan" in static and "while" not in static
+    # dense decode: no loop at any block size; a prefill chunk keeps its loop
+    assert "while" not in _jaxpr_primitives(step, block=128, dense=True)
+    assert "while" not in _jaxpr_primitives(make_step([100, 30], [1, 1], mp=33, attrs={}),
+                                            dense=True)
+    assert "while" in _jaxpr_primitives(make_step([100, 30], [1, 20], mp=33, attrs={}),
+                                        dense=True)
 
 
 def test_decode_attention_mode_and_cost_rule(monkeypatch):
     monkeypatch.delenv("JAXRT_DECODE_ATTENTION", raising=False)
-    # auto is dynamic on every platform until a GPU run shows static loops in place
-    for platform in ("gpu", "cpu"):
-        assert not xla_attention.decode_static_blocks(1, 4096, 768, platform)
-    monkeypatch.setenv("JAXRT_DECODE_ATTENTION", "static")
+    # auto: dense decode on accelerators within 64 MiB of K+V a layer, never on CPUs.
     # SmolLM2 (3 KV heads x 64 dims, bf16: 768 bytes a layer-token), 4,096-token tables
-    assert xla_attention.decode_static_blocks(1, 4096, 768, "gpu")
-    assert xla_attention.decode_static_blocks(32, 4096, 768, "gpu")
-    assert not xla_attention.decode_static_blocks(64, 4096, 768, "gpu")
+    assert not xla_attention.decode_dense(1, 4096, 768, "cpu")
+    assert xla_attention.decode_dense(1, 4096, 768, "gpu")
+    assert xla_attention.decode_dense(16, 4096, 768, "gpu")
+    assert not xla_attention.decode_dense(32, 4096, 768, "gpu")
     # Llama-3.1-8B (8 x 128, bf16: 4 KiB)
-    assert xla_attention.decode_static_blocks(8, 4096, 4096, "gpu")
-    assert not xla_attention.decode_static_blocks(16, 4096, 4096, "gpu")
+    assert xla_attention.decode_dense(4, 4096, 4096, "gpu")
+    assert not xla_attention.decode_dense(8, 4096, 4096, "gpu")
+    assert not xla_attention.decode_dense(1, 131072, 4096, "gpu")
+    monkeypatch.setenv("JAXRT_DECODE_ATTENTION", "dense")  # the same bound, CPUs too
+    assert xla_attention.decode_dense(1, 4096, 768, "cpu")
+    assert not xla_attention.decode_dense(32, 4096, 768, "cpu")
     monkeypatch.setenv("JAXRT_DECODE_ATTENTION", "dynamic")
-    assert not xla_attention.decode_static_blocks(1, 4096, 768, "gpu")
-    monkeypatch.setenv("JAXRT_DECODE_ATTENTION", "fast")
-    with pytest.raises(SettingError, match="JAXRT_DECODE_ATTENTION"):
-        xla_attention.decode_static_blocks(1, 4096, 768, "gpu")
+    assert not xla_attention.decode_dense(1, 4096, 768, "gpu")
+    for bad in ("fast", "static"):
+        monkeypatch.setenv("JAXRT_DECODE_ATTENTION", bad)
+        with pytest.raises(SettingError, match="JAXRT_DECODE_ATTENTION"):
+            xla_attention.decode_dense(1, 4096, 768, "gpu")
 
 
 def test_loop_reads_only_blocks_some_query_can_see():

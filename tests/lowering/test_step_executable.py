@@ -181,7 +181,7 @@ def test_kv_update_is_in_place():
     assert stats.temp_size_in_bytes < kv_bytes // 8  # and no copy of it is made
 
 
-@pytest.mark.parametrize("mode", ["dynamic", "static"])
+@pytest.mark.parametrize("mode", ["dynamic", "dense"])
 def test_decode_loop_updates_the_cache_in_place(mode, monkeypatch):
     monkeypatch.setenv("JAXRT_DECODE_ATTENTION", mode)
     module = build_module(CONFIGS["gemma3"])
@@ -195,23 +195,23 @@ def test_decode_loop_updates_the_cache_in_place(mode, monkeypatch):
     assert stats.temp_size_in_bytes < kv_bytes // 8
 
 
-def test_static_decode_loop_that_copies_the_cache_is_compiled_again(monkeypatch):
-    # A static-trip loop whose temporaries are as large as the cache copies it each call
-    # (XLA:GPU did, on an H200): the executable warns and keeps a dynamic loop instead.
+def test_dense_decode_loop_that_copies_the_cache_is_compiled_again(monkeypatch):
+    # A dense loop whose temporaries are as large as the cache would copy it each call:
+    # the executable warns and keeps the block loop instead.
     from jaxrt.lowering.xla import attention
     from jaxrt.runtime.programs import StepPrograms
-    monkeypatch.setenv("JAXRT_DECODE_ATTENTION", "static")
+    monkeypatch.setenv("JAXRT_DECODE_ATTENTION", "dense")
     module = build_module(CONFIGS["llama"])
     exe = StepExecutable(module, random_weights(module), num_pages=NUM_PAGES,
                          page_size=PAGE_SIZE, dtype="f32")
     traced = []
     real = StepPrograms.compile_decode
 
-    def spy(self, *args, static_blocks=False):
-        traced.append(static_blocks)
-        return real(self, *args, static_blocks=static_blocks)
+    def spy(self, *args, dense=False):
+        traced.append(dense)
+        return real(self, *args, dense=dense)
     monkeypatch.setattr(StepPrograms, "compile_decode", spy)
-    # the 2-row static loop "copies"; every other program stays in place
+    # the 2-row dense loop "copies"; every other program stays in place
     monkeypatch.setattr(StepPrograms, "temp_bytes", lambda self, key: (
         exe.kv_cache.nbytes if key[1] == 2 and traced[-1] else 0))
     with pytest.warns(RuntimeWarning, match="copy of the cache"):
@@ -222,7 +222,7 @@ def test_static_decode_loop_that_copies_the_cache_is_compiled_again(monkeypatch)
     # a loop that stays in place is kept as compiled, with no second compile
     exe.compile_decode(1, 3, 4)
     assert traced == [True, False, True] and len(exe.decode_fallbacks) == 1
-    assert attention.decode_static_blocks(1, 3 * PAGE_SIZE, 8)
+    assert attention.decode_dense(1, 3 * PAGE_SIZE, 8)
 
 
 def test_default_dtype_follows_the_backend():

@@ -45,39 +45,41 @@ ACCELERATOR_BLOCK_BYTES = 64 << 20
 ACCELERATOR_BLOCK_TOKENS = (256, 2048)
 
 
-# Traced under `static_trip_counts()`, the block loop visits every block of the table (a
-# trip count XLA knows) instead of stopping after the batch's longest context: XLA:GPU
-# reads a while loop's predicate back to the host once per iteration unless it knows the
-# trip count, which stalls the device ~20-60 us a layer. The runtime then sizes the table.
-_STATIC_TRIPS = contextvars.ContextVar("jaxrt_static_trip_counts", default=False)
+# Decode steps (one query a sequence) on an accelerator attend to the whole page table at
+# once when its K+V is small, with no loop at all: XLA:GPU reads a `while` loop's
+# predicate back to the host once per iteration (a dynamic trip count), which stalls the
+# device ~20-60 us a layer, two or three times a layer, and keeps the decode loop and its
+# command buffers from running without the host. Reading the whole table instead costs
+# about three times its bytes (gather, write, read) where the loop reads only the blocks
+# the batch can see: at DENSE_DECODE_BYTES a layer that is ~50 us of HBM time on an H200,
+# about one round trip. Above it the block loop stops at the longest context.
+DENSE_DECODE_BYTES = 64 << 20  # rows * table tokens * K+V bytes of a token, per layer
+
+# The runtime traces a decode program under `dense_decode()` when `decode_dense` says so;
+# `_paged_attention` then takes the whole table as one block for [S, 1] queries.
+_DENSE_DECODE = contextvars.ContextVar("jaxrt_dense_decode", default=False)
 
 
 @contextlib.contextmanager
-def static_trip_counts(on: bool = True):
-    """Trace paged attention with loops of static trip count (see `_STATIC_TRIPS`)."""
-    token = _STATIC_TRIPS.set(on)
+def dense_decode(on: bool = True):
+    """Trace decode-step paged attention over the whole table at once (see
+    DENSE_DECODE_BYTES); steps with several queries a sequence are unaffected."""
+    token = _DENSE_DECODE.set(on)
     try:
         yield
     finally:
-        _STATIC_TRIPS.reset(token)
+        _DENSE_DECODE.reset(token)
 
 
-# A decode loop reads the whole table when its trip counts are static. That costs
-# rows * table tokens * K+V bytes a layer, against the loop's host round trips (two a
-# layer at least, ~30 us each on an H200, ~180 MB of HBM time): static below this.
-STATIC_DECODE_BYTES_PER_LAYER = 128 << 20
-
-# Static trip counts are opt-in (JAXRT_DECODE_ATTENTION=static). On an H200 (2026-12-06)
-# XLA:GPU's memory estimate for decode loops compiled that way came to ~237 GiB, about
-# twice the KV pool, the signature of a copy of the cache, and those engines ran slower
-# than the dynamic loops measured before. Until a GPU run shows a static loop updating
-# the cache in place and beating the dynamic one, `auto` means dynamic; the runtime also
-# checks every static loop it compiles (StepExecutable.compile_decode).
-DECODE_ATTENTION_MODES = ("auto", "dynamic", "static")
+# JAXRT_DECODE_ATTENTION: `auto` (default) is dense within DENSE_DECODE_BYTES on
+# accelerators and the block loop on CPUs (a CPU loop iteration costs nothing like a GPU
+# one, and the loop reads less); `dense` is dense within the bound everywhere (for tests
+# and comparisons), `dynamic` always the loop.
+DECODE_ATTENTION_MODES = ("auto", "dense", "dynamic")
 
 
 def decode_attention_mode() -> str:
-    """JAXRT_DECODE_ATTENTION (auto, dynamic or static; default auto), checked."""
+    """JAXRT_DECODE_ATTENTION (auto, dense or dynamic; default auto), checked."""
     from ...errors import SettingError
     mode = os.environ.get("JAXRT_DECODE_ATTENTION", "auto").strip().lower() or "auto"
     if mode not in DECODE_ATTENTION_MODES:
@@ -86,20 +88,17 @@ def decode_attention_mode() -> str:
     return mode
 
 
-def decode_static_blocks(rows: int, table_tokens: int, layer_token_bytes: int,
-                         platform: str | None = None) -> bool:
-    """Whether a decode loop of `rows` sequences over tables of `table_tokens` tokens
-    (K+V of a token in one layer: `layer_token_bytes`) should visit every key block
-    (static trip counts) rather than stop at the longest context.
-
-    Only with JAXRT_DECODE_ATTENTION=static, and then only while the extra reads stay under
-    STATIC_DECODE_BYTES_PER_LAYER a layer; `auto` and `dynamic` stop at the longest
-    context (see DECODE_ATTENTION_MODES for why auto is dynamic). `platform` is kept for
-    callers that ask per platform; the rule does not depend on it today."""
-    del platform
-    if decode_attention_mode() != "static":
+def decode_dense(rows: int, table_tokens: int, layer_token_bytes: int,
+                 platform: str | None = None) -> bool:
+    """Whether decode steps of `rows` sequences over tables of `table_tokens` tokens (K+V
+    of a token in one layer: `layer_token_bytes`) attend to the whole table at once on
+    `platform` (default: JAX's backend) rather than loop over key blocks."""
+    mode = decode_attention_mode()
+    if mode == "dynamic":
         return False
-    return rows * table_tokens * layer_token_bytes <= STATIC_DECODE_BYTES_PER_LAYER
+    if mode == "auto" and (platform or jax.default_backend()) == "cpu":
+        return False
+    return rows * table_tokens * layer_token_bytes <= DENSE_DECODE_BYTES
 
 
 def block_pages(page_size: int, rows: int, token_bytes: int,
@@ -227,6 +226,8 @@ def _paged_attention(ctx, q, kv, page_table, context_lens, q_index, positions, *
     # Keys past the table do not exist (the reference's view), whatever context_lens says.
     ctx_len = jnp.minimum(context_lens, mp * page_size)  # [S]
     bp = block_pages(page_size, s, 2 * kvh * d * jnp.dtype(ct).itemsize)
+    if n_q == 1 and _DENSE_DECODE.get():
+        bp = mp  # decode: the whole table at once (DENSE_DECODE_BYTES)
     if mp <= bp:  # the whole table is one block: attend to it at once, no loop
         k = kv[layer, 0, table].reshape(s, mp * page_size, kvh, d)  # [S, L, KVH, D]
         v = kv[layer, 1, table].reshape(s, mp * page_size, kvh, d)
@@ -268,9 +269,6 @@ def _paged_blocks(qg, kv, layer, table, ctx_len, q_pos, live, bp, ct, attrs):
         return attend_block(carry, qg, k.astype(ct), v.astype(ct), q_pos, k_pos,
                             k_pos[None, :] < ctx_len[:, None], attrs)
 
-    if _STATIC_TRIPS.get():  # every block: masked blocks add nothing, exactly
-        carry = lax.fori_loop(0, n_blocks, body, start_blocks(s, kvh, r, n_q, d))
-    else:
-        carry = lax.fori_loop(first.astype(jnp.int32), stop.astype(jnp.int32), body,
-                              start_blocks(s, kvh, r, n_q, d))
+    carry = lax.fori_loop(first.astype(jnp.int32), stop.astype(jnp.int32), body,
+                          start_blocks(s, kvh, r, n_q, d))
     return finish_blocks(carry)
