@@ -129,6 +129,8 @@ class CompiledModel:
         dtype = self.module.attributes.get("float_dtype", "f32")
         return StepExecutable(self.module, self.weights, num_pages=plan["num_pages"],
                               page_size=plan["page_size"], dtype=kwargs.pop("dtype", dtype),
+                              max_model_len=kwargs.pop("max_model_len",
+                                                       plan.get("max_model_len")),
                               **kwargs)
 
 

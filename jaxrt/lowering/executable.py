@@ -51,8 +51,12 @@ class StepExecutable:
 
     def __init__(self, module: Module, weights: Mapping[str, np.ndarray], *, num_pages: int,
                  page_size: int, dtype=None, keep_f32: Iterable[str] = (),
-                 backends: str | Sequence[str] = "xla", wait: bool = True):
+                 backends: str | Sequence[str] = "xla", wait: bool = True,
+                 max_model_len: int | None = None):
         enable_persistent_cache()
+        # the planned sequence length (plan-kv-cache); Engine(exe) defaults to it, not to
+        # the cache's whole capacity (a table that wide makes every decode step read more)
+        self.max_model_len = max_model_len
         fn = module.functions.get("step")
         if fn is None or tuple(fn.arg_names) != STEP_ARG_NAMES:
             raise ValueError(f"module @{module.name} has no @step with arguments "
@@ -183,6 +187,21 @@ class StepExecutable:
         parts = 1 if self.mesh is None else self.mesh.kv_parts  # a device's KV heads
         return decode_dense(S, MP * self.page_size,
                             self.kv_bytes_per_token // self.num_layers // parts)
+
+    def decode_widths(self, S: int, MP: int) -> tuple[int, ...]:
+        """The page-table widths (pages, narrowest first) decode loops of S rows compile
+        for. A dense loop reads K+V for every page of its table, so where the dense
+        attention holds for tables narrower than MP, the engine picks the narrowest width
+        that holds its rows' contexts from a ladder (DENSE_MIN_WIDTH_TOKENS, then by
+        DENSE_WIDTH_GROWTH): a 200-token context does not read an 8,192-token table.
+        Always ends with MP (dense or the block loop, which stops at the longest
+        context by itself)."""
+        from .xla.attention import DENSE_MIN_WIDTH_TOKENS, DENSE_WIDTH_GROWTH
+        widths, w = [], max(1, DENSE_MIN_WIDTH_TOKENS // self.page_size)
+        while w < MP and self._dense(S, w):
+            widths.append(w)
+            w *= DENSE_WIDTH_GROWTH
+        return (*widths, MP)
 
     def compile_for(self, T: int, S: int, Q: int, MP: int, N: int) -> float:
         """Compile the bucket (tokens, sequences, queries per sequence, max pages per

@@ -261,8 +261,8 @@ class Engine:
         needed = [] if self._fused else sorted({b.N for b in first})
         samplers = [("sampler", n, p) for n in sorted({b.N for b in buckets})
                     for p in (False, True) if not (n in needed and not p)]
-        loops = [("decode", s) for s in self.policy.decode_sizes] \
-            if self.decode_steps > 1 else []
+        loops = [("decode", s, w) for s in self.policy.decode_sizes
+                 for w in self._decode_widths(s)] if self.decode_steps > 1 else []
         tasks = ([("step", b) for b in first] + [("sampler", n, False) for n in needed]
                  + [("step", b) for b in rest] + loops + samplers)
         return tasks, len(first) + len(needed)
@@ -277,8 +277,7 @@ class Engine:
         if task[0] == "step":
             return self.runner.compile_for(*task[1].as_tuple())
         if task[0] == "decode":
-            return self.runner.compile_decode(task[1], self.policy.max_pages_per_seq,
-                                              self.decode_steps)
+            return self.runner.compile_decode(task[1], task[2], self.decode_steps)
         return self.sampler.compile_for(task[1], task[2])
 
     def _run_task(self, task: tuple) -> None:
@@ -405,12 +404,12 @@ class Engine:
         if key in done:
             return
         done.add(key)
-        i32, mp = np.int32, self.policy.max_pages_per_seq
+        i32 = np.int32
         with self._run_lock:  # a background warm-up runs this beside the request path
             if task[0] == "decode":
-                s = task[1]
+                s, w = task[1], task[2]
                 out = self.runner.decode(np.zeros(s, i32), np.zeros(s, i32),
-                                         np.zeros((s, mp), i32), np.zeros(s, i32),
+                                         np.zeros((s, w), i32), np.zeros(s, i32),
                                          self.decode_steps, greedy_sampling(s))
             else:
                 b = task[1]
@@ -690,14 +689,24 @@ class Engine:
     def _decode_size(self, rows: int) -> int:
         return next(n for n in self.policy.decode_sizes if n >= rows)
 
+    def _decode_widths(self, s: int) -> tuple[int, ...]:
+        """Page-table widths decode loops of s rows are compiled for (the runner's
+        `decode_widths`; the full width where it has none)."""
+        mp = self.policy.max_pages_per_seq
+        widths = getattr(self.runner, "decode_widths", None)
+        return tuple(widths(s, mp)) if widths is not None else (mp,)
+
     def _dispatch_decode(self, rows: list[ScheduledSeq],
                          feed: "_DecodeCall | None") -> "_DecodeCall":
         """Queue one decode loop over `rows` (row i runs rows[i].num_tokens steps from
         position rows[i].start); with `feed`, rows start from its tokens on the device."""
         bm, k = self.block_manager, self.decode_steps
         s = self._decode_size(len(rows))
-        self._ensure_compiled(("decode", s))
-        i32, mp = np.int32, self.policy.max_pages_per_seq
+        # the narrowest table that holds every row's context at its last step
+        need = max(-(-(r.start + r.num_tokens) // self.page_size) for r in rows)
+        mp = next(w for w in self._decode_widths(s) if w >= need)
+        self._ensure_compiled(("decode", s, mp))
+        i32 = np.int32
         tokens, positions = np.zeros(s, i32), np.zeros(s, i32)
         page_table, steps_left = np.zeros((s, mp), i32), np.zeros(s, i32)
         feed_at = np.full((2, s), -1, i32)
@@ -706,7 +715,7 @@ class Engine:
         for i, r in enumerate(rows):
             table = bm.page_table(r.seq.seq_id)
             positions[i], steps_left[i] = r.start, r.num_tokens
-            page_table[i, :len(table)] = table
+            page_table[i, :min(len(table), mp)] = table[:mp]
             if id(r.seq) in fed_from:      # its token is the last one `feed` samples
                 j, prev = fed_from[id(r.seq)]
                 feed_at[:, i] = (prev.num_tokens - 1, j)
@@ -962,7 +971,7 @@ def _describe(task: tuple, i: int, n: int) -> str:
         b = task[1]
         return f"step {i + 1}/{n} (T={b.T} S={b.S} Q={b.Q} MP={b.MP} N={b.N})"
     if task[0] == "decode":
-        return f"decode loop {i + 1}/{n} (S={task[1]})"
+        return f"decode loop {i + 1}/{n} (S={task[1]} MP={task[2]})"
     return f"sampler {i + 1}/{n} (N={task[1]})"
 
 

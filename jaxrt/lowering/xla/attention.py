@@ -54,6 +54,10 @@ ACCELERATOR_BLOCK_TOKENS = (256, 2048)
 # the batch can see: at DENSE_DECODE_BYTES a layer that is ~50 us of HBM time on an H200,
 # about one round trip. Above it the block loop stops at the longest context.
 DENSE_DECODE_BYTES = 64 << 20  # rows * table tokens * K+V bytes of a token, per layer
+# A dense step reads its table's whole width, so decode loops compile for a ladder of
+# table widths (`StepExecutable.decode_widths`) from this many tokens, by this factor.
+DENSE_MIN_WIDTH_TOKENS = 512
+DENSE_WIDTH_GROWTH = 4
 
 # The runtime traces a decode program under `dense_decode()` when `decode_dense` says so;
 # `_paged_attention` then takes the whole table as one block for [S, 1] queries.
