@@ -1,0 +1,258 @@
+"""Draft-model speculative decoding: a small model proposes, the target verifies.
+
+    Engine("llama-3.1-8b", speculative={"method": "draft", "model": "llama-3.2-1b",
+                                        "num_tokens": 4})
+
+The draft is any model the Engine accepts (a name, a path, a loaded runner) with the
+target's vocabulary. It runs its own compiled step programs on its own KV cache, but
+through the target's pages: the cache has the target's page size and at least the
+engine's page count, so a sequence's page table (jaxrt.runtime.block_manager) indexes
+both caches, and the draft needs no block manager of its own.
+
+Each step the scheduler reserves a verify entry of 1 + k tokens for every sequence the
+proposer serves (`placeholder`: k PENDING tokens, slots reserved as for n-gram
+proposals). `DraftProposer.fill` then, before the target's step:
+1. catches the draft's cache up with the tokens it has not seen (the last accepted
+   tokens; a new sequence's whole prompt), in the draft's own mixed steps within the
+   token budget (lazily: only sequences about to verify are caught up);
+2. runs k - 1 more greedy draft decode steps, batched across sequences, so that each
+   sequence gets k tokens (argmax, one at a time);
+3. puts them in the verify entries, cut to what a constrained request's grammar accepts.
+The target verifies them in its ordinary step (jaxrt.runtime.speculative: accept the
+longest prefix equal to the target's draws, then the target's token). The proposer is
+deterministic, so greedy outputs are token-identical to plain decoding and sampled ones
+keep exactly the target's distribution (seeded: the very same tokens).
+
+Which draft K/V is valid is tracked per sequence: the tokens the draft wrote at
+positions 0.. and the pages it wrote them in, plus, per page, the sequence that last
+wrote draft K/V there. A sequence's valid prefix is the common prefix of those tokens
+and its current tokens, up to the first page that changed (trimmed and reallocated,
+shared from the prefix cache, preempted) or that another sequence wrote since. Rejected
+positions are simply overwritten by the next catch-up. Output never depends on the draft's
+cache, only acceptance does.
+
+`force_acceptance` is a benchmark-only hook (bench/bench_spec_draft.py): called with
+(request, sequence, proposal) after drafting, it may replace proposed tokens (the
+benchmark substitutes the target's own greedy tokens at a chosen rate).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from jaxrt.errors import SettingError
+from .programs import greedy_sampling
+from .scheduler import BucketPolicy, ScheduledBatch, ScheduledSeq, build_step_inputs
+from . import speculative as spec
+
+PENDING = -1   # a placeholder proposal token: `fill` replaces it before the step runs
+
+
+@dataclass(frozen=True)
+class _Row:
+    """What `build_step_inputs` reads of a sequence: its id (page table) and tokens
+    (the sequence's own, then the draft's proposals so far)."""
+    seq_id: int
+    tokens: list[int]
+
+
+@dataclass
+class _Record:
+    tokens: list[int]   # tokens whose K/V the draft's cache holds at positions 0..
+    pages: list[int]    # the sequence's page table when they were written
+
+
+def check_compatible(runner: Any, *, vocab_size: int, page_size: int, num_pages: int,
+                     max_model_len: int, tokenizer: Any, target: Any) -> None:
+    """SettingError naming what the draft cannot honour."""
+    if runner is target:
+        raise SettingError("speculative draft: the draft is the target runner itself; it "
+                           "needs its own KV cache (pass another instance, or the model's "
+                           "name or path)")
+    for attr in ("vocab_size", "page_size", "num_pages"):
+        if not hasattr(runner, attr):
+            raise SettingError(f"speculative draft: {type(runner).__name__} is not a model "
+                               f"(no {attr}); pass a name, a path or a loaded runner")
+    if not (callable(getattr(runner, "run_sampled", None))
+            or callable(getattr(runner, "run", None))):
+        raise SettingError(f"speculative draft: {type(runner).__name__} has no run method")
+    if int(runner.vocab_size) != vocab_size:
+        raise SettingError(f"speculative draft: vocabulary of {runner.vocab_size} tokens, "
+                           f"the target's has {vocab_size}")
+    if int(runner.page_size) != page_size:
+        raise SettingError(f"speculative draft: KV pages of {runner.page_size} tokens, the "
+                           f"target's are {page_size}; both caches share the page tables")
+    if int(runner.num_pages) < num_pages:
+        raise SettingError(f"speculative draft: its KV cache has {runner.num_pages} pages, "
+                           f"the engine uses {num_pages}; both caches share the page tables")
+    draft_len = getattr(runner, "max_model_len", None)
+    if draft_len is not None and int(draft_len) < max_model_len:
+        raise SettingError(f"speculative draft: max_model_len {draft_len} is below the "
+                           f"engine's {max_model_len}")
+    draft_tok = getattr(runner, "tokenizer", None)
+    if tokenizer is not None and draft_tok is not None and \
+            _token_map(draft_tok) != _token_map(tokenizer):
+        raise SettingError("speculative draft: its tokenizer maps tokens to ids differently "
+                           "from the target's; draft and target must share the tokenizer")
+
+
+def _token_map(tokenizer: Any):
+    """A tokenizer's token -> id map where it has one (jaxrt's Tokenizer, tokenizers),
+    else its class (tokenizers without a map compare by type)."""
+    backend = getattr(tokenizer, "backend", tokenizer)
+    vocab = getattr(backend, "get_vocab", None)
+    if callable(vocab):
+        try:
+            return vocab(with_added_tokens=True)
+        except TypeError:
+            return vocab()
+    return type(tokenizer)
+
+
+class DraftProposer:
+    """Proposals of a draft model for the sequences the scheduler verifies.
+
+    `run_lock` guards the draft runner's cache (a background warm-up runs it too);
+    `ensure_compiled(bucket)` is called before a bucket first runs (the engine counts
+    compiles on the request path)."""
+
+    def __init__(self, runner: Any, *, num_tokens: int, policy: BucketPolicy,
+                 run_lock: Any = None, ensure_compiled: Callable[[Any], None] | None = None):
+        self.runner, self.num_tokens = runner, num_tokens
+        # the target's shapes without its verify buckets: the draft samples one row per
+        # sequence
+        self.policy = dataclasses.replace(policy, verify_logits=0)
+        self.pad_slot = int(runner.num_pages) * int(runner.page_size)
+        self._lock = run_lock
+        self._ensure = ensure_compiled
+        self._records: dict[int, _Record] = {}
+        self._writer: dict[int, int] = {}   # page -> seq_id that last wrote draft K/V there
+        self.steps = 0                      # draft runner calls
+        self.force_acceptance: Callable[[Any, Any, list[int]], list[int]] | None = None
+
+    def buckets(self) -> list:
+        return self.policy.all_buckets()
+
+    @staticmethod
+    def placeholder(req: Any, k: int) -> list[int]:
+        """The scheduler's proposal: k PENDING tokens (slots reserved), filled by `fill`."""
+        return [PENDING] * k if spec.eligible(req) else []
+
+    # ---- drafting ----------------------------------------------------------------------
+
+    def fill(self, batch: ScheduledBatch, bm: Any, running: Sequence[Any]) -> ScheduledBatch:
+        """`batch` with every PENDING proposal replaced by the draft's tokens."""
+        pending = [s for s in batch.seqs if s.draft and s.draft[0] == PENDING]
+        if not pending:
+            return batch
+        live = {q.seq_id for r in running for q in r.seqs}
+        self._records = {i: r for i, r in self._records.items() if i in live}
+        proposals = self._draft(pending, bm)
+        out = []
+        for s in batch.seqs:
+            if not (s.draft and s.draft[0] == PENDING):
+                out.append(s)
+                continue
+            tokens = proposals[s.seq.seq_id]
+            if self.force_acceptance is not None:
+                tokens = list(self.force_acceptance(s.request, s.seq, list(tokens)))
+            tokens = spec.cut_to_grammar(s.request, tokens)
+            if len(tokens) < len(s.draft):  # pages the cut proposal no longer needs
+                bm.trim(s.seq.seq_id, s.start + 1 + len(tokens))
+            out.append(dataclasses.replace(s, num_tokens=1 + len(tokens),
+                                           draft=tuple(tokens)) if tokens
+                       else ScheduledSeq(s.request, s.seq, s.start, 1, True))
+        return ScheduledBatch(out, batch.preempted)
+
+    def _draft(self, entries: list[ScheduledSeq], bm: Any) -> dict[int, list[int]]:
+        want = {}
+        catch_up = []                       # (entry, first position to feed)
+        for s in entries:
+            seq = s.seq
+            if s.start + 1 != len(seq.tokens):
+                raise AssertionError(f"sequence {seq.seq_id}: a proposal after position "
+                                     f"{s.start}, but it has {len(seq.tokens)} tokens")
+            want[seq.seq_id] = len(s.draft)
+            catch_up.append((s, self._valid(seq, bm)))
+        props: dict[int, list[int]] = {s.seq.seq_id: [] for s in entries}
+        # 1. catch up to each sequence's last token (its logits give the first proposal),
+        #    in chunks within the token budget
+        while catch_up:
+            budget, rows, later = self.policy.max_num_batched_tokens, [], []
+            for s, start in catch_up:
+                n = min(len(s.seq.tokens) - start, budget)
+                if n <= 0:
+                    later.append((s, start))
+                    continue
+                budget -= n
+                end = start + n
+                rows.append(ScheduledSeq(s.request, _Row(s.seq.seq_id, s.seq.tokens),
+                                         start, n, end == len(s.seq.tokens)))
+                if end < len(s.seq.tokens):
+                    later.append((s, end))
+            for row, token in zip([r for r in rows if r.needs_logits],
+                                  self._run(ScheduledBatch(rows, []), bm)):
+                props[row.seq.seq_id].append(token)
+            self._wrote(rows, bm)
+            catch_up = later
+        # 2. k - 1 decode steps: feed proposal j, its logits give proposal j + 1
+        for j in range(1, max(want.values())):
+            rows = []
+            for s in entries:
+                sid = s.seq.seq_id
+                if want[sid] > j:
+                    tokens = s.seq.tokens + props[sid]
+                    rows.append(ScheduledSeq(s.request, _Row(sid, tokens), s.start + j, 1,
+                                             True))
+            for row, token in zip(rows, self._run(ScheduledBatch(rows, []), bm)):
+                props[row.seq.seq_id].append(token)
+            self._wrote(rows, bm)
+        for s in entries:  # what the draft's cache now holds for each sequence
+            sid = s.seq.seq_id
+            self._records[sid] = _Record(s.seq.tokens + props[sid][:want[sid] - 1],
+                                         bm.page_table(sid))
+        return {sid: p[:want[sid]] for sid, p in props.items()}
+
+    def _valid(self, seq: Any, bm: Any) -> int:
+        """How many leading positions of `seq` hold the right K/V in the draft's cache
+        (at most all but its last token: its logits give the first proposal)."""
+        rec = self._records.get(seq.seq_id)
+        if rec is None:
+            return 0
+        limit = min(len(rec.tokens), len(seq.tokens) - 1)
+        n = 0
+        while n < limit and rec.tokens[n] == seq.tokens[n]:
+            n += 1
+        pages, ps = bm.page_table(seq.seq_id), bm.page_size
+        same = 0
+        while (same < min(len(pages), len(rec.pages)) and pages[same] == rec.pages[same]
+               and self._writer.get(pages[same]) == seq.seq_id):
+            same += 1
+        return min(n, same * ps)
+
+    def _wrote(self, rows: list[ScheduledSeq], bm: Any) -> None:
+        ps = bm.page_size
+        for r in rows:
+            table = bm.page_table(r.seq.seq_id)
+            for i in range(r.start // ps, (r.end - 1) // ps + 1):
+                self._writer[table[i]] = r.seq.seq_id
+
+    def _run(self, batch: ScheduledBatch, bm: Any) -> list[int]:
+        """One draft step; the greedy tokens of its logit rows."""
+        inputs = build_step_inputs(batch, bm, self.policy, self.pad_slot)
+        if self._ensure is not None:
+            self._ensure(inputs.bucket)
+        n = len(inputs.logit_seqs)
+        with self._lock if self._lock is not None else contextlib.nullcontext():
+            if callable(getattr(self.runner, "run_sampled", None)):
+                tokens = self.runner.run_sampled(*inputs.args(),
+                                                 greedy_sampling(inputs.bucket.N))[0]
+            else:
+                tokens = np.argmax(np.asarray(self.runner.run(*inputs.args())), axis=-1)
+        self.steps += 1
+        return [int(t) for t in np.asarray(jax.device_get(tokens))[:n]]
