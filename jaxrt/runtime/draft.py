@@ -12,11 +12,15 @@ both caches, and the draft needs no block manager of its own.
 Each step the scheduler reserves a verify entry of 1 + k tokens for every sequence the
 proposer serves (`placeholder`: k PENDING tokens, slots reserved as for n-gram
 proposals). `DraftProposer.fill` then, before the target's step:
-1. catches the draft's cache up with the tokens it has not seen (the last accepted
-   tokens; a new sequence's whole prompt), in the draft's own mixed steps within the
-   token budget (lazily: only sequences about to verify are caught up);
-2. runs k - 1 more greedy draft decode steps, batched across sequences, so that each
-   sequence gets k tokens (argmax, one at a time);
+1. catches the draft's cache up with the tokens it has not seen but the last (the
+   tokens accepted before the last one; a new sequence's whole prompt), in the draft's
+   own steps within the token budget (lazily: only sequences about to verify are caught
+   up; usually there is nothing to do: a rejection leaves only the target's last token
+   unseen, a full acceptance one more);
+2. runs one decode loop of k greedy steps over all of them (the runner's `decode`, as
+   the engine's decode loops: each step's argmax is fed back on the device, so k
+   proposals cost one call and one read), from each sequence's last token;
+   a runner without `decode` takes k single steps instead;
 3. puts them in the verify entries, cut to what a constrained request's grammar accepts.
 The target verifies them in its ordinary step (jaxrt.runtime.speculative: accept the
 longest prefix equal to the target's draws, then the target's token). The proposer is
@@ -122,7 +126,8 @@ class DraftProposer:
     compiles on the request path)."""
 
     def __init__(self, runner: Any, *, num_tokens: int, policy: BucketPolicy,
-                 run_lock: Any = None, ensure_compiled: Callable[[Any], None] | None = None):
+                 run_lock: Any = None,
+                 ensure_compiled: Callable[[tuple], None] | None = None):
         self.runner, self.num_tokens = runner, num_tokens
         # the target's shapes without its verify buckets: the draft samples one row per
         # sequence
@@ -137,6 +142,14 @@ class DraftProposer:
 
     def buckets(self) -> list:
         return self.policy.all_buckets()
+
+    @property
+    def loops(self) -> bool:
+        """Proposals come from one decode loop call (the runner has `decode`)."""
+        return callable(getattr(self.runner, "decode", None))
+
+    def loop_sizes(self) -> list[int]:
+        return list(self.policy.decode_sizes) if self.loops else []
 
     @staticmethod
     def placeholder(req: Any, k: int) -> list[int]:
@@ -180,27 +193,35 @@ class DraftProposer:
             want[seq.seq_id] = len(s.draft)
             catch_up.append((s, self._valid(seq, bm)))
         props: dict[int, list[int]] = {s.seq.seq_id: [] for s in entries}
-        # 1. catch up to each sequence's last token (its logits give the first proposal),
-        #    in chunks within the token budget
+        # 1. catch up: with a loop, to each sequence's last token (the loop's first step
+        #    feeds it); else through it, its logits giving the first proposal
+        last = 1 if self.loops else 0
         while catch_up:
             budget, rows, later = self.policy.max_num_batched_tokens, [], []
             for s, start in catch_up:
-                n = min(len(s.seq.tokens) - start, budget)
+                stop = len(s.seq.tokens) - last
+                n = min(stop - start, budget)
                 if n <= 0:
-                    later.append((s, start))
+                    if start < stop:
+                        later.append((s, start))
                     continue
                 budget -= n
                 end = start + n
                 rows.append(ScheduledSeq(s.request, _Row(s.seq.seq_id, s.seq.tokens),
-                                         start, n, end == len(s.seq.tokens)))
-                if end < len(s.seq.tokens):
+                                         start, n, not last and end == stop))
+                if end < stop:
                     later.append((s, end))
-            for row, token in zip([r for r in rows if r.needs_logits],
-                                  self._run(ScheduledBatch(rows, []), bm)):
+            if not rows:
+                break
+            tokens = self._run(ScheduledBatch(rows, []), bm)
+            for row, token in zip([r for r in rows if r.needs_logits], tokens):
                 props[row.seq.seq_id].append(token)
             self._wrote(rows, bm)
             catch_up = later
-        # 2. k - 1 decode steps: feed proposal j, its logits give proposal j + 1
+        if self.loops:
+            self._loop(entries, want, props, bm)
+            return props
+        # 2. (no loop) k - 1 decode steps: feed proposal j, its logits give proposal j + 1
         for j in range(1, max(want.values())):
             rows = []
             for s in entries:
@@ -212,11 +233,43 @@ class DraftProposer:
             for row, token in zip(rows, self._run(ScheduledBatch(rows, []), bm)):
                 props[row.seq.seq_id].append(token)
             self._wrote(rows, bm)
+        self._records_after(entries, want, props, bm)
+        return props
+
+    def _loop(self, entries: list[ScheduledSeq], want: dict[int, int],
+              props: dict[int, list[int]], bm: Any) -> None:
+        """2. one decode loop: row i feeds sequence i's last token at its position and
+        runs want[i] greedy steps; their tokens are the proposals."""
+        S = next(n for n in self.policy.decode_sizes if n >= len(entries))
+        mp, i32 = self.policy.max_pages_per_seq, np.int32
+        if self._ensure is not None:
+            self._ensure(("draft-decode", S))
+        tokens, positions = np.zeros(S, i32), np.zeros(S, i32)
+        page_table, steps_left = np.zeros((S, mp), i32), np.zeros(S, i32)
+        rows = []
+        for i, s in enumerate(entries):
+            sid = s.seq.seq_id
+            table = bm.page_table(sid)
+            tokens[i], positions[i] = s.seq.tokens[-1], s.start
+            page_table[i, :len(table)] = table
+            steps_left[i] = want[sid]
+            rows.append(ScheduledSeq(s.request, _Row(sid, []), s.start, want[sid], False))
+        with self._lock if self._lock is not None else contextlib.nullcontext():
+            out, _ = self.runner.decode(tokens, positions, page_table, steps_left,
+                                        self.num_tokens, greedy_sampling(S))
+            out = np.asarray(jax.device_get(out))                          # [k, S]
+        self.steps += 1
+        for i, s in enumerate(entries):
+            sid = s.seq.seq_id
+            props[sid] = out[:want[sid], i].tolist()
+        self._wrote(rows, bm)
+        self._records_after(entries, want, props, bm)
+
+    def _records_after(self, entries, want, props, bm) -> None:
         for s in entries:  # what the draft's cache now holds for each sequence
             sid = s.seq.seq_id
             self._records[sid] = _Record(s.seq.tokens + props[sid][:want[sid] - 1],
                                          bm.page_table(sid))
-        return {sid: p[:want[sid]] for sid, p in props.items()}
 
     def _valid(self, seq: Any, bm: Any) -> int:
         """How many leading positions of `seq` hold the right K/V in the draft's cache
@@ -246,7 +299,7 @@ class DraftProposer:
         """One draft step; the greedy tokens of its logit rows."""
         inputs = build_step_inputs(batch, bm, self.policy, self.pad_slot)
         if self._ensure is not None:
-            self._ensure(inputs.bucket)
+            self._ensure(("draft", inputs.bucket))
         n = len(inputs.logit_seqs)
         with self._lock if self._lock is not None else contextlib.nullcontext():
             if callable(getattr(self.runner, "run_sampled", None)):

@@ -271,7 +271,8 @@ class Engine:
                     for p in (False, True) if not (n in needed and not p)]
         loops = [("decode", s) for s in self.policy.decode_sizes] \
             if self.decode_steps > 1 else []
-        drafts = [("draft", b) for b in self.drafter.buckets()] if self.drafter else []
+        drafts = [("draft", b) for b in self.drafter.buckets()] \
+            + [("draft-decode", s) for s in self.drafter.loop_sizes()] if self.drafter else []
         tasks = ([("step", b) for b in first] + [("sampler", n, False) for n in needed]
                  + [("step", b) for b in rest] + drafts + loops + samplers)
         return tasks, len(first) + len(needed)
@@ -290,6 +291,9 @@ class Engine:
                                               self.decode_steps)
         if task[0] == "draft":
             return self.drafter.runner.compile_for(*task[1].as_tuple())
+        if task[0] == "draft-decode":
+            return self.drafter.runner.compile_decode(task[1], self.policy.max_pages_per_seq,
+                                                      self.drafter.num_tokens)
         return self.sampler.compile_for(task[1], task[2])
 
     def _run_task(self, task: tuple) -> None:
@@ -408,22 +412,24 @@ class Engine:
         import jax
         if jax.default_backend() == "cpu":
             return
-        runner = self.drafter.runner if task[0] == "draft" else self.runner
+        runner = self.drafter.runner if task[0].startswith("draft") else self.runner
         try:
             done = _FIRST_RUN_DONE.setdefault(runner, set())
         except TypeError:  # a runner that cannot be weakly referenced: run every time
             done = set()
-        key = (_task_key(task), self.decode_steps)
+        key = (_task_key(task), self.drafter.num_tokens if task[0] == "draft-decode"
+               else self.decode_steps)
         if key in done:
             return
         done.add(key)
         i32, mp = np.int32, self.policy.max_pages_per_seq
         with self._run_lock:  # a background warm-up runs this beside the request path
-            if task[0] == "decode":
+            if task[0] in ("decode", "draft-decode"):
                 s = task[1]
-                out = self.runner.decode(np.zeros(s, i32), np.zeros(s, i32),
-                                         np.zeros((s, mp), i32), np.zeros(s, i32),
-                                         self.decode_steps, greedy_sampling(s))
+                out = runner.decode(np.zeros(s, i32), np.zeros(s, i32),
+                                    np.zeros((s, mp), i32), np.zeros(s, i32),
+                                    self.decode_steps if task[0] == "decode"
+                                    else self.drafter.num_tokens, greedy_sampling(s))
             else:
                 b = task[1]
                 zeros_t = np.zeros(b.T, i32)
@@ -640,7 +646,7 @@ class Engine:
                                f"must share the tokenizer")
         return draft_model.DraftProposer(
             model, num_tokens=config.num_tokens, policy=self.policy, run_lock=self._run_lock,
-            ensure_compiled=lambda bucket: self._ensure_compiled(("draft", bucket)))
+            ensure_compiled=self._ensure_compiled)
 
     @staticmethod
     def _sampling_rows(seqs) -> list:
@@ -1016,6 +1022,8 @@ def _describe(task: tuple, i: int, n: int) -> str:
     if task[0] == "draft":
         b = task[1]
         return f"draft step {i + 1}/{n} (T={b.T} S={b.S} Q={b.Q} N={b.N})"
+    if task[0] == "draft-decode":
+        return f"draft decode loop {i + 1}/{n} (S={task[1]})"
     return f"sampler {i + 1}/{n} (N={task[1]})"
 
 
