@@ -625,6 +625,8 @@ class Engine:
         refused (SettingError) where it cannot share the target's pages and tokens."""
         model, tokenizer = config.model, None
         if isinstance(model, (str, os.PathLike)):
+            if dtype is None and getattr(self.runner, "dtype", None) is not None:
+                dtype = getattr(self.runner.dtype, "value", self.runner.dtype)  # the target's
             model, tokenizer, _, model_len, _ = _load(
                 os.fspath(model), dtype=dtype, page_size=self.page_size,
                 num_pages=int(self.runner.num_pages), memory_fraction=memory_fraction,
