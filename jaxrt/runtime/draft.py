@@ -72,8 +72,10 @@ class _Record:
 
 
 def check_compatible(runner: Any, *, vocab_size: int, page_size: int, num_pages: int,
-                     max_model_len: int, tokenizer: Any, target: Any) -> None:
-    """SettingError naming what the draft cannot honour."""
+                     max_model_len: int, tokenizer: Any, target: Any,
+                     draft_tokenizer: Any = None) -> None:
+    """SettingError naming what the draft cannot honour. `tokenizer`: the target's;
+    `draft_tokenizer`: the draft's (default: the runner's `tokenizer`, if any)."""
     if runner is target:
         raise SettingError("speculative draft: the draft is the target runner itself; it "
                            "needs its own KV cache (pass another instance, or the model's "
@@ -98,7 +100,8 @@ def check_compatible(runner: Any, *, vocab_size: int, page_size: int, num_pages:
     if draft_len is not None and int(draft_len) < max_model_len:
         raise SettingError(f"speculative draft: max_model_len {draft_len} is below the "
                            f"engine's {max_model_len}")
-    draft_tok = getattr(runner, "tokenizer", None)
+    draft_tok = draft_tokenizer if draft_tokenizer is not None \
+        else getattr(runner, "tokenizer", None)
     if tokenizer is not None and draft_tok is not None and \
             _token_map(draft_tok) != _token_map(tokenizer):
         raise SettingError("speculative draft: its tokenizer maps tokens to ids differently "
@@ -122,8 +125,9 @@ class DraftProposer:
     """Proposals of a draft model for the sequences the scheduler verifies.
 
     `run_lock` guards the draft runner's cache (a background warm-up runs it too);
-    `ensure_compiled(bucket)` is called before a bucket first runs (the engine counts
-    compiles on the request path)."""
+    `ensure_compiled(task)` is called before a program runs, with ("draft", bucket) or
+    ("draft-decode", S) (the engine compiles it if needed and counts compiles on the
+    request path)."""
 
     def __init__(self, runner: Any, *, num_tokens: int, policy: BucketPolicy,
                  run_lock: Any = None,

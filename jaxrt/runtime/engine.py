@@ -640,12 +640,8 @@ class Engine:
         draft_model.check_compatible(model, vocab_size=self.vocab_size,
                                      page_size=self.page_size, num_pages=self.num_pages,
                                      max_model_len=self.max_model_len,
-                                     tokenizer=self.tokenizer, target=self.runner)
-        if tokenizer is not None and self.tokenizer is not None and \
-                draft_model._token_map(tokenizer) != draft_model._token_map(self.tokenizer):
-            raise SettingError(f"speculative draft {config.model}: its tokenizer maps tokens "
-                               f"to ids differently from the target's; draft and target "
-                               f"must share the tokenizer")
+                                     tokenizer=self.tokenizer, target=self.runner,
+                                     draft_tokenizer=tokenizer)
         return draft_model.DraftProposer(
             model, num_tokens=config.num_tokens, policy=self.policy, run_lock=self._run_lock,
             ensure_compiled=self._ensure_compiled)

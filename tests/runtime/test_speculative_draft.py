@@ -107,14 +107,17 @@ PROMPTS = st.lists(st.integers(2, VOCAB - 1), min_size=1, max_size=20)
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batch=st.lists(st.tuples(PROMPTS, st.integers(1, 16)), min_size=1, max_size=4),
        k=st.integers(1, 8), draft=st.sampled_from(sorted(DRAFTS)), caching=st.booleans(),
-       pages=st.sampled_from([64, 12]), abort=st.booleans())
+       pages=st.sampled_from([64, 12]), abort=st.booleans(),
+       decode_steps=st.sampled_from([1, 4]))
 def test_greedy_draft_speculation_equals_plain_greedy(fake_runner, batch, k, draft,
-                                                      caching, pages, abort):
+                                                      caching, pages, abort, decode_steps):
     """12 pages of 4 tokens for up to 4 requests of up to 36: preemption is forced, and
     pages move between sequences (the draft's cache must notice). `abort`: a copy of the
-    last request is queued first and aborted after two steps."""
+    last request is queued first and aborted after two steps. With decode_steps > 1 the
+    engine's decode loops must leave speculated requests alone."""
     engine = Engine(fake_runner, speculative=_spec(DRAFTS[draft](), k),
-                    enable_prefix_caching=caching, num_pages=pages, **CONFIG)
+                    enable_prefix_caching=caching, num_pages=pages,
+                    decode_steps=decode_steps, **CONFIG)
     params = [SamplingParams(max_tokens=m) for _, m in batch]
     if abort:
         rid = engine.add_request(batch[-1][0], params[-1])
@@ -126,6 +129,7 @@ def test_greedy_draft_speculation_equals_plain_greedy(fake_runner, batch, k, dra
     alone = engine.generate(batch[0][0], params[0])[0]
     assert alone.ids == outs[0].ids
     s = engine.stats()
+    assert s.decode_loops == 0
     assert s.pages_in_use == 0 and s.free_pages == engine.num_pages
     assert s.spec_accepted_tokens <= s.spec_proposed_tokens
     if draft.startswith("self"):  # exact fake: the same weights propose the target's tokens
@@ -192,43 +196,50 @@ def test_partial_draft_accepts_some_and_counts_them(fake_runner):
 
 
 def test_sampled_draft_speculation_matches_the_target_distribution(fake_runner):
-    """Chi-square over 1,500 seeds at temperature 1: the pair (first token, second
-    token), where the second comes from a verify step whose one-token proposal (a draft that
-    agrees with the target on half the vocabulary) is accepted or corrected, against the
-    target's exact p(t1) p(t2 | t1). Cells expected below 5 are pooled."""
+    """Chi-square over 3,000 seeds at temperature 1 of the first three tokens: the first
+    from the prefill step, the second and third from one verify step of a one-token
+    proposal (a draft that agrees with the target on half the vocabulary): the third
+    is the target's draw after the proposal, kept only if the proposal was accepted, so
+    a wrong acceptance rule shows in p(t3 | t1, t2). Against the target's exact
+    p(t1) p(t2 | t1) p(t3 | t1, t2); cells expected below 5 are pooled. (Accepting 30 %
+    of the rejected proposals as well gives p ~ 1e-5 here; the right rule p ~ 0.3.)"""
     from scipy.stats import chisquare
-    prompt, n = [17, 4, 40], 1500
+    prompt, n = [17, 4, 40], 3000
     engine = Engine(fake_runner, speculative=_spec(FakeRunner(64, 4, w_out=_partial_w_out()),
                                                    3), **CONFIG)
     outs = engine.generate([prompt] * n, [SamplingParams(max_tokens=3, temperature=1.0,
                                                          ignore_eos=True, seed=s)
                                           for s in range(n)])
-    assert engine.stats().spec_proposed_tokens > 0
-    assert 0 < engine.stats().spec_acceptance_rate < 1
+    s = engine.stats()
+    assert s.spec_proposed_tokens == n and 0 < s.spec_acceptance_rate < 1
 
-    def softmax(x):
+    def softmax(tokens):
+        x = reference_logits(tokens).astype(np.float64)
         e = np.exp(x - x.max())
         return e / e.sum()
-    p1 = softmax(reference_logits(prompt).astype(np.float64))
     expected = {}
+    p1 = softmax(prompt)
     for t1 in range(VOCAB):
-        p2 = softmax(reference_logits(prompt + [t1]).astype(np.float64))
+        p2 = softmax(prompt + [t1])
         for t2 in range(VOCAB):
-            expected[(t1, t2)] = n * p1[t1] * p2[t2]
-    big = [c for c, e in expected.items() if e >= 5]
-    counts = {c: 0 for c in big}
+            if n * p1[t1] * p2[t2] >= 5:
+                p3 = n * p1[t1] * p2[t2] * softmax(prompt + [t1, t2])
+                expected.update({(t1, t2, t3): p3[t3] for t3 in range(VOCAB)
+                                 if p3[t3] >= 5})
+    counts = dict.fromkeys(expected, 0)
     other = 0
     for out in outs:
-        pair = tuple(out.ids[:2])
-        if pair in counts:
-            counts[pair] += 1
+        cell = tuple(out.ids)
+        if cell in counts:
+            counts[cell] += 1
         else:
             other += 1
-    obs = [counts[c] for c in big] + [other]
-    exp = [expected[c] for c in big] + [n - sum(expected[c] for c in big)]
-    assert len(big) >= 5
-    # a fixed set of seeds (deterministic): p > 1e-3 fails a wrong rule (e.g. accepting
-    # every proposal) by a wide margin, and a right one only with probability 1e-3
+    cells = sorted(expected)
+    assert len(cells) >= 20
+    obs = [counts[c] for c in cells] + [other]
+    exp = [expected[c] for c in cells] + [n - sum(expected.values())]
+    # a fixed set of seeds (deterministic): the right rule fails only with probability
+    # 1e-3 over seed sets
     assert chisquare(obs, exp).pvalue > 1e-3
 
 
