@@ -27,13 +27,15 @@ longest prefix equal to the target's draws, then the target's token). The propos
 deterministic, so greedy outputs are token-identical to plain decoding and sampled ones
 keep exactly the target's distribution (seeded: the very same tokens).
 
-Which draft K/V is valid is tracked per sequence: the tokens the draft wrote at
-positions 0.. and the pages it wrote them in, plus, per page, the sequence that last
-wrote draft K/V there. A sequence's valid prefix is the common prefix of those tokens
-and its current tokens, up to the first page that changed (trimmed and reallocated,
-shared from the prefix cache, preempted) or that another sequence wrote since. Rejected
-positions are simply overwritten by the next catch-up. Output never depends on the draft's
-cache, only acceptance does.
+Which draft K/V is valid is tracked per sequence: the tokens the draft's cache holds
+for it at positions 0.. and its page table then, plus, per page, the sequence that last
+wrote draft K/V there. Page i of a sequence is valid where that writer still has the
+page at index i and recorded the same tokens through it: the sequence's own pages until
+they change (trimmed and reallocated, preempted) or another sequence writes them, and
+pages shared from the prefix cache whose sharer's draft wrote them (a shared prompt is
+not prefilled twice). Two rows of one catch-up step never write the same page (the
+second waits a chunk, then finds it valid). Rejected positions are simply overwritten by
+the next catch-up. Output never depends on the draft's cache, only acceptance does.
 
 `force_acceptance` is a benchmark-only hook (bench/bench_spec_draft.py): called with
 (request, sequence, proposal) after drafting, it may replace proposed tokens (the
@@ -102,15 +104,17 @@ def check_compatible(runner: Any, *, vocab_size: int, page_size: int, num_pages:
                            f"engine's {max_model_len}")
     draft_tok = draft_tokenizer if draft_tokenizer is not None \
         else getattr(runner, "tokenizer", None)
-    if tokenizer is not None and draft_tok is not None and \
-            _token_map(draft_tok) != _token_map(tokenizer):
+    ours, theirs = _token_map(tokenizer), _token_map(draft_tok)
+    if ours is not None and theirs is not None and ours != theirs:
         raise SettingError("speculative draft: its tokenizer maps tokens to ids differently "
                            "from the target's; draft and target must share the tokenizer")
 
 
-def _token_map(tokenizer: Any):
-    """A tokenizer's token -> id map where it has one (jaxrt's Tokenizer, tokenizers),
-    else its class (tokenizers without a map compare by type)."""
+def _token_map(tokenizer: Any) -> dict | None:
+    """A tokenizer's token -> id map where it has one (jaxrt's Tokenizer, tokenizers);
+    None where it has none (nothing to compare)."""
+    if tokenizer is None:
+        return None
     backend = getattr(tokenizer, "backend", tokenizer)
     vocab = getattr(backend, "get_vocab", None)
     if callable(vocab):
@@ -118,7 +122,7 @@ def _token_map(tokenizer: Any):
             return vocab(with_added_tokens=True)
         except TypeError:
             return vocab()
-    return type(tokenizer)
+    return None
 
 
 class DraftProposer:
@@ -142,6 +146,7 @@ class DraftProposer:
         self._records: dict[int, _Record] = {}
         self._writer: dict[int, int] = {}   # page -> seq_id that last wrote draft K/V there
         self.steps = 0                      # draft runner calls
+        self.catch_up_tokens = 0            # tokens fed to catch the draft's cache up
         self.force_acceptance: Callable[[Any, Any, list[int]], list[int]] | None = None
 
     def buckets(self) -> list:
@@ -167,8 +172,7 @@ class DraftProposer:
         pending = [s for s in batch.seqs if s.draft and s.draft[0] == PENDING]
         if not pending:
             return batch
-        live = {q.seq_id for r in running for q in r.seqs}
-        self._records = {i: r for i, r in self._records.items() if i in live}
+        self._prune({q.seq_id for r in running for q in r.seqs})
         proposals = self._draft(pending, bm)
         out = []
         for s in batch.seqs:
@@ -188,40 +192,46 @@ class DraftProposer:
 
     def _draft(self, entries: list[ScheduledSeq], bm: Any) -> dict[int, list[int]]:
         want = {}
-        catch_up = []                       # (entry, first position to feed)
         for s in entries:
-            seq = s.seq
-            if s.start + 1 != len(seq.tokens):
-                raise AssertionError(f"sequence {seq.seq_id}: a proposal after position "
-                                     f"{s.start}, but it has {len(seq.tokens)} tokens")
-            want[seq.seq_id] = len(s.draft)
-            catch_up.append((s, self._valid(seq, bm)))
+            if s.start + 1 != len(s.seq.tokens):
+                raise AssertionError(f"sequence {s.seq.seq_id}: a proposal after position "
+                                     f"{s.start}, but it has {len(s.seq.tokens)} tokens")
+            want[s.seq.seq_id] = len(s.draft)
         props: dict[int, list[int]] = {s.seq.seq_id: [] for s in entries}
         # 1. catch up: with a loop, to each sequence's last token (the loop's first step
-        #    feeds it); else through it, its logits giving the first proposal
+        #    feeds it); else through it, its logits giving the first proposal. Chunks
+        #    within the token budget; a page another row of the step writes (a prefix
+        #    both share) waits for the next chunk, where it is valid already.
         last = 1 if self.loops else 0
-        while catch_up:
-            budget, rows, later = self.policy.max_num_batched_tokens, [], []
-            for s, start in catch_up:
-                stop = len(s.seq.tokens) - last
-                n = min(stop - start, budget)
-                if n <= 0:
-                    if start < stop:
-                        later.append((s, start))
+        ps, pending = bm.page_size, list(entries)
+        while pending:
+            budget, rows, claimed, later = self.policy.max_num_batched_tokens, [], set(), []
+            for s in pending:
+                table = bm.page_table(s.seq.seq_id)
+                start, stop = self._valid(s.seq, bm), len(s.seq.tokens) - last
+                end = min(stop, start + budget)
+                for i in range(start // ps, -(-end // ps)):
+                    if table[i] in claimed:
+                        end = min(end, i * ps)
+                        break
+                if start < stop and (end <= start or end < stop):
+                    later.append(s)
+                if end <= start:
                     continue
-                budget -= n
-                end = start + n
+                budget -= end - start
+                claimed.update(table[start // ps:-(-end // ps)])
                 rows.append(ScheduledSeq(s.request, _Row(s.seq.seq_id, s.seq.tokens),
-                                         start, n, not last and end == stop))
-                if end < stop:
-                    later.append((s, end))
+                                         start, end - start, not last and end == stop))
             if not rows:
                 break
             tokens = self._run(ScheduledBatch(rows, []), bm)
+            self.catch_up_tokens += sum(r.num_tokens for r in rows)
             for row, token in zip([r for r in rows if r.needs_logits], tokens):
                 props[row.seq.seq_id].append(token)
             self._wrote(rows, bm)
-            catch_up = later
+            for r in rows:  # valid now through the chunk
+                self._record(r.seq.seq_id, r.seq.tokens[:r.end], bm.page_table(r.seq.seq_id))
+            pending = later
         if self.loops:
             self._loop(entries, want, props, bm)
             return props
@@ -272,25 +282,44 @@ class DraftProposer:
     def _records_after(self, entries, want, props, bm) -> None:
         for s in entries:  # what the draft's cache now holds for each sequence
             sid = s.seq.seq_id
-            self._records[sid] = _Record(s.seq.tokens + props[sid][:want[sid] - 1],
-                                         bm.page_table(sid))
+            self._record(sid, s.seq.tokens + props[sid][:want[sid] - 1], bm.page_table(sid))
+
+    def _prune(self, live: set[int]) -> None:
+        """Keep the records of live sequences and of the max_num_seqs most recent others
+        whose draft K/V is still in some page (a later request may share those pages
+        from the prefix cache)."""
+        owners = set(self._writer.values())
+        dead = [i for i in self._records if i not in live and i in owners]
+        keep = live | set(dead[len(dead) - self.policy.max_num_seqs:])
+        self._records = {i: r for i, r in self._records.items() if i in keep}
+
+    def _record(self, seq_id: int, tokens: list[int], pages: list[int]) -> None:
+        self._records.pop(seq_id, None)   # (re)inserted last: the most recent
+        self._records[seq_id] = _Record(tokens, pages)
 
     def _valid(self, seq: Any, bm: Any) -> int:
         """How many leading positions of `seq` hold the right K/V in the draft's cache
-        (at most all but its last token: its logits give the first proposal)."""
-        rec = self._records.get(seq.seq_id)
-        if rec is None:
-            return 0
-        limit = min(len(rec.tokens), len(seq.tokens) - 1)
-        n = 0
-        while n < limit and rec.tokens[n] == seq.tokens[n]:
-            n += 1
-        pages, ps = bm.page_table(seq.seq_id), bm.page_size
-        same = 0
-        while (same < min(len(pages), len(rec.pages)) and pages[same] == rec.pages[same]
-               and self._writer.get(pages[same]) == seq.seq_id):
-            same += 1
-        return min(n, same * ps)
+        (at most all but its last token: its logits give the first proposal). Page i is
+        trusted where the sequence that last wrote draft K/V there (`_writer`) still has
+        it at index i of its recorded table and recorded the same tokens through it: a
+        page shared from the prefix cache counts when its sharer's draft wrote it."""
+        pages, ps, limit = bm.page_table(seq.seq_id), bm.page_size, len(seq.tokens) - 1
+        agree: dict[int, int] = {}   # writer -> tokens its record shares with `seq`
+        valid = 0
+        for i, page in enumerate(pages):
+            writer = self._writer.get(page)
+            rec = self._records.get(writer)
+            if i * ps >= limit or rec is None or i >= len(rec.pages) or rec.pages[i] != page:
+                break
+            if writer not in agree:
+                n, most = 0, min(len(rec.tokens), limit)
+                while n < most and rec.tokens[n] == seq.tokens[n]:
+                    n += 1
+                agree[writer] = n
+            valid = max(valid, min((i + 1) * ps, agree[writer]))
+            if valid < (i + 1) * ps:
+                break
+        return valid
 
     def _wrote(self, rows: list[ScheduledSeq], bm: Any) -> None:
         ps = bm.page_size

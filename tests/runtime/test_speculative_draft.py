@@ -14,7 +14,7 @@ from jaxrt.errors import SettingError
 from jaxrt.runtime.engine import Engine
 from jaxrt.runtime.request import SamplingParams
 from jaxrt.runtime.speculative import SpeculativeConfig
-from tests.runtime.fake_model import (VOCAB, W_OUT, FakeRunner, FakeTokenizer,
+from tests.runtime.fake_model import (ALPHABET, VOCAB, W_OUT, FakeRunner, FakeTokenizer,
                                       reference_greedy, reference_logits)
 
 # A 16-token budget: one mixed bucket size, so the verify buckets of k = 1..8 are few
@@ -60,9 +60,15 @@ def test_bad_draft_settings_refused(value, message):
         SpeculativeConfig.parse(value)
 
 
+class _MapTokenizer(FakeTokenizer):
+    """The fake tokenizer with a token -> id map (compared between target and draft)."""
+    def get_vocab(self):
+        return {c: i for i, c in enumerate(ALPHABET)}
+
+
 class _OtherTokenizer(FakeTokenizer):
     def get_vocab(self):
-        return {c: i for i, c in enumerate(reversed("abc"))}
+        return {c: i for i, c in enumerate(reversed(ALPHABET))}
 
 
 class _Vocab65(FakeRunner):
@@ -89,7 +95,16 @@ def _other_tokenizer():
 ])
 def test_incompatible_draft_refused(fake_runner, make, message):
     with pytest.raises(SettingError, match=message):
-        Engine(fake_runner, speculative=_spec(make(fake_runner), 2), **CONFIG)
+        Engine(fake_runner, tokenizer=_MapTokenizer(),
+               speculative=_spec(make(fake_runner), 2), **CONFIG)
+
+
+def test_tokenizers_compared_only_where_both_map_tokens(fake_runner):
+    draft = FakeRunner(64, 4)
+    draft.tokenizer = _MapTokenizer()
+    for target_tokenizer in (_MapTokenizer(), FakeTokenizer()):  # the same map; no map
+        Engine(fake_runner, tokenizer=target_tokenizer, speculative=_spec(draft, 2),
+               **CONFIG)
 
 
 def test_draft_needs_only_the_pages_the_engine_uses(fake_runner):
@@ -178,6 +193,35 @@ def test_statistics_per_request_and_engine(fake_runner):
     # a penalized request does not speculate: no statistics
     out = engine.generate([5, 6, 7], SamplingParams(max_tokens=6, repetition_penalty=1.2))[0]
     assert out.speculative is None and engine.stats().spec_proposed_tokens == 6 * k
+
+
+def test_a_shared_prompt_is_not_prefilled_twice_by_the_draft(fake_runner):
+    """A second request whose prompt pages come from the prefix cache finds the first
+    request's draft K/V there (the first has finished by then): the draft catches up
+    only what it does not share. Both in one step share pages too: each page is written
+    once (the fake's step check refuses two writes of one slot)."""
+    engine = Engine(fake_runner, speculative=_spec(FakeRunner(64, 4), 3), **CONFIG)
+    prompt = [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]   # 3 full pages + 1
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    engine.add_request(prompt, params)
+    engine.step(), engine.step()        # prefill, then the first verify's catch-up
+    fed = engine.drafter.catch_up_tokens
+    assert fed == len(prompt)           # the prompt, then the first output token
+    engine.add_request(prompt[:12] + [30], params)
+    engine.step()   # its prefill (3 cached pages + 1 token); the first finishes (1+4+3)
+    before = engine.drafter.catch_up_tokens
+    engine.step()   # its first verify
+    # position 12 only: pages 0-2 are the finished first request's, its draft K/V still
+    # in them; without the sharing the draft would feed all 13
+    assert engine.drafter.catch_up_tokens - before == 1
+    while engine.has_unfinished():
+        engine.step()
+    s = engine.stats()
+    assert s.spec_accepted_tokens == s.spec_proposed_tokens
+    engine2 = Engine(fake_runner, speculative=_spec(FakeRunner(64, 4), 3), **CONFIG)
+    outs = engine2.generate([prompt, prompt[:12] + [30]], params)
+    assert [o.ids for o in outs] == [reference_greedy(p, 8, ignore_eos=True)
+                                     for p in (prompt, prompt[:12] + [30])]
 
 
 def test_partial_draft_accepts_some_and_counts_them(fake_runner):
