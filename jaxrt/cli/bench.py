@@ -37,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix-len", type=int, default=1024, help="with --suite")
     p.add_argument("--out", default="bench/results/serving.json", help="JSON output path")
     p.add_argument("--speculative", default=None, metavar="JSON",
-                   help='speculative decoding, e.g. \'{"method": "ngram", "num_tokens": 4}\'')
+                   help='speculative decoding: \'{"method": "ngram", "num_tokens": 4}\' or '
+                        '\'{"method": "draft", "model": "smollm2-135m", "num_tokens": 4}\'')
 
 
 def _engine(model, args, max_num_seqs: int, prefix_caching: bool, max_len: int):

@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="each prompt token's logprob and the N most likely tokens at its "
                         "position (raw model distribution; in --json output)")
     p.add_argument("--speculative", default=None, metavar="JSON",
-                   help='speculative decoding, e.g. \'{"method": "ngram", "num_tokens": 4}\'')
+                   help='speculative decoding: \'{"method": "ngram", "num_tokens": 4}\' or '
+                        '\'{"method": "draft", "model": "smollm2-135m", "num_tokens": 4}\'')
     constraint = p.add_mutually_exclusive_group()
     constraint.add_argument("--json-schema", default=None, metavar="FILE",
                             help="constrain the output to this JSON schema (a file)")

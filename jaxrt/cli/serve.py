@@ -52,7 +52,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", choices=("auto", "true", "false", "background"),
                    default="auto")
     p.add_argument("--speculative", default=None, metavar="JSON",
-                   help='speculative decoding, e.g. \'{"method": "ngram", "num_tokens": 4}\'')
+                   help='speculative decoding: \'{"method": "ngram", "num_tokens": 4}\' or '
+                        '\'{"method": "draft", "model": "smollm2-135m", "num_tokens": 4}\'')
 
 
 def engine_kwargs(args) -> dict:

@@ -37,6 +37,7 @@ arrives with its cache and dtype already chosen.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import itertools
 import math
 import os
@@ -59,7 +60,7 @@ from .request import (BeamOutput, Request, RequestOutput, SamplingParams, Stream
 from .sampler import SampledToken, Sampler, SamplingBatch
 from .programs import greedy_sampling
 from . import prompt_logprobs
-from . import speculative as spec, structured
+from . import draft as draft_model, speculative as spec, structured
 from .scheduler import (BucketPolicy, ScheduledBatch, ScheduledSeq, Scheduler,
                         SchedulerConfig, StepInputs, build_step_inputs)
 
@@ -103,6 +104,7 @@ class EngineStats:
     spec_accepted_tokens: int = 0
     spec_acceptance_rate: float = 0.0
     spec_mean_accepted_length: float = 0.0
+    spec_draft_steps: int = 0     # draft-model runner calls (method "draft")
 
 
 class Engine:
@@ -201,6 +203,13 @@ class Engine:
         if self.speculative is not None:
             self.scheduler.proposer = self._propose
             self.scheduler.spec_tokens = self.speculative.num_tokens
+        self._run_lock = threading.Lock()  # the runners' caches: one run at a time
+        self.drafter: draft_model.DraftProposer | None = None
+        if self.speculative is not None and self.speculative.method == "draft":
+            self.drafter = self._make_drafter(
+                self.speculative, dtype=dtype, memory_fraction=kv_cache_memory_fraction,
+                outline_layers=outline_layers, max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens)
         self.sampler = Sampler(self.vocab_size, max_logprobs)
         self.grammars = structured.Grammars(tokenizer, self.vocab_size, self.eos_token_ids)
         self._masked_buckets: set = set()  # buckets whose masked step has run (compiled)
@@ -230,7 +239,6 @@ class Engine:
         self._inflight: _DecodeCall | None = None  # a decode call queued, not yet applied
         self.pipeline_decode = True  # queue the next decode call before applying one
         self._compile_lock = threading.RLock()   # one compile at a time, either thread
-        self._run_lock = threading.Lock()  # the runner's cache: one run at a time
         self._step_lock = threading.RLock()  # scheduler state: one step, add or abort
         self._background: threading.Thread | None = None
         self._stop = threading.Event()
@@ -263,8 +271,10 @@ class Engine:
                     for p in (False, True) if not (n in needed and not p)]
         loops = [("decode", s, w) for s in self.policy.decode_sizes
                  for w in self._decode_widths(s)] if self.decode_steps > 1 else []
+        drafts = [("draft", b) for b in self.drafter.buckets()] \
+            + [("draft-decode", s) for s in self.drafter.loop_sizes()] if self.drafter else []
         tasks = ([("step", b) for b in first] + [("sampler", n, False) for n in needed]
-                 + [("step", b) for b in rest] + loops + samplers)
+                 + [("step", b) for b in rest] + drafts + loops + samplers)
         return tasks, len(first) + len(needed)
 
     def _task_done(self, task: tuple) -> bool:
@@ -278,6 +288,11 @@ class Engine:
             return self.runner.compile_for(*task[1].as_tuple())
         if task[0] == "decode":
             return self.runner.compile_decode(task[1], task[2], self.decode_steps)
+        if task[0] == "draft":
+            return self.drafter.runner.compile_for(*task[1].as_tuple())
+        if task[0] == "draft-decode":
+            return self.drafter.runner.compile_decode(task[1], self.policy.max_pages_per_seq,
+                                                      self.drafter.num_tokens)
         return self.sampler.compile_for(task[1], task[2])
 
     def _run_task(self, task: tuple) -> None:
@@ -396,27 +411,33 @@ class Engine:
         import jax
         if jax.default_backend() == "cpu":
             return
+        runner = self.drafter.runner if task[0].startswith("draft") else self.runner
         try:
-            done = _FIRST_RUN_DONE.setdefault(self.runner, set())
+            done = _FIRST_RUN_DONE.setdefault(runner, set())
         except TypeError:  # a runner that cannot be weakly referenced: run every time
             done = set()
-        key = (_task_key(task), self.decode_steps)
+        key = (_task_key(task), self.drafter.num_tokens if task[0] == "draft-decode"
+               else self.decode_steps)
         if key in done:
             return
         done.add(key)
         i32 = np.int32
         with self._run_lock:  # a background warm-up runs this beside the request path
-            if task[0] == "decode":
-                s, w = task[1], task[2]
-                out = self.runner.decode(np.zeros(s, i32), np.zeros(s, i32),
-                                         np.zeros((s, w), i32), np.zeros(s, i32),
-                                         self.decode_steps, greedy_sampling(s))
+            if task[0] in ("decode", "draft-decode"):
+                s = task[1]
+                # a draft loop reads the full table; the engine's own, its width's
+                w = task[2] if task[0] == "decode" else self.policy.max_pages_per_seq
+                out = runner.decode(np.zeros(s, i32), np.zeros(s, i32),
+                                    np.zeros((s, w), i32), np.zeros(s, i32),
+                                    self.decode_steps if task[0] == "decode"
+                                    else self.drafter.num_tokens, greedy_sampling(s))
             else:
                 b = task[1]
                 zeros_t = np.zeros(b.T, i32)
-                out = self.runner.run(zeros_t, zeros_t, np.full(b.T, self._pad_slot, i32),
-                                      np.zeros((b.S, b.MP), i32), np.zeros(b.S, i32),
-                                      np.full((b.S, b.Q), b.T, i32), np.zeros(b.N, i32))
+                pad = self.drafter.pad_slot if task[0] == "draft" else self._pad_slot
+                out = runner.run(zeros_t, zeros_t, np.full(b.T, pad, i32),
+                                 np.zeros((b.S, b.MP), i32), np.zeros(b.S, i32),
+                                 np.full((b.S, b.Q), b.T, i32), np.zeros(b.N, i32))
             import jax
             jax.block_until_ready(out)
 
@@ -539,6 +560,8 @@ class Engine:
             if self.scheduler.has_unfinished():
                 raise AssertionError("scheduler made no progress with requests pending")
             return []
+        if self.drafter is not None:  # the draft model's proposals for the verify entries
+            batch = self.drafter.fill(batch, self.block_manager, self.scheduler.running)
         inputs = build_step_inputs(batch, self.block_manager, self.policy, self._pad_slot,
                                    prompt_logprobs.rows_wanted(batch))
         self._ensure_compiled(("step", inputs.bucket))
@@ -591,7 +614,38 @@ class Engine:
             self.speculative is not None and spec.eligible(req))
 
     def _propose(self, req: Request, seq, k: int) -> list[int]:
+        if self.drafter is not None:  # drafted after scheduling, batched (`_step_locked`)
+            return self.drafter.placeholder(req, k)
         return spec.propose(self.speculative, req, seq, k)
+
+    def _make_drafter(self, config: spec.SpeculativeConfig, *, dtype, memory_fraction: float,
+                      outline_layers, max_num_seqs: int,
+                      max_num_batched_tokens) -> draft_model.DraftProposer:
+        """The draft model of `speculative={"method": "draft", "model": M}`: loaded here
+        (a name or path) with the target's page size and page count, or a runner as given;
+        refused (SettingError) where it cannot share the target's pages and tokens."""
+        model, tokenizer = config.model, None
+        if isinstance(model, (str, os.PathLike)):
+            if dtype is None and getattr(self.runner, "dtype", None) is not None:
+                dtype = getattr(self.runner.dtype, "value", self.runner.dtype)  # the target's
+            model, tokenizer, _, model_len, _ = _load(
+                os.fspath(model), dtype=dtype, page_size=self.page_size,
+                num_pages=int(self.runner.num_pages), memory_fraction=memory_fraction,
+                max_cache_gib=None, max_num_seqs=max_num_seqs,
+                max_model_len=self.max_model_len,
+                max_num_batched_tokens=max_num_batched_tokens,
+                outline_layers=outline_layers)
+            if model_len < self.max_model_len:
+                raise SettingError(f"speculative draft {config.model}: max_model_len "
+                                   f"{model_len} is below the engine's {self.max_model_len}")
+        draft_model.check_compatible(model, vocab_size=self.vocab_size,
+                                     page_size=self.page_size, num_pages=self.num_pages,
+                                     max_model_len=self.max_model_len,
+                                     tokenizer=self.tokenizer, target=self.runner,
+                                     draft_tokenizer=tokenizer)
+        return draft_model.DraftProposer(
+            model, num_tokens=config.num_tokens, policy=self.policy, run_lock=self._run_lock,
+            ensure_compiled=self._ensure_compiled)
 
     @staticmethod
     def _sampling_rows(seqs) -> list:
@@ -787,7 +841,8 @@ class Engine:
             [dict(d) for d in req.logprobs] if req.logprobs is not None else None, cum,
             None if req.first_token_time is None else req.first_token_time - t0,
             [t - t0 for t in req.token_times], beams, req.num_preemptions,
-            list(req.prompt_logprobs) if req.prompt_logprobs is not None else None)
+            list(req.prompt_logprobs) if req.prompt_logprobs is not None else None,
+            dataclasses.replace(req.spec_stats) if req.spec_stats.verifies else None)
 
     # ---- high level -----------------------------------------------------------------
 
@@ -871,7 +926,8 @@ class Engine:
                            self._compile_seconds, self._compiles_after_warmup,
                            self._background is not None and self._background.is_alive(),
                            self._decode_loops, sp.proposed, sp.accepted, sp.acceptance_rate,
-                           sp.mean_accepted_length)
+                           sp.mean_accepted_length,
+                           self.drafter.steps if self.drafter is not None else 0)
 
 
 class RequestStream:
@@ -972,6 +1028,11 @@ def _describe(task: tuple, i: int, n: int) -> str:
         return f"step {i + 1}/{n} (T={b.T} S={b.S} Q={b.Q} MP={b.MP} N={b.N})"
     if task[0] == "decode":
         return f"decode loop {i + 1}/{n} (S={task[1]} MP={task[2]})"
+    if task[0] == "draft":
+        b = task[1]
+        return f"draft step {i + 1}/{n} (T={b.T} S={b.S} Q={b.Q} N={b.N})"
+    if task[0] == "draft-decode":
+        return f"draft decode loop {i + 1}/{n} (S={task[1]})"
     return f"sampler {i + 1}/{n} (N={task[1]})"
 
 

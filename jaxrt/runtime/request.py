@@ -15,6 +15,7 @@ from typing import Any, Sequence as Seq
 import numpy as np
 
 from jaxrt.errors import InputError, SettingError
+from .speculative import SpeculativeStats
 
 FINISH_REASONS = ("stop", "length", "abort")  # RequestOutput.finish_reason once finished
 
@@ -266,6 +267,8 @@ class Request:
     # (entry 0 stays None); None when not asked
     prompt_logprobs: PromptLogprobs | None = None
     prompt_logprobs_missing: int = 0  # entries still to compute
+    # speculative decoding: this request's proposals (jaxrt.runtime.speculative)
+    spec_stats: SpeculativeStats = field(default_factory=SpeculativeStats)
 
     def __post_init__(self):
         if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
@@ -324,6 +327,9 @@ class RequestOutput:
     beams: list[BeamOutput] = field(default_factory=list)   # beam search: best first
     num_preemptions: int = 0
     prompt_logprobs: PromptLogprobs | None = None  # SamplingParams.prompt_logprobs
+    # speculative decoding: proposed / accepted tokens, acceptance rate and mean accepted
+    # length of this request; None where no proposal of it was verified
+    speculative: SpeculativeStats | None = None
 
     @property
     def finished(self) -> bool:

@@ -328,9 +328,9 @@ class Scheduler:
         seq.num_computed = computed
         self.bm.commit(seq.seq_id, seq.tokens + list(s.draft[:accepted]), computed)
         self.bm.trim(seq.seq_id, computed + 1)
-        st = self.spec_stats
-        st.verifies, st.proposed, st.accepted = \
-            st.verifies + 1, st.proposed + len(s.draft), st.accepted + accepted
+        for st in (self.spec_stats, req.spec_stats):  # the engine's and the request's
+            st.verifies, st.proposed, st.accepted = \
+                st.verifies + 1, st.proposed + len(s.draft), st.accepted + accepted
         for t in targets[:accepted + 1]:
             self._append_token(req, seq, t, now)
             if req.is_finished:

@@ -1,7 +1,12 @@
-"""N-gram (prompt lookup) speculative decoding.
+"""Speculative decoding: n-gram (prompt lookup) proposals and the shared verify rule.
 
     Engine(model, speculative={"method": "ngram", "num_tokens": 4, "max_ngram": 3,
                                "min_ngram": 1})
+    Engine(model, speculative={"method": "draft", "model": "smollm2-135m",
+                               "num_tokens": 4})
+
+The draft-model proposer is jaxrt.runtime.draft; everything below about verification
+holds for both (each is a deterministic proposer).
 
 Each step, for every decoding sequence whose request speculation serves (`eligible`), the
 proposer matches the sequence's last n tokens (n from max_ngram down to min_ngram)
@@ -36,15 +41,16 @@ the requests it serves (a loop of K device steps cannot verify proposals).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
 from jaxrt.errors import SettingError
 
-METHODS = ("ngram",)
-_KEYS = {"method", "num_tokens", "max_ngram", "min_ngram"}
+METHODS = ("ngram", "draft")
+_KEYS = {"ngram": {"method", "num_tokens", "max_ngram", "min_ngram"},
+         "draft": {"method", "num_tokens", "model"}}
 MAX_NUM_TOKENS = 16
 
 
@@ -54,6 +60,9 @@ class SpeculativeConfig:
     num_tokens: int          # k: tokens proposed per step (at most)
     max_ngram: int = 3
     min_ngram: int = 1
+    # "draft": the draft model, anything `Engine` accepts as a model (a name, a path, a
+    # loaded runner)
+    model: Any = field(default=None, compare=False)
 
     @classmethod
     def parse(cls, value: Any) -> "SpeculativeConfig | None":
@@ -66,26 +75,35 @@ class SpeculativeConfig:
         if not isinstance(value, dict):
             raise SettingError(f"speculative={value!r:.60}: expected a dict such as "
                                f"{{'method': 'ngram', 'num_tokens': 4}}")
-        unknown = sorted(set(map(str, value)) - _KEYS)
-        if unknown:
-            raise SettingError(f"speculative: unknown key {unknown[0]!r} (known: "
-                               f"{', '.join(sorted(_KEYS))})")
         method = value.get("method")
-        if method == "draft":
-            raise SettingError("speculative method 'draft' (a draft model) is not "
-                               "implemented; use 'ngram'")
         if method not in METHODS:
             raise SettingError(f"speculative method {method!r}: expected one of {METHODS}")
+        known = _KEYS[method]
+        unknown = sorted(set(map(str, value)) - known)
+        if unknown:
+            raise SettingError(f"speculative: unknown key {unknown[0]!r} for method "
+                               f"{method!r} (known: {', '.join(sorted(known))})")
+        if method == "draft":
+            if value.get("model") is None:
+                raise SettingError("speculative method 'draft' needs a model (a name, a "
+                                   "path or a loaded model), e.g. {'method': 'draft', "
+                                   "'model': 'smollm2-135m', 'num_tokens': 4}")
+            if isinstance(value["model"], str) and not value["model"].strip():
+                raise SettingError("speculative model: an empty name")
         if "num_tokens" not in value:
             raise SettingError("speculative: num_tokens is required")
         out = {}
         for key, least, most in (("num_tokens", 1, MAX_NUM_TOKENS), ("max_ngram", 1, 64),
                                  ("min_ngram", 1, 64)):
+            if key not in known:
+                continue
             v = value.get(key, getattr(cls, key, None))
             if isinstance(v, bool) or not isinstance(v, int) or not least <= v <= most:
                 raise SettingError(f"speculative {key}={v!r:.40}: must be an integer in "
                                    f"[{least}, {most}]")
             out[key] = v
+        if method == "draft":
+            return cls(method, out["num_tokens"], model=value["model"])
         if out["min_ngram"] > out["max_ngram"]:
             raise SettingError(f"speculative min_ngram={out['min_ngram']} exceeds "
                                f"max_ngram={out['max_ngram']}")
@@ -120,7 +138,13 @@ def propose(config: SpeculativeConfig, req: Any, seq: Any, k: int) -> list[int]:
     grammar accepts (and before a token that would complete the grammar)."""
     if not eligible(req):
         return []
-    draft = propose_ngram(seq.tokens, k, config.max_ngram, config.min_ngram)
+    return cut_to_grammar(req, propose_ngram(seq.tokens, k, config.max_ngram,
+                                             config.min_ngram))
+
+
+def cut_to_grammar(req: Any, draft: list[int]) -> list[int]:
+    """A proposal cut to the tokens the request's grammar accepts, and before a token
+    that would complete the grammar (the target's to draw); as it is without a grammar."""
     matcher = req.grammar
     if matcher is None or not draft:
         return draft

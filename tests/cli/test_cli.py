@@ -119,6 +119,8 @@ BAD_CASES = [
     (["generate", "smollm2-135m", "--prompt", "hi", "--speculative", "{"], "--speculative"),
     (["generate", "smollm2-135m", "--prompt", "hi", "--speculative",
       '{"method": "ngram", "num_tokens": 2, "k": 1}'], "unknown key 'k'"),
+    (["generate", "smollm2-135m", "--prompt", "hi", "--speculative",
+      '{"method": "draft", "num_tokens": 2}'], "needs a model"),
     (["generate", "smollm2-135m", "--prompt", "hi", "--tensor-parallel", "0"],
      "--tensor-parallel must be >= 1"),
     (["generate", "smollm2-135m", "--prompt", "hi", "--tensor-parallel", "2"],

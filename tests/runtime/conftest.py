@@ -59,9 +59,11 @@ def _smollm2() -> RunnerFactory:
                          eos_token_ids=tuple(model.tokenizer.eos_ids))
 
 
-def _tiny_llama(quantize: str = "") -> RunnerFactory:
+def _tiny_llama(quantize: str = "", num_layers: int = 2, seed: int = 7) -> RunnerFactory:
     """A random two-layer GQA Llama through the real frontend, passes and lowering;
-    `quantize` names a quantize pass mode (tests/runtime/test_engine_quantized.py)."""
+    `quantize` names a quantize pass mode (tests/runtime/test_engine_quantized.py).
+    Another `num_layers` or `seed` makes another model of the same vocabulary (a
+    speculative draft: tests/runtime/test_speculative_draft.py)."""
     from types import SimpleNamespace
 
     import numpy as np
@@ -70,9 +72,9 @@ def _tiny_llama(quantize: str = "") -> RunnerFactory:
     from jaxrt.frontends.config import ModelConfig
     from jaxrt.frontends.loaded import expected_weight_shapes
     cfg = ModelConfig(arch="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
-                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                      num_layers=num_layers, num_heads=4, num_kv_heads=2, head_dim=16,
                       max_position=64, rope_theta=10000.0)
-    rng = np.random.default_rng(7)
+    rng = np.random.default_rng(seed)
     weights = {n: (rng.standard_normal(s) * (0.3 if len(s) > 1 else 0.1) + (len(s) == 1))
                .astype(np.float32) for n, s in expected_weight_shapes(cfg).items()}
     loaded = SimpleNamespace(config=cfg, weights=weights, tokenizer=None, chat_template=None,

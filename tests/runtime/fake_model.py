@@ -170,7 +170,10 @@ class FakeRunner:
     plus tokenizer, eos_token_ids and max_model_len for the Engine."""
 
     def __init__(self, num_pages: int = 64, page_size: int = 4,
-                 max_model_len: int | None = None, check: bool = True):
+                 max_model_len: int | None = None, check: bool = True,
+                 w_out: np.ndarray | None = None):
+        """`w_out` u32[VOCAB, DIM]: another output matrix (a different model of the same
+        vocabulary, e.g. a speculative draft that agrees with W_OUT on some rows)."""
         self.num_pages, self.page_size = num_pages, page_size
         self.vocab_size = VOCAB
         self.max_model_len = max_model_len
@@ -181,6 +184,11 @@ class FakeRunner:
         self.compiles_in_run = 0     # shapes first seen by run(), not compile_for()
         self._kv = jnp.zeros((num_pages, page_size, DIM), jnp.uint32)
         self._written = np.zeros(num_pages * page_size, bool)
+        self._own_params = None if w_out is None else \
+            (*_params()[:2], jnp.asarray(np.asarray(w_out, np.uint32)))
+
+    def _params(self):
+        return _params() if self._own_params is None else self._own_params
 
     @property
     def _programs(self) -> StepPrograms:
@@ -191,10 +199,10 @@ class FakeRunner:
         return _PROGRAMS[key]
 
     def compile_for(self, T: int, S: int, Q: int, MP: int, N: int) -> float:
-        return self._programs.compile_step((T, S, Q, MP, N), _params(), self._kv)
+        return self._programs.compile_step((T, S, Q, MP, N), self._params(), self._kv)
 
     def compile_decode(self, S: int, MP: int, num_steps: int) -> float:
-        return self._programs.compile_decode(S, MP, num_steps, _params(), self._kv)
+        return self._programs.compile_decode(S, MP, num_steps, self._params(), self._kv)
 
     def run_sampled(self, tokens, positions, slot_mapping, page_table, context_lens,
                     q_index, logit_index, sampling, token_bitmask=None):
@@ -206,10 +214,10 @@ class FakeRunner:
         words = 0 if token_bitmask is None else token_bitmask.shape[1]
         if not self._programs.has(self._programs.step_key(shape, words)):
             self.compiles_in_run += 1
-            self._programs.compile_step(shape, _params(), self._kv, words)
+            self._programs.compile_step(shape, self._params(), self._kv, words)
         extra = [] if token_bitmask is None else [token_bitmask]
         out_tokens, out_lp, logits, self._kv = self._programs.run_step(
-            shape, _params(), pack([*args, *sampling, *extra]), self._kv, words)
+            shape, self._params(), pack([*args, *sampling, *extra]), self._kv, words)
         self.runs += 1
         return out_tokens, out_lp, logits
 
@@ -241,7 +249,7 @@ class FakeRunner:
             feed_at = np.full((2, s), -1, np.int32)
         packed = pack([tokens, positions, page_table, steps_left, feed_at, *sampling])
         out_tokens, out_lp, self._kv = self._programs.run_decode(
-            s, mp, num_steps, _params(), packed, feed, self._kv)
+            s, mp, num_steps, self._params(), packed, feed, self._kv)
         self.runs += 1
         return out_tokens, out_lp
 

@@ -22,7 +22,7 @@ CONFIG = dict(max_num_seqs=4, max_num_batched_tokens=48, max_model_len=48, log=N
     ({"method": "ngram", "num_tokens": True}, "num_tokens"),
     ({"method": "ngram", "num_tokens": 2, "min_ngram": 3, "max_ngram": 2}, "min_ngram"),
     ({"method": "ngram", "num_tokens": 2, "lookahead": 1}, "unknown key 'lookahead'"),
-    ({"method": "draft", "num_tokens": 2, "model": "x"}, "unknown key 'model'"),
+    ({"method": "ngram", "num_tokens": 2, "model": "x"}, "unknown key 'model'"),
     ({"method": "medusa", "num_tokens": 2}, "method"),
     ("ngram", "expected a dict"),
 ])

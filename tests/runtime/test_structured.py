@@ -148,15 +148,18 @@ def test_fill_bitmask_allows_everything_in_free_rows(engine):
     assert np.flatnonzero(bits[1]).tolist() == [ALPHABET.index("b")]
 
 
-def test_speculation_with_a_grammar_is_token_identical():
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_speculation_with_a_grammar_is_token_identical(method):
     """Constrained requests speculate: proposals cut to what the grammar accepts, each
     verify row masked by the grammar after the proposal's first j tokens. Where the
-    grammar forces a token the proposal copies it and is accepted."""
+    grammar forces a token the proposal copies it (n-grams) or the draft, the target's
+    own weights unmasked, may propose it; accepted proposals either way."""
     runner = FakeRunner(num_pages=64, page_size=4)
     tok = alphabet_tokenizer()
     plain = Engine(runner, tokenizer=tok, **CONFIG)
-    specd = Engine(runner, tokenizer=tok, speculative={"method": "ngram", "num_tokens": 3},
-                   **CONFIG)
+    spec = {"method": "ngram", "num_tokens": 3} if method == "ngram" else \
+        {"method": "draft", "model": FakeRunner(num_pages=64, page_size=4), "num_tokens": 3}
+    specd = Engine(runner, tokenizer=tok, speculative=spec, **CONFIG)
     params = [SamplingParams(regex="(abc){2,8}", max_tokens=30),
               SamplingParams(regex="[a-d]{3}(xy){1,5}z", max_tokens=30, temperature=1.0,
                              seed=9),
