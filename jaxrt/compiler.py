@@ -132,11 +132,20 @@ class CompiledModel:
                               **kwargs)
 
 
+# The fusion passes default_pipeline runs, in order (jaxrt/passes/fuse_*.py).
+FUSION_PASSES = ("fuse-qkv", "fuse-gate-up", "fuse-add-rmsnorm")
+PROJECTION_FUSIONS = ("fuse-qkv", "fuse-gate-up")  # refused by shard{tp>1}
+# Fusion on a CPU by default: SmolLM2-135M f32 batch-1 decode, same greedy tokens, measured
+# on this project's 2-core CI machine (docs/architecture.md, "Fusion passes").
+FUSE_ON_CPU = True
+
+
 def default_pipeline(target: Target, *, page_size: int = 16, memory_fraction: float = 0.9,
                      max_model_len: int = 0, max_num_seqs: int = 64,
                      max_num_batched_tokens: int = 2048, num_pages: int = 0,
                      outline_layers: bool | None = None, tensor_parallel: int = 1,
-                     data_parallel: int = 1, quantize: str = "") -> str:
+                     data_parallel: int = 1, quantize: str = "",
+                     fuse: bool | None = None) -> str:
     """The pipeline `load` runs. `outline_layers` compiles the repeated layers once (a scan
     over stacked weights); False keeps the stack unrolled. None picks by target: scan on
     CPUs, where compile time dominates start-up, unrolled on accelerators, where it decodes
@@ -147,8 +156,24 @@ def default_pipeline(target: Target, *, page_size: int = 16, memory_fraction: fl
     `quantize` names a quantize mode (int8-weight, fp8-weight, w8a8, fp8; per-channel
     scales). It runs after cast-float (scales stay f32) and before outline-layers, so
     those two swap places when quantizing. Quantized weights are not sharded yet: the
-    two together are refused."""
+    two together are refused.
+
+    `fuse` runs the fusion passes (FUSION_PASSES) right after dce, on the frontend's f32
+    ops and before anything that reads weights as units (cast-float, quantize,
+    outline-layers). None picks by target: on everywhere (see FUSE_ON_CPU). Under
+    tensor_parallel > 1 the projection fusions are left out (a column split of a
+    concatenated weight would hand devices rows of the wrong projection): only
+    fuse-add-rmsnorm runs, and fuse=True is refused."""
     passes = ["canonicalize", "cse", "dce"]
+    if fuse and tensor_parallel != 1:
+        raise SettingError(f"fuse=True with tensor_parallel={tensor_parallel}: fused q/k/v "
+                           f"and gate/up projections cannot be split over tp; leave fuse "
+                           f"unset (only fuse-add-rmsnorm runs) or pass fuse=False")
+    if fuse is None:
+        fuse = target.backend != "cpu" or FUSE_ON_CPU
+    if fuse:
+        passes += [p for p in FUSION_PASSES
+                   if tensor_parallel == 1 or p not in PROJECTION_FUSIONS]
     if outline_layers is None:
         outline_layers = target.backend == "cpu"
     cast = [f"cast-float{{dtype={target.dtype}}}"] if target.dtype != "f32" else []
