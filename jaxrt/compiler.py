@@ -132,9 +132,13 @@ class CompiledModel:
                               **kwargs)
 
 
-# The fusion passes default_pipeline runs, in order (jaxrt/passes/fuse_*.py).
-FUSION_PASSES = ("fuse-qkv", "fuse-gate-up", "fuse-add-rmsnorm")
+# The fusion passes default_pipeline runs (jaxrt/passes/fuse_*.py): the projections on
+# the frontend's f32 ops, before anything that reads weights as units (cast-float,
+# quantize, outline-layers stack the concatenations); the norm after outline-layers, whose
+# layer cuts need a point where only the residual and the cache are live (a fused add
+# carries the sum and its norm across the boundary: nothing would outline).
 PROJECTION_FUSIONS = ("fuse-qkv", "fuse-gate-up")  # refused by shard{tp>1}
+NORM_FUSIONS = ("fuse-add-rmsnorm",)
 # Fusion on a CPU by default: SmolLM2-135M f32 batch-1 decode, same greedy tokens, measured
 # on this project's 2-core CI machine (docs/architecture.md, "Fusion passes").
 FUSE_ON_CPU = True
@@ -158,12 +162,11 @@ def default_pipeline(target: Target, *, page_size: int = 16, memory_fraction: fl
     those two swap places when quantizing. Quantized weights are not sharded yet: the
     two together are refused.
 
-    `fuse` runs the fusion passes (FUSION_PASSES) right after dce, on the frontend's f32
-    ops and before anything that reads weights as units (cast-float, quantize,
-    outline-layers). None picks by target: on everywhere (see FUSE_ON_CPU). Under
-    tensor_parallel > 1 the projection fusions are left out (a column split of a
-    concatenated weight would hand devices rows of the wrong projection): only
-    fuse-add-rmsnorm runs, and fuse=True is refused."""
+    `fuse` runs the fusion passes: PROJECTION_FUSIONS right after dce, NORM_FUSIONS after
+    outline-layers (with outlined layers they fuse within a layer only). None picks by
+    target (FUSE_ON_CPU on a CPU, on elsewhere). Under tensor_parallel > 1 the projection
+    fusions are left out (a column split of a concatenated weight would hand devices rows
+    of the wrong projection): only fuse-add-rmsnorm runs, and fuse=True is refused."""
     passes = ["canonicalize", "cse", "dce"]
     if fuse and tensor_parallel != 1:
         raise SettingError(f"fuse=True with tensor_parallel={tensor_parallel}: fused q/k/v "
@@ -171,9 +174,8 @@ def default_pipeline(target: Target, *, page_size: int = 16, memory_fraction: fl
                            f"unset (only fuse-add-rmsnorm runs) or pass fuse=False")
     if fuse is None:
         fuse = target.backend != "cpu" or FUSE_ON_CPU
-    if fuse:
-        passes += [p for p in FUSION_PASSES
-                   if tensor_parallel == 1 or p not in PROJECTION_FUSIONS]
+    if fuse and tensor_parallel == 1:
+        passes += PROJECTION_FUSIONS
     if outline_layers is None:
         outline_layers = target.backend == "cpu"
     cast = [f"cast-float{{dtype={target.dtype}}}"] if target.dtype != "f32" else []
@@ -182,6 +184,8 @@ def default_pipeline(target: Target, *, page_size: int = 16, memory_fraction: fl
         cast = []
     if outline_layers:
         passes.append("outline-layers")
+    if fuse:
+        passes += NORM_FUSIONS
     passes += cast
     if tensor_parallel != 1 or data_parallel != 1:
         if quantize:
