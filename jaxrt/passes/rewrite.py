@@ -329,7 +329,8 @@ class _Driver:
         if old.owner is None or old.owner in self.dead or old.owner is root:
             raise RewriteError(f"rule {rule.name} ({rule.location}) replaces a value that is "
                                f"not a result of another live op")
-        early = [u for u in self.users.get(old, ()) if u is not root and not self.after(u, root)]
+        early = [u for u in self.users.get(old, ())
+                 if u is not root and not self.after(u, root)]
         if early:
             raise RewriteError(f"rule {rule.name} ({rule.location}) replaces a "
                                f"{old.owner.opdef.name} result used by {early[0].opdef.name} "

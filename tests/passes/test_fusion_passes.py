@@ -90,26 +90,33 @@ def test_fuse_qkv_golden_gqa_with_biases():
     assert_sound(m, after)
 
 
-@pytest.mark.parametrize("case", ["different-inputs", "four-projections", "some-biases",
-                                  "computed-weight", "two-projections"])
+def _proj(b, x, p, *, bias=False, computed=False):
+    w = b.weight(f"{p}.weight")
+    w = b(ops.tanh, w) if computed else w
+    return b(ops.linear, x, w, *([b.weight(f"{p}.bias")] if bias else []))
+
+
+QKV_NEAR_MISSES = {
+    # q and v of x, k of y: two projections of x only
+    "different-inputs": lambda b, x, y: qkv_body(b, x, inputs=(x, y, x)),
+    # four projections of x: which three would be q, k and v?
+    "four-projections": lambda b, x, y: (*qkv_body(b, x), _proj(b, x, "g")),
+    # a bias on v only
+    "some-biases": lambda b, x, y: (_proj(b, x, "q"), _proj(b, x, "k"),
+                                    _proj(b, x, "v", bias=True)),
+    # v's weight is computed, not a module weight
+    "computed-weight": lambda b, x, y: (_proj(b, x, "q"), _proj(b, x, "k"),
+                                        _proj(b, x, "v", computed=True)),
+    # k and v only (cross-attention style): not three
+    "two-projections": lambda b, x, y: (_proj(b, x, "k"), _proj(b, x, "v")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(QKV_NEAR_MISSES))
 def test_fuse_qkv_near_misses(case):
-    weights, args = dict(GQA, **{"g.weight": (4, 6)}), {"x": (T, 6), "y": (T, 6)}
-    if case == "different-inputs":  # q and v of x, k of y: two projections of x only
-        body = lambda b, x, y: qkv_body(b, x, inputs=(x, y, x))  # noqa: E731
-    elif case == "four-projections":  # which three would be q, k and v?
-        body = lambda b, x, y: (*qkv_body(b, x), b(ops.linear, x, b.weight("g.weight")))  # noqa: E731
-    elif case == "some-biases":  # v has a bias operand, q and k do not
-        def body(b, x, y):
-            return (b(ops.linear, x, b.weight("q.weight")), b(ops.linear, x, b.weight("k.weight")),
-                    b(ops.linear, x, b.weight("v.weight"), b.weight("v.bias")))
-    elif case == "computed-weight":
-        def body(b, x, y):
-            return (b(ops.linear, x, b.weight("q.weight")), b(ops.linear, x, b.weight("k.weight")),
-                    b(ops.linear, x, b(ops.tanh, b.weight("v.weight"))))
-    else:  # k and v only (cross-attention style): not three
-        def body(b, x, y):
-            return b(ops.linear, x, b.weight("k.weight")), b(ops.linear, x, b.weight("v.weight"))
-    assert_unchanged(module(weights, args, body), "fuse-qkv")
+    weights = dict(GQA, **{"g.weight": (4, 6)})
+    m = module(weights, {"x": (T, 6), "y": (T, 6)}, QKV_NEAR_MISSES[case])
+    assert_unchanged(m, "fuse-qkv")
 
 
 # ---- fuse-gate-up -----------------------------------------------------------------------
@@ -298,3 +305,10 @@ def test_smollm2_greedy_parity_fused_and_unfused(smollm2):
     assert fused_ids == plain_ids
     bound = LOGIT_RTOL * np.abs(plain).max(axis=-1, keepdims=True)
     assert (np.abs(fused_logits - plain) <= bound).all()
+
+
+def test_engine_refuses_fuse_for_a_compiled_runner():
+    from jaxrt.runtime.engine import Engine
+    from tests.runtime.fake_model import FakeRunner
+    with pytest.raises(SettingError, match="fuse=True applies when the Engine loads"):
+        Engine(FakeRunner(num_pages=8, page_size=4), fuse=True, log=None)
