@@ -27,6 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "per-device weight and cache bytes")
     p.add_argument("--data-parallel", "--dp", type=int, default=1, metavar="M",
                    help="for models with the default pipeline: the mesh's dp axis")
+    p.add_argument("--stats", action="store_true",
+                   help="list every rewrite rule of the pipeline with its attempts, matches "
+                        "and rewrites (models: the pipeline just run; IR text: what jaxrt "
+                        "opt --stats recorded)")
 
 
 def _bindings(items: list[str]) -> dict[str, int]:
@@ -41,7 +45,7 @@ def _bindings(items: list[str]) -> dict[str, int]:
 
 def run(args) -> int:
     from jaxrt.ir.analysis.graph import to_dot
-    from jaxrt.ir.analysis.summary import format_summary, module_summary
+    from jaxrt.ir.analysis.summary import format_rule_stats, format_summary, module_summary
 
     bindings = _bindings(args.bind)
     if is_ir_file(args.target):
@@ -81,4 +85,6 @@ def run(args) -> int:
         if model_info:
             print(f"model: {model_info['source']}  pipeline: {model_info['pipeline']}")
         print(format_summary(summary))
+        if args.stats:
+            print(format_rule_stats(summary))
     return 0

@@ -10,6 +10,10 @@
 A handler is called as `handler(rw, **captures)` and returns the replacement Value (of the
 root's type) or None to decline. `rw` builds new ops, which the driver inserts just before
 the root op: they may use any captured value, since captures dominate the root.
+
+A fusion may also replace values other than the root: `rw.replace(old, new)` (with
+`rw.users(old)` and `rw.after_root(op)` to check first that every user of `old` comes
+after the root, so that the new ops, inserted before it, dominate them).
 """
 from __future__ import annotations
 
@@ -139,18 +143,25 @@ def as_ruleset(rules: "RuleSet | Rule | Iterable[Rule]") -> RuleSet:
 class Rewriter:
     """A handler's first argument: `rw(ops.add, a, b)` builds an op that the driver inserts
     before the root op. Also: `rw.root` (matched Value), `rw.op`, `rw.fn`, `rw.module`,
-    `rw.ctx` (the running pass, for options), `rw.num_uses(v)`."""
+    `rw.ctx` (the running pass, for options), `rw.num_uses(v)`, `rw.users(v)`,
+    `rw.after_root(op)` and `rw.replace(old, new)`."""
 
-    __slots__ = ("fn", "module", "ctx", "root", "new_ops", "_uses")
+    __slots__ = ("fn", "module", "ctx", "root", "new_ops", "also", "_uses", "_users",
+                 "_after")
 
     def __init__(self, fn: Function, module: Module | None, ctx: Any,
-                 uses: Callable[[Value], int]):
+                 uses: Callable[[Value], int],
+                 users: Callable[[Value], list[Op]] | None = None,
+                 after: Callable[[Op, Op], bool] | None = None):
         self.fn = fn
         self.module = module
         self.ctx = ctx
         self.root: Value | None = None
         self.new_ops: list[Op] = []
+        self.also: list[tuple[Value, Value]] = []  # other replacements: (old, new)
         self._uses = uses
+        self._users = users or _users_by_scan(fn)
+        self._after = after or _after_by_scan(fn)
 
     @property
     def op(self) -> Op:
@@ -188,6 +199,31 @@ class Rewriter:
         """Uses of v by live ops and function results (new, uncommitted ops excluded)."""
         return self._uses(v)
 
+    def users(self, v: Value) -> list[Op]:
+        """The live ops using v, in program order (new, uncommitted ops excluded)."""
+        return self._users(v)
+
+    def after_root(self, op: Op) -> bool:
+        """Whether op comes after the root op in program order."""
+        return self._after(op, self.root.owner)
+
+    def replace(self, old: Value, new: Value) -> None:
+        """Also replace `old` (a result of another op) by `new` when the handler's
+        replacement is applied. Every user of `old` must come after the root (check with
+        `users` and `after_root`), else the driver raises RewriteError."""
+        self.also.append((old, new))
+
+
+def _users_by_scan(fn: Function) -> Callable[[Value], list[Op]]:
+    return lambda v: [op for op in fn.ops if any(x is v for x in op.operands)]
+
+
+def _after_by_scan(fn: Function) -> Callable[[Op, Op], bool]:
+    def after(a: Op, b: Op) -> bool:
+        pos = {op: i for i, op in enumerate(fn.ops)}
+        return a in pos and b in pos and pos[a] > pos[b]
+    return after
+
 
 # ---- the driver ----------------------------------------------------------------------------
 
@@ -205,11 +241,22 @@ class _Driver:
         self.dead: set[Op] = set()
         self.worklist: list[Op] = list(reversed(fn.ops))
         self.queued: set[Op] = set(fn.ops)
-        self.rw = Rewriter(fn, module, ctx, self.num_uses)
+        # Program-order keys, compared as tuples: op i is (i,); an op inserted before op X
+        # is X's key with its last element less one, then a sequence number, so it sorts
+        # after whatever precedes X and before X itself.
+        self.key: dict[Op, tuple] = {op: (i,) for i, op in enumerate(fn.ops)}
+        self.seq = 0
+        self.rw = Rewriter(fn, module, ctx, self.num_uses, self.live_users, self.after)
         self.history: list[str] = []
 
     def num_uses(self, v: Value) -> int:
         return len(self.users.get(v, ())) + self.returned[v]
+
+    def live_users(self, v: Value) -> list[Op]:
+        return sorted(dict.fromkeys(self.users.get(v, ())), key=self.key.__getitem__)
+
+    def after(self, a: Op, b: Op) -> bool:
+        return self.key[a] > self.key[b]
 
     def push(self, op: Op) -> None:
         if op not in self.queued and op not in self.dead:
@@ -249,11 +296,14 @@ class _Driver:
                 st.matches += 1
                 self.rw.root = res
                 self.rw.new_ops = []
+                self.rw.also = []
                 new = rule.handler(self.rw, **caps)
                 st.handler_seconds += clock() - t1
                 if new is None or new is res:
                     continue
                 self._check(rule, res, new)
+                for old, repl in self.rw.also:
+                    self._check_also(rule, op, old, repl)
                 st.rewrites += 1
                 self.stats.steps += 1
                 self.history.append(rule.name)
@@ -262,7 +312,7 @@ class _Driver:
                 if self.log is not None:
                     self.log(f"{rule.name}: {op.opdef.name} -> "
                              f"{new.owner.opdef.name if new.owner else 'argument'}")
-                self._apply(op, res, new, self.rw.new_ops)
+                self._apply(op, [(res, new), *self.rw.also], self.rw.new_ops)
                 return True
         return False
 
@@ -274,26 +324,45 @@ class _Driver:
             raise RewriteError(f"rule {rule.name} ({rule.location}) replaced a {res.type} "
                                f"({res.owner.opdef.name}) with a {new.type}")
 
-    def _apply(self, op: Op, res: Value, new: Value, new_ops: list[Op]) -> None:
+    def _check_also(self, rule: Rule, root: Op, old: Value, new: Value) -> None:
+        self._check(rule, old, new)
+        if old.owner is None or old.owner in self.dead or old.owner is root:
+            raise RewriteError(f"rule {rule.name} ({rule.location}) replaces a value that is "
+                               f"not a result of another live op")
+        early = [u for u in self.users.get(old, ())
+                 if u is not root and not self.after(u, root)]
+        if early:
+            raise RewriteError(f"rule {rule.name} ({rule.location}) replaces a "
+                               f"{old.owner.opdef.name} result used by {early[0].opdef.name} "
+                               f"before the root {root.opdef.name}: the replacement would "
+                               f"not dominate it")
+
+    def _apply(self, op: Op, replacements: list[tuple[Value, Value]],
+               new_ops: list[Op]) -> None:
         users = self.users
         if new_ops:
             self.before.setdefault(op, []).extend(new_ops)
+            *head, last = self.key[op]
             for n in new_ops:
+                self.seq += 1
+                self.key[n] = (*head, last - 1, self.seq)
                 for v in n.operands:
                     users.setdefault(v, []).append(n)
-        moved = users.pop(res, [])
-        for user in dict.fromkeys(moved):
-            user.operands = [new if v is res else v for v in user.operands]
-        users.setdefault(new, []).extend(moved)
-        if self.returned[res]:
-            self.fn.results = [new if v is res else v for v in self.fn.results]
-            self.returned[new] += self.returned.pop(res)
-        for user in dict.fromkeys(moved):
-            self.push(user)
+        for res, new in replacements:
+            moved = users.pop(res, [])
+            for user in dict.fromkeys(moved):
+                user.operands = [new if v is res else v for v in user.operands]
+            users.setdefault(new, []).extend(moved)
+            if self.returned[res]:
+                self.fn.results = [new if v is res else v for v in self.fn.results]
+                self.returned[new] += self.returned.pop(res)
+            for user in dict.fromkeys(moved):
+                self.push(user)
         for n in reversed(new_ops):
             self.push(n)
-        if not any(self.num_uses(r) for r in op.results):
-            self._erase(op)
+        for old_op in dict.fromkeys(res.owner for res, _ in replacements):
+            if old_op not in self.dead and not any(self.num_uses(r) for r in old_op.results):
+                self._erase(old_op)
         for n in new_ops:  # built but not used by the replacement
             if n not in self.dead and not any(self.num_uses(r) for r in n.results):
                 self._erase(n)

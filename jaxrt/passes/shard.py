@@ -28,7 +28,7 @@ over it (the lowering splits each step's batch rows over it).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from jaxrt.errors import SettingError
 from jaxrt.ir import ops
@@ -67,6 +67,7 @@ class _Analysis:
     intermediate: set[int]
     vocab: set[int]
     body_args: dict[Value, _Use]       # scan body arguments that are (slices of) weights
+    fused: set[str] = field(default_factory=set)  # weights of fused projections (sliced)
 
 
 @register_pass
@@ -90,6 +91,12 @@ class ShardModel(Pass):
         a = analyze(module)
         tp = self.tp
         where = f"shard{{tp={tp}}}"
+        if tp > 1 and a.fused:
+            raise SettingError(f"{where}: fused projections ({', '.join(sorted(a.fused)[:2])}"
+                               f"{', ...' if len(a.fused) > 2 else ''}) cannot be split over "
+                               f"tp: a column split of the concatenation would give devices "
+                               f"rows of the wrong projection; run shard without fuse-qkv "
+                               f"and fuse-gate-up")
         heads, kv_heads = _one(a.heads, "heads"), _one(a.kv_heads, "kv heads")
         head_dim = _one(a.head_dims, "head dims")
         if heads % tp:
@@ -200,6 +207,9 @@ def _classify(op: Op, uses: dict[Value, _Use], users, a: _Analysis) -> None:
             _set(a, w, ROW)
             _set(a, bias, ROW)
             return
+        if w is not None and _sliced_to_roles(op.result, users):
+            a.fused.add(w.name)  # fuse-qkv / fuse-gate-up
+            return
         dest, reshape = _destination(op.result, users)
         if dest is None:
             return
@@ -227,6 +237,13 @@ def _producer(v: Value, wanted) -> bool:
     while v.owner is not None and v.owner.opdef in (ops.reshape, ops.convert):
         v = v.owner.operands[0]
     return v.owner is not None and v.owner.opdef in wanted
+
+
+def _sliced_to_roles(v: Value, users) -> bool:
+    """v's columns are sliced (on the last axis) into q/k/v or a gated activation."""
+    return any(op is not None and op.opdef is ops.slice_ and op.attrs.axis == v.type.rank - 1
+               and _destination(op.result, users)[0] is not None
+               for op, _ in users.get(v, ()))
 
 
 def _destination(v: Value, users) -> tuple[str | None, Op | None]:

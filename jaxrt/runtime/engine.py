@@ -30,7 +30,8 @@ the request path is counted in `stats().compiles_after_warmup` (and raises with
 
 `tensor_parallel` / `data_parallel` (> 1: the `shard` pass, a device mesh; see
 docs/parallelism.md), `quantize` (a mode of the quantize pass: int8-weight, fp8-weight,
-w8a8, fp8), `kv_cache_memory_fraction`, `kv_cache_max_gib` (a cap on the cache;
+w8a8, fp8), `fuse` (the fusion passes; None: compiler.default_pipeline's choice),
+`kv_cache_memory_fraction`, `kv_cache_max_gib` (a cap on the cache;
 on a CPU 4 GiB by default) and `dtype` matter only when the engine loads the model itself; a runner object
 arrives with its cache and dtype already chosen.
 """
@@ -115,7 +116,7 @@ class Engine:
                  kv_cache_memory_fraction: float = 0.9, kv_cache_max_gib: float | None = None,
                  outline_layers: bool | None = None,
                  tensor_parallel: int = 1, data_parallel: int = 1, quantize: str = "",
-                 num_pages: int | None = None,
+                 fuse: bool | None = None, num_pages: int | None = None,
                  max_model_len: int | None = None, dtype: Any = None, max_logprobs: int = 20,
                  seed: int | None = None, q_block: int = 16, bucket_growth: int | None = None,
                  min_bucket_tokens: int = 16, decode_steps: int | None = None,
@@ -142,7 +143,7 @@ class Engine:
                 max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                 max_num_batched_tokens=max_num_batched_tokens, outline_layers=outline_layers,
                 tensor_parallel=tensor_parallel, data_parallel=data_parallel,
-                quantize=quantize)
+                quantize=quantize, fuse=fuse)
             tokenizer = tokenizer if tokenizer is not None else tok
             eos_token_ids = eos_token_ids if eos_token_ids is not None else eos
             chat_template = chat_template if chat_template is not None else template
@@ -150,7 +151,7 @@ class Engine:
             # a runner arrives compiled: what it was compiled with cannot change here
             for name, value, neutral in (("tensor_parallel", tensor_parallel, 1),
                                          ("data_parallel", data_parallel, 1),
-                                         ("quantize", quantize, "")):
+                                         ("quantize", quantize, ""), ("fuse", fuse, None)):
                 if value != neutral:
                     raise SettingError(f"{name}={value!r} applies when the Engine loads the "
                                        f"model from a path or alias; this runner is "
@@ -1083,7 +1084,7 @@ def _load(model: str, *, dtype, page_size: int, num_pages: int | None,
           memory_fraction: float, max_cache_gib: float | None, max_num_seqs: int,
           max_model_len: int | None, max_num_batched_tokens: int | None,
           outline_layers: bool | None = None, tensor_parallel: int = 1,
-          data_parallel: int = 1, quantize: str = ""):
+          data_parallel: int = 1, quantize: str = "", fuse: bool | None = None):
     """Path or alias -> (StepExecutable, tokenizer, eos ids, the planned max length).
     The plan-kv-cache pass sizes the cache (num_pages) from these options and the target
     (device memory; on a CPU the available host memory and a cap on the cache)."""
@@ -1102,7 +1103,7 @@ def _load(model: str, *, dtype, page_size: int, num_pages: int | None,
                     max_num_batched_tokens=max_num_batched_tokens or 2048,
                     num_pages=num_pages or 0, outline_layers=outline_layers,
                     tensor_parallel=tensor_parallel, data_parallel=data_parallel,
-                    quantize=quantize)
+                    quantize=quantize, fuse=fuse)
     if target is None:  # an engine directory: its mesh and quantization were compiled in
         mesh = dict(compiled.module.attributes.get("mesh") or {})
         have = (int(mesh.get("tp", 1)), int(mesh.get("dp", 1)))
@@ -1113,6 +1114,9 @@ def _load(model: str, *, dtype, page_size: int, num_pages: int | None,
         if quantize:
             raise SettingError(f"quantize={quantize!r}: {model} is an engine directory; "
                                f"quantize when compiling it (jaxrt compile -q)")
+        if fuse is not None:
+            raise SettingError(f"fuse={fuse}: {model} is an engine directory; its passes "
+                               f"ran when it was compiled")
     eos = tuple(compiled.config.eos_token_ids) or tuple(getattr(compiled.tokenizer, "eos_ids",
                                                                 ()))
     # The planned length: the model's context, or what max_model_len / an engine directory's

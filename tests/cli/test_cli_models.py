@@ -64,6 +64,21 @@ def test_inspect_model_reports_architecture_and_parameters(capsys):
     assert s["kv_cache"]["page_size"] == 16
 
 
+def test_inspect_stats_counts_fusions_on_smollm2(capsys):
+    """Unrolled (the accelerator pipeline's shape): per layer one q/k/v and one gate/up
+    fusion, and every residual add but the last (its sum goes through the logit rows'
+    take before the final norm) fused with the norm after it."""
+    code, out, _ = run_cli(["inspect", "smollm2-135m", "--stats", "-p",
+                            "canonicalize,cse,dce,fuse-qkv,fuse-gate-up,fuse-add-rmsnorm"],
+                           capsys)
+    assert code == 0
+    rows = {line.split()[1]: line.split()[2:] for line in out.splitlines()
+            if line.startswith("  fuse-")}
+    assert rows["fuse-qkv"][2] == "30" and rows["fuse-gate-up"][2] == "30"
+    assert rows["fuse-add-rmsnorm"][1:] == ["59", "59"]
+    assert "fuse-qkvx30" in out.replace(" ", "")
+
+
 def test_prompt_longer_than_the_context_is_refused(capsys):
     code, _, err = run_cli(["generate", "smollm2-135m", "--prompt", "hello " * 9000,
                             "--max-tokens", "4"], capsys)

@@ -154,8 +154,26 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(f"  passes: {run['pipeline']} ({run['seconds'] * 1e3:.1f} ms)")
         for p in run["passes"]:
             rules = p.get("rules", {})
-            fired = {r: st.get("matches", 0) for r, st in rules.items()
-                     if isinstance(st, dict) and st.get("matches")}
+            fired = {r: st.get("rewrites", st.get("matches", 0)) for r, st in rules.items()
+                     if isinstance(st, dict) and st.get("rewrites", st.get("matches"))}
             extra = "  " + ", ".join(f"{r}x{n}" for r, n in fired.items()) if fired else ""
             lines.append(f"    {p['pass']:<28} {p['seconds'] * 1e3:>8.2f} ms{extra}")
     return "\n".join(lines)
+
+
+def format_rule_stats(s: dict[str, Any]) -> str:
+    """Every rule of every rewrite pass in the recorded pass statistics: how often it was
+    tried, matched its pattern and rewrote the IR (`inspect --stats`). Rules that never
+    fired are listed too."""
+    lines = []
+    for run in s.get("pass_stats", []):
+        lines.append(f"rule statistics: {run['pipeline']}")
+        lines.append(f"  {'pass':<20} {'rule':<26} {'attempts':>8} {'matches':>8} "
+                     f"{'rewrites':>8}")
+        for p in run["passes"]:
+            for rule, st in (p.get("rules") or {}).items():
+                if isinstance(st, dict):
+                    lines.append(f"  {p['pass'].split('{')[0]:<20} {rule:<26} "
+                                 f"{st.get('attempts', 0):>8} {st.get('matches', 0):>8} "
+                                 f"{st.get('rewrites', 0):>8}")
+    return "\n".join(lines) if lines else "(no pass statistics recorded: run jaxrt opt --stats)"

@@ -4,8 +4,8 @@ from .primitive import (add, broadcast, compare, concat, convert, cos, div, dot_
                         iota, log, matmul, maximum, minimum, mul, neg, pow_, reduce_max,
                         reduce_mean, reduce_sum, reshape, rsqrt, select, sin, slice_, sqrt,
                         sub, take, tanh, transpose)
-from .nn import (argmax, embedding, gelu, geglu, layer_norm, linear, logits, rms_norm, rope,
-                 silu, softmax, swiglu)
+from .nn import (add_rms_norm, argmax, embedding, gelu, geglu, layer_norm, linear, logits,
+                 rms_norm, rope, silu, softmax, swiglu)
 from .attention import attention, kv_update, paged_attention
 from .control import scan
 from .quant import dequantize, quantize

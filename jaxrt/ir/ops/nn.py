@@ -128,6 +128,30 @@ rms_norm = register(OpDef(
                               "offset": AttrSpec(float, default=0.0)},
     infer=_infer_rms_norm, reference=_ref_rms_norm))
 
+def _infer_add_rms_norm(types, attrs):
+    x, r, w = types
+    same_dtype(types, "add_rms_norm")
+    if r.shape != x.shape:
+        raise VerifyError(f"add_rms_norm: residual {r} must have the shape of {x} (no "
+                          f"broadcasting)")
+    if w.shape != (x.shape[-1],):
+        raise VerifyError(f"add_rms_norm: weight {w} must match the last dim of {x}")
+    return [x, x]
+
+
+def _ref_add_rms_norm(x, r, w, *, attrs, out_types):
+    total = cast_to(as_compute(x) + as_compute(r), out_types[0])  # rounded like add's
+    return total, _ref_rms_norm(total, w, attrs=attrs, out_types=out_types[1:])
+
+
+# add_rms_norm(x, r, w) = (s, rms_norm(s, w)) with s = x + r, rounded to the result dtype
+# before the norm reads it: exactly add then rms_norm (the fuse-add-rmsnorm pass)
+add_rms_norm = register(OpDef(
+    "llm.add_rms_norm", 3, num_results=2, attrs={"eps": AttrSpec(float, default=1e-6),
+                                                 "offset": AttrSpec(float, default=0.0)},
+    infer=_infer_add_rms_norm, reference=_ref_add_rms_norm))
+
+
 def _infer_layer_norm(types, attrs):
     x, w, b = types
     same_dtype(types, "layer_norm")

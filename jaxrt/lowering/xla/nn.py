@@ -75,6 +75,12 @@ def _rms_norm(ctx, x, w, *, attrs, out_types):
     return cast(y * (attrs.offset + upcast(w)), out_types[0])
 
 
+@rule(ops.add_rms_norm)
+def _add_rms_norm(ctx, x, r, w, *, attrs, out_types):
+    total = cast(upcast(x) + upcast(r), out_types[0])  # as `add` lowers; the norm reads it
+    return total, _rms_norm(ctx, total, w, attrs=attrs, out_types=out_types[1:])
+
+
 @rule(ops.layer_norm)
 def _layer_norm(ctx, x, w, b, *, attrs, out_types):
     xf = upcast(x)
