@@ -9,7 +9,6 @@ before the `safetensors` library sees the file; tensors are then read lazily thr
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -21,7 +20,7 @@ from typing import Any
 import ml_dtypes  # noqa: F401  (registers numpy's bfloat16, which safetensors hands back)
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, load_json, read_bytes_file
 from .errors import ModelFormatError
 from .hf_config import config_from_hf_dict
 from .loaded import LazyWeights, LoadedModel, check_weight_shapes
@@ -65,9 +64,9 @@ def read_safetensors_header(path: str) -> dict[str, SafetensorsEntry]:
     if len(raw) != n:
         raise ModelFormatError(path, "file changed while reading its header")
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ModelFormatError(path, f"header is not JSON: {e}") from None
+        header = load_json(raw, "header is not JSON")
+    except InputError as e:
+        raise ModelFormatError(path, str(e)) from None
     if not isinstance(header, dict):
         raise ModelFormatError(path, "header is not a JSON object")
     data_len = size - 8 - n
@@ -198,13 +197,12 @@ def _loader(handle, name: str, file: str) -> Callable[[], np.ndarray]:
 # ---- config, tokenizer ---------------------------------------------------------------
 
 def _read_json(path: str) -> Any:
+    """A JSON file of a model directory: a capped read of a regular file (never /dev/zero
+    behind a link), its nesting bounded before decoding; errors name the file."""
     try:
-        with open(path, "rb") as f:
-            return json.loads(f.read().decode("utf-8"))
-    except FileNotFoundError:
-        raise ModelFormatError(path, "no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ModelFormatError(path, f"not readable JSON: {e}") from None
+        return load_json(read_bytes_file(path, "a JSON file"), "not readable JSON")
+    except InputError as e:
+        raise ModelFormatError(path, str(e).removeprefix(path + ": ")) from None
 
 
 def _optional_json(path: str) -> dict:

@@ -14,7 +14,7 @@ from typing import Any, Sequence as Seq
 
 import numpy as np
 
-from jaxrt.errors import InputError, SettingError
+from jaxrt.errors import InputError, SettingError, check_text
 
 FINISH_REASONS = ("stop", "length", "abort")  # RequestOutput.finish_reason once finished
 
@@ -138,6 +138,11 @@ class SamplingParams:
             bad("seed", "must be in [0, 2**64)")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "stop strings must be non-empty strings")
+        for i, s in enumerate(self.stop):
+            try:  # a lone surrogate can never appear in decoded text: it would never stop
+                check_text(s, f"stop string {i}")
+            except InputError as e:
+                bad("stop", str(e))
         for t in self.stop_token_ids:
             if not _is_int(t) or not 0 <= t < vocab_size:
                 bad("stop_token_ids", f"token id {t!r} is outside the vocabulary "
