@@ -45,8 +45,9 @@ def evaluate(model_spec: str, ids: list[int] | None = None, *, text: str | None 
         raise SettingError(f"--context must be >= 2 tokens, got {context}")
     if stride is not None and (not isinstance(stride, int) or stride < 1 or (
             context is not None and stride >= context)):
-        top = f"[1, --context - 1] = [1, {context - 1}]" if context is not None else ">= 1"
-        raise SettingError(f"--stride must be in {top}, got {stride}")
+        where = f"in [1, --context - 1] = [1, {context - 1}]" if context is not None \
+            else ">= 1"
+        raise SettingError(f"--stride must be {where}, got {stride}")
     kind, path = resolve_model(model_spec)
     if kind == "engine":
         if quantize or dtype:

@@ -135,7 +135,7 @@ class Engine:
             raise SettingError(f"seed must be in [0, 2**64), got {seed}")
         if isinstance(model, (str, os.PathLike)):
             model, tok, eos, model_len, template = _load(
-                os.fspath(model), dtype=dtype, page_size=page_size or 16, num_pages=num_pages,
+                os.fspath(model), dtype=dtype, page_size=page_size, num_pages=num_pages,
                 memory_fraction=kv_cache_memory_fraction, max_cache_gib=kv_cache_max_gib,
                 max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                 max_num_batched_tokens=max_num_batched_tokens, outline_layers=outline_layers,
@@ -1009,7 +1009,7 @@ def _default_growth() -> int:
 
 # ---- loading (the one place that knows the compiler) -----------------------------------
 
-def _load(model: str, *, dtype, page_size: int, num_pages: int | None,
+def _load(model: str, *, dtype, page_size: int | None, num_pages: int | None,
           memory_fraction: float, max_cache_gib: float | None, max_num_seqs: int,
           max_model_len: int | None, max_num_batched_tokens: int | None,
           outline_layers: bool | None = None, tensor_parallel: int = 1,
@@ -1020,12 +1020,15 @@ def _load(model: str, *, dtype, page_size: int, num_pages: int | None,
     from ..compiler import Target, load
     from ..frontends.sources import resolve_model
     if resolve_model(model)[0] == "engine":
-        target = None  # planned when it was compiled: no passes run
+        # planned when it was compiled: no passes run, and load() refuses a setting that
+        # differs from what the directory fixed (None: as compiled)
+        target = None
         if max_cache_gib is not None:
             raise SettingError(f"kv_cache_max_gib={max_cache_gib}: {model} is an engine "
                              f"directory; its KV cache was planned when it was compiled")
     else:
         target = Target.detect(dtype, kv_cache_max_gib=max_cache_gib)
+        page_size = page_size or 16
     compiled = load(model, target=target, dtype=dtype, page_size=page_size,
                     memory_fraction=memory_fraction,
                     max_model_len=max_model_len or 0, max_num_seqs=max_num_seqs,
