@@ -32,7 +32,7 @@ def read_engine_meta(path: str, engine_format: int) -> dict[str, Any]:
     """engine.json, parsed and checked against its schema."""
     meta_path = os.path.join(path, "engine.json")
     try:
-        meta = load_json(read_text_file(meta_path, "engine.json"), "JSON")
+        meta = load_json(read_text_file(meta_path, "engine.json"), meta_path)
     except InputError as e:
         raise ModelFormatError(meta_path, _strip(str(e), meta_path)) from None
     if not isinstance(meta, dict):

@@ -64,7 +64,7 @@ def read_safetensors_header(path: str) -> dict[str, SafetensorsEntry]:
     if len(raw) != n:
         raise ModelFormatError(path, "file changed while reading its header")
     try:
-        header = load_json(raw, "header is not JSON")
+        header = load_json(raw, "header")
     except InputError as e:
         raise ModelFormatError(path, str(e)) from None
     if not isinstance(header, dict):
@@ -200,9 +200,10 @@ def _read_json(path: str) -> Any:
     """A JSON file of a model directory: a capped read of a regular file (never /dev/zero
     behind a link), its nesting bounded before decoding; errors name the file."""
     try:
-        return load_json(read_bytes_file(path, "a JSON file"), "not readable JSON")
+        return load_json(read_bytes_file(path, "a JSON file"), path)
     except InputError as e:
-        raise ModelFormatError(path, str(e).removeprefix(path + ": ")) from None
+        raise ModelFormatError(path, str(e).removeprefix(path + ": ").replace(
+            "not valid JSON", "not readable JSON")) from None
 
 
 def _optional_json(path: str) -> dict:
