@@ -66,7 +66,8 @@ def read_safetensors_header(path: str) -> dict[str, SafetensorsEntry]:
     try:
         header = load_json(raw, "header")
     except InputError as e:
-        raise ModelFormatError(path, str(e)) from None
+        raise ModelFormatError(path, "header is not JSON: " + str(e).removeprefix(
+            "header: ")) from None
     if not isinstance(header, dict):
         raise ModelFormatError(path, "header is not a JSON object")
     data_len = size - 8 - n
