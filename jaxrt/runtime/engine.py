@@ -133,6 +133,17 @@ class Engine:
                 raise SettingError(f"{name} must be an integer, got {value!r:.40}")
         if seed is not None and not 0 <= seed < 2**64:
             raise SettingError(f"seed must be in [0, 2**64), got {seed}")
+        for name, value in (("max_model_len", max_model_len), ("num_pages", num_pages),
+                            ("page_size", page_size),
+                            ("max_num_batched_tokens", max_num_batched_tokens)):
+            if value is not None and (isinstance(value, bool)
+                                      or not isinstance(value, (int, np.integer))
+                                      or value < 1):  # never truncated, never "the default"
+                raise SettingError(f"{name} must be an integer >= 1 (or None), got "
+                                   f"{value!r:.40}")
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise SettingError(f"chat_template must be a string (jinja2) or None, got "
+                               f"{type(chat_template).__name__}")
         if isinstance(model, (str, os.PathLike)):
             model, tok, eos, model_len, template = _load(
                 os.fspath(model), dtype=dtype, page_size=page_size, num_pages=num_pages,
@@ -148,7 +159,11 @@ class Engine:
             # a runner arrives compiled: what it was compiled with cannot change here
             for name, value, neutral in (("tensor_parallel", tensor_parallel, 1),
                                          ("data_parallel", data_parallel, 1),
-                                         ("quantize", quantize, "")):
+                                         ("quantize", quantize, ""), ("dtype", dtype, None),
+                                         ("kv_cache_memory_fraction",
+                                          kv_cache_memory_fraction, 0.9),
+                                         ("kv_cache_max_gib", kv_cache_max_gib, None),
+                                         ("outline_layers", outline_layers, None)):
                 if value != neutral:
                     raise SettingError(f"{name}={value!r} applies when the Engine loads the "
                                        f"model from a path or alias; this runner is "
@@ -162,8 +177,14 @@ class Engine:
                     or getattr(tokenizer, "eos_ids", ())
         self.runner, self.tokenizer = model, tokenizer
         self.chat_template = chat_template  # for servers; None: the model has none
-        self.eos_token_ids = tuple(int(t) for t in eos_token_ids or ())
         self.vocab_size = int(model.vocab_size)
+        eos = tuple(eos_token_ids or ())
+        for t in eos:  # an id outside the vocabulary would never end a request
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) \
+                    or not 0 <= t < self.vocab_size:
+                raise SettingError(f"eos_token_ids: {t!r:.40} is not a token id of the "
+                                   f"vocabulary [0, {self.vocab_size})")
+        self.eos_token_ids = tuple(int(t) for t in eos)
         ps = int(model.page_size)
         if page_size is not None and page_size != ps:
             raise SettingError(f"page_size={page_size}, but the runner's cache has pages of {ps}")

@@ -17,6 +17,9 @@ import numpy as np
 from jaxrt.errors import InputError, SettingError, check_text
 
 FINISH_REASONS = ("stop", "length", "abort")  # RequestOutput.finish_reason once finished
+# Sampling settings travel to the device as float32: a larger "finite" value would arrive
+# as inf (and the logits as nan).
+F32_MAX = float(np.finfo(np.float32).max)
 
 
 def _is_int(x) -> bool:
@@ -124,7 +127,7 @@ class SamplingParams:
             bad("max_tokens", f"the prompt ({prompt_len} tokens) + max_tokens "
                               f"({self.max_tokens}) exceeds max_model_len ({max_model_len}): "
                               f"lower max_tokens or raise the engine's max_model_len")
-        if not _is_real(self.temperature) or self.temperature < 0:
+        if not _is_real(self.temperature) or not 0 <= self.temperature <= F32_MAX:
             bad("temperature", "must be a finite number >= 0 (0 = greedy)")
         if not _is_int(self.top_k) or self.top_k < 0:
             bad("top_k", "must be an integer >= 0 (0 = off)")
@@ -160,7 +163,7 @@ class SamplingParams:
             if self.prompt_logprobs > limit:
                 bad("prompt_logprobs", f"at most {limit} log-probabilities per token are "
                                        f"returned")
-        if not _is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
+        if not _is_real(self.repetition_penalty) or not 0 < self.repetition_penalty <= F32_MAX:
             bad("repetition_penalty", "must be a finite number > 0 (1 = off)")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
