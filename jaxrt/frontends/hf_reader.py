@@ -20,7 +20,7 @@ from typing import Any
 import ml_dtypes  # noqa: F401  (registers numpy's bfloat16, which safetensors hands back)
 import numpy as np
 
-from ..errors import InputError, load_json, read_bytes_file
+from ..errors import InputError, load_json, read_bytes_file, read_text_file
 from .errors import ModelFormatError
 from .hf_config import config_from_hf_dict
 from .loaded import LazyWeights, LoadedModel, check_weight_shapes
@@ -229,17 +229,20 @@ def _token_text(value) -> str | None:
 
 def _chat_template(root: str, tok_config: dict) -> str | None:
     jinja = os.path.join(root, "chat_template.jinja")
-    if os.path.isfile(jinja):
+    if os.path.lexists(jinja):  # capped; a link to /dev/zero or a FIFO is refused
         try:
-            with open(jinja, encoding="utf-8") as f:
-                return f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ModelFormatError(jinja, f"cannot read: {e}") from None
+            return read_text_file(jinja, "a chat template")
+        except InputError as e:
+            raise ModelFormatError(jinja, str(e).removeprefix(jinja + ": ")) from None
     template = tok_config.get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
-    return template if isinstance(template, str) else None
+    if template is not None and not isinstance(template, str):  # never silently "none"
+        raise ModelFormatError(os.path.join(root, "tokenizer_config.json"),
+                               f"chat_template must be a string or a list of named "
+                               f"templates, got {type(template).__name__}")
+    return template
 
 
 def _tokenizer(root: str, hf: dict, tok_config: dict, gen_config: dict) -> Tokenizer:
