@@ -11,6 +11,7 @@ traceback.
 """
 from __future__ import annotations
 
+import errno as _errno
 import os
 import stat
 
@@ -111,8 +112,16 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     UnicodeError)
 
 
+# OS errors about where the user asked output to go (a full disk, a read-only or quota-
+# limited file system, an existing file where a directory must be made): theirs to fix.
+
+OUTPUT_ERRNOS = frozenset({_errno.ENOSPC, _errno.EDQUOT, _errno.EROFS, _errno.EEXIST,
+                           _errno.EFBIG, _errno.ENOTDIR})
+
+
 def is_user_error(e: BaseException) -> bool:
-    return isinstance(e, USER_ERRORS)
+    return isinstance(e, USER_ERRORS) or (isinstance(e, OSError)
+                                          and e.errno in OUTPUT_ERRNOS)
 
 
 def short_repr(value: object, limit: int = 60) -> str:

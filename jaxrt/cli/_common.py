@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
-from jaxrt.errors import read_text_file
+from jaxrt.errors import InputError, read_text_file
 
 
 def read_ir(path: str):
@@ -24,7 +24,10 @@ def is_ir_file(path: str) -> bool:
 def write_text(text: str, path: str | None) -> None:
     """Write to `path`, or to stdout when no path is given."""
     if path:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
+        try:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as e:  # a full disk, a directory, no permission: name the file
+            raise InputError(f"{path}: cannot write: {e.strerror or e}") from None
     else:
         sys.stdout.write(text)
