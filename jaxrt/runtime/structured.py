@@ -53,9 +53,12 @@ def bitmask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
-def _first_line(message: str) -> str:
-    lines = [ln.strip() for ln in str(message).strip().splitlines() if ln.strip()]
-    return "; ".join(lines[:2]) if lines else "invalid"
+def _first_line(message: str, limit: int = 300) -> str:
+    """llguidance's message on one line, cut to `limit` characters: it quotes the
+    offending source line, which may be megabytes long."""
+    lines = [ln.strip() for ln in str(message).strip().splitlines()[:4] if ln.strip()]
+    text = "; ".join(lines[:2]) if lines else "invalid"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def constraint_grammar(params: Any) -> str | None:
