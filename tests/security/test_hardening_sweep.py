@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import textwrap
 
@@ -289,3 +290,114 @@ def test_engine_and_cli_refuse_settings_an_engine_fixed(engine_dir, capsys):
         Engine(engine_dir, kv_cache_memory_fraction=0.5, warmup=False, log=None)
     code, _, err = run_cli(["dump", engine_dir, "-p", "cse"], capsys)
     assert_one_line_exit_2(code, err, "pipeline='cse'", "engine directory")
+
+
+# ---- the fresh sweep ------------------------------------------------------------------------
+
+def _fake_engine(**kw):
+    from jaxrt.runtime.engine import Engine
+    from tests.runtime.fake_model import FakeRunner
+    return Engine(FakeRunner(num_pages=64, page_size=4), warmup=False, log=None,
+                  **{"max_model_len": 64, **kw})
+
+
+def test_top_k_above_the_vocabulary_keeps_every_token():
+    """top_k=10**12 passed validation and overflowed the int32 sampling row inside the
+    engine step (OverflowError: the server's engine loop died for every client). A k
+    past the vocabulary keeps every token, which is what top_k=0 does."""
+    engine = _fake_engine()
+    try:
+        huge, off = (engine.generate(["abc"], SamplingParams(max_tokens=6, temperature=1.0,
+                                                             top_k=k, seed=7))[0].ids
+                     for k in (10**12, 0))
+    finally:
+        engine.close()
+    assert huge == off
+
+
+@pytest.mark.parametrize("field, value", [("temperature", 1e39),
+                                          ("repetition_penalty", 1e39)])
+def test_sampling_floats_must_fit_float32(field, value):
+    with pytest.raises(SettingError, match=field):
+        SamplingParams(**{field: value}).validate(100, 64, 3)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(max_model_len=10.5), "max_model_len must be an integer"),
+    (dict(max_model_len=0), "max_model_len must be an integer >= 1"),
+    (dict(num_pages=3.7), "num_pages must be an integer"),
+    (dict(eos_token_ids=[10**12]), "eos_token_ids: 1000000000000 is not a token id"),
+    (dict(eos_token_ids=[-1]), "eos_token_ids: -1"),
+    (dict(chat_template=5), "chat_template must be a string"),
+    (dict(dtype="bfloat16"), "dtype='bfloat16' applies when the Engine loads"),
+    (dict(kv_cache_memory_fraction=2), "kv_cache_memory_fraction=2 applies"),
+])
+def test_engine_arguments_are_checked(kwargs, needle):
+    with pytest.raises(SettingError, match=re.escape(needle)):
+        _fake_engine(**kwargs)
+
+
+def test_max_model_len_past_the_models_context_is_refused(hf_dir, tmp_path, capsys):
+    from jaxrt.runtime.engine import Engine
+    with pytest.raises(InputError, match="max-model-len=1000 exceeds the model's context "
+                                         "of 64"):
+        Engine(hf_dir, max_model_len=1000, warmup=False, log=None)
+    code, _, err = run_cli(["compile", hf_dir, "-o", str(tmp_path / "e"),
+                            "--max-model-len", "1000"], capsys)
+    assert_one_line_exit_2(code, err, "exceeds the model's context of 64")
+
+
+@pytest.mark.parametrize("option", ["memory-gib=1e300", "memory-gib=nan",
+                                    "max-cache-gib=inf memory-gib=1"])
+def test_plan_memory_options_must_be_finite(tmp_path, capsys, option):
+    ir = os.path.join(os.path.dirname(__file__), "..", "golden", "passes",
+                      "llama_2layer_input.ir")
+    code, _, err = run_cli(["opt", ir, "-p", f"plan-kv-cache{{{option} max-model-len=64}}"],
+                           capsys)
+    assert_one_line_exit_2(code, err, "must be a finite number of GiB")
+
+
+def test_chat_template_files_are_checked(hf_dir, tmp_path, capsys):
+    d = _copy(hf_dir, tmp_path, "m")
+    os.symlink("/dev/zero", os.path.join(d, "chat_template.jinja"))
+    code, _, err = run_cli(["generate", d, "--prompt", "hi", "--chat"], capsys)
+    assert_one_line_exit_2(code, err, "chat_template.jinja: not a regular file")
+    os.remove(os.path.join(d, "chat_template.jinja"))
+    path = os.path.join(d, "tokenizer_config.json")
+    config = json.load(open(path))
+    json.dump({**config, "chat_template": 5}, open(path, "w"))
+    code, _, err = run_cli(["generate", d, "--prompt", "hi", "--chat"], capsys)
+    assert_one_line_exit_2(code, err, "chat_template must be a string")
+    json.dump({**config, "chat_template": "{{ messages }}"}, open(path, "w"))
+    code, _, err = run_cli(["generate", d, "--prompt", "hi", "--chat", "--max-tokens", "2"],
+                           capsys)
+    assert_one_line_exit_2(code, err, "cannot trace")
+
+
+def test_an_unusable_host_is_a_setting_error():
+    from jaxrt.serve.server import serve
+    engine = _fake_engine()
+    try:
+        with pytest.raises(SettingError, match="--host/--port: cannot listen on '999.1.1.1'"):
+            serve(engine, model_name="fake", host="999.1.1.1", port=0)
+        with pytest.raises(SettingError, match="--host/--port"):
+            serve(engine, model_name="fake", host="\udcff", port=0)
+    finally:
+        engine.close()
+
+
+def test_output_errors_are_one_line(hf_dir, tmp_path, capsys):
+    ir = os.path.join(os.path.dirname(__file__), "..", "golden", "passes", "cse_dce.ir")
+    code, _, err = run_cli(["opt", ir, "-o", "/dev/full"], capsys)
+    assert_one_line_exit_2(code, err, "/dev/full: cannot write")
+    existing = tmp_path / "afile"
+    existing.write_text("")
+    code, _, err = run_cli(["compile", hf_dir, "-o", str(existing)], capsys)
+    assert_one_line_exit_2(code, err, "File exists")
+
+
+def test_structured_output_messages_are_bounded():
+    grammar = "start: " + "(" * 5000 + '"a"' + ")" * 5000
+    with pytest.raises(SettingError) as e:
+        SamplingParams(grammar=grammar)
+    assert len(str(e.value)) < 500
