@@ -401,3 +401,14 @@ def test_structured_output_messages_are_bounded():
     with pytest.raises(SettingError) as e:
         SamplingParams(grammar=grammar)
     assert len(str(e.value)) < 500
+
+
+def test_gguf_chat_template_must_be_a_string(tmp_path):
+    from frontends_synth import write_tiny_gguf
+    from gguf import GGUFValueType
+
+    from jaxrt.frontends.gguf_reader import read_gguf
+    path = write_tiny_gguf(tmp_path / "t.gguf", hidden=32, ff=32, extra_meta={
+        "tokenizer.chat_template": (7, GGUFValueType.UINT32)})
+    with pytest.raises(ModelFormatError, match="tokenizer.chat_template must be a string"):
+        read_gguf(path)
