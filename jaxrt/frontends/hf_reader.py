@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import stat
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -46,6 +47,8 @@ class SafetensorsEntry:
 def read_safetensors_header(path: str) -> dict[str, SafetensorsEntry]:
     """Validate a .safetensors header against the file; name -> entry (no __metadata__)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the open forever
+            raise ModelFormatError(path, "not a regular file; expected a safetensors file")
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             if size < 8:

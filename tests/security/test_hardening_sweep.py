@@ -412,3 +412,14 @@ def test_gguf_chat_template_must_be_a_string(tmp_path):
         "tokenizer.chat_template": (7, GGUFValueType.UINT32)})
     with pytest.raises(ModelFormatError, match="tokenizer.chat_template must be a string"):
         read_gguf(path)
+
+
+def test_a_fifo_for_weights_is_refused_not_waited_on(engine_dir, tmp_path):
+    """An engine directory whose weights.safetensors was a FIFO blocked in open()
+    forever."""
+    from jaxrt.compiler import load_engine
+    d = _copy(engine_dir, tmp_path, "e")
+    os.remove(os.path.join(d, "weights.safetensors"))
+    os.mkfifo(os.path.join(d, "weights.safetensors"))
+    with pytest.raises(ModelFormatError, match="weights.safetensors: not a regular file"):
+        load_engine(d)
