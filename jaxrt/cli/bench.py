@@ -56,9 +56,18 @@ def run(args) -> int:
 
     # Refused before anything loads, naming the option (0 is an error, never the default).
     for flag, value, least in (("--max-num-seqs", args.max_num_seqs, 1),
-                               ("--bucket-growth", args.bucket_growth, 2)):
+                               ("--bucket-growth", args.bucket_growth, 2),
+                               ("--num-requests", args.num_requests, 1),
+                               ("--input-len", args.input_len, 1),
+                               ("--output-len", args.output_len, 1),
+                               ("--max-num-batched-tokens", args.max_num_batched_tokens, 1),
+                               ("--shared-prefix", args.shared_prefix, 0),
+                               ("--prefix-len", args.prefix_len if args.suite else 0, 0)):
         if value is not None and value < least:
             raise SettingError(f"{flag} must be >= {least}, got {value}")
+    if not args.suite and args.shared_prefix >= args.input_len:
+        raise SettingError(f"--shared-prefix must be < --input-len ({args.input_len}), got "
+                           f"{args.shared_prefix}")
     from jaxrt.runtime.speculative import from_cli
     args.speculative_config = from_cli(args.speculative)
     start = time.perf_counter()

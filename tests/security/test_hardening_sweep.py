@@ -423,3 +423,14 @@ def test_a_fifo_for_weights_is_refused_not_waited_on(engine_dir, tmp_path):
     os.mkfifo(os.path.join(d, "weights.safetensors"))
     with pytest.raises(ModelFormatError, match="weights.safetensors: not a regular file"):
         load_engine(d)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--num-requests", "0"], "--num-requests must be >= 1"),
+    (["--input-len", "-3"], "--input-len must be >= 1"),
+    (["--shared-prefix", "64"], "--shared-prefix must be < --input-len (64)"),
+    (["--max-num-batched-tokens", "0"], "--max-num-batched-tokens must be >= 1"),
+])
+def test_bench_errors_name_the_option(hf_dir, capsys, args, needle):
+    code, _, err = run_cli(["bench", hf_dir, *args], capsys)
+    assert_one_line_exit_2(code, err, needle)
