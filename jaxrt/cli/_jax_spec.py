@@ -37,7 +37,7 @@ def _user_call(what: str, fn, *args, user_paths: tuple[str, ...] = ()):
         return fn(*args)
     except InputError:
         raise
-    except Exception as e:  # noqa: BLE001 - the user's code failed: say so in one line
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - their code failed (or exited)
         raise InputError(f"{what}: {type(e).__name__}: {_short(e)}"
                          f"{_blame(e, user_paths)}") from e
 
@@ -55,7 +55,7 @@ def _import_user_module(spec: str, module_name: str):
     except SyntaxError as e:
         raise InputError(f"{spec}: importing {module_name}: {type(e).__name__}: {e.msg} "
                          f"(at {user_frame(e)})") from e
-    except Exception as e:  # noqa: BLE001 - the user's module failed while importing
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's module failed while importing
         raise InputError(f"{spec}: importing {module_name}: {type(e).__name__}: "
                          f"{_short(e)}{_blame(e, ())}") from e
 
@@ -108,7 +108,7 @@ def import_and_raise(spec: str, *, stage: str = "raise", stats: bool = False):
         imported = import_forward(fn, params)
     except InputError:
         raise
-    except Exception as e:  # noqa: BLE001 - decided by where it was raised, below
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - decided by where it was raised, below
         # Raised while tracing the user's forward (a frame of theirs is on the stack):
         # their error, blamed on their line. With no frame of theirs it arose importing
         # the traced program, in jaxrt: a bug, reported as one.

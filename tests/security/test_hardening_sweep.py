@@ -56,6 +56,7 @@ USER_MODULES = {
     "jx_missing_dep": "import json\nimport no_such_package_for_jaxrt_tests\n",
     "jx_syntax": "def build(:\n    pass\n",
     "jx_raises_at_import": "x = 1\nraise ValueError('at import')\n",
+    "jx_exits": "import sys\n\ndef build():\n    sys.exit(3)\n",
     "jx_factory": "def helper():\n    raise RuntimeError('no weights')\n\n"
                   "def build():\n    return helper()\n",
     "jx_forward": textwrap.dedent("""\
@@ -97,6 +98,7 @@ USER_MODULES = {
     ("jx_syntax", 1, "SyntaxError"),
     ("jx_raises_at_import", 2, "ValueError: at import"),
     ("jx_factory", 2, "RuntimeError: no weights"),
+    ("jx_exits", 4, "SystemExit: 3"),
     ("jx_forward", 5, "NameError"),
     ("jx_reshape", 5, "reshape"),
     ("jx_sort", 5, "'sort': no import rule"),
