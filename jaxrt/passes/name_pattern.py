@@ -30,19 +30,19 @@ from jaxrt.errors import SettingError, short_repr
 MAX_PATTERN_CHARS = 1000
 MAX_STATES = 10_000  # NFA states after expanding {m,n}: bounds the per-character work
 
-_DIGIT = [("0", "9")]
-_WORD = [("a", "z"), ("A", "Z"), ("0", "9"), ("_", "_")]
-_SPACE = [(c, c) for c in " \t\n\r\f\v"]
-_CLASS_ESCAPES = {"d": (_DIGIT, False), "D": (_DIGIT, True), "w": (_WORD, False),
-                  "W": (_WORD, True), "s": (_SPACE, False), "S": (_SPACE, True)}
+# \d \w \s as Python's re has them for str patterns (Unicode): decimal digits (Nd),
+# alphanumerics and `_`, whitespace
+_CLASSES = {"d": str.isdecimal, "w": lambda c: c.isalnum() or c == "_", "s": str.isspace}
+_CLASS_ESCAPES = {k: (k, False) for k in _CLASSES} | {k.upper(): (k, True) for k in _CLASSES}
 _LITERAL_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v"}
 
 
 @dataclass(frozen=True)
 class _Chars:
-    """A set of characters: ranges (and whole classes, each possibly negated), negated."""
+    """A set of characters: ranges and classes (`\\d`, `\\W`: a _CLASSES key, negated or
+    not), the whole set possibly negated."""
     ranges: tuple[tuple[str, str], ...] = ()
-    classes: tuple[tuple[tuple[tuple[str, str], ...], bool], ...] = ()
+    classes: tuple[tuple[str, bool], ...] = ()
     negated: bool = False
     dot: bool = False  # `.`: anything but a newline
 
@@ -50,7 +50,7 @@ class _Chars:
         if self.dot:
             return c != "\n"
         hit = any(lo <= c <= hi for lo, hi in self.ranges) or any(
-            any(lo <= c <= hi for lo, hi in rs) != neg for rs, neg in self.classes)
+            _CLASSES[name](c) != neg for name, neg in self.classes)
         return hit != self.negated
 
 
@@ -127,8 +127,7 @@ class _Parser:
             raise self.error("bad escape (end of pattern)")
         c = self.take()
         if c in _CLASS_ESCAPES:
-            ranges, neg = _CLASS_ESCAPES[c]
-            return _Chars(classes=((tuple(ranges), neg),))
+            return _Chars(classes=(_CLASS_ESCAPES[c],))
         if c in _LITERAL_ESCAPES:
             c = _LITERAL_ESCAPES[c]
             return _Chars(ranges=((c, c),))

@@ -35,7 +35,7 @@ def _patterns():
 
 
 @settings(max_examples=200, deadline=None)
-@given(_patterns(), st.lists(st.text("ab1._\n", max_size=12), min_size=1, max_size=4))
+@given(_patterns(), st.lists(st.text("ab1._\n é²٣\t", max_size=12), min_size=1, max_size=4))
 def test_search_agrees_with_re(pattern, names):
     compiled = compile_name_pattern(pattern)
     for name in names:
