@@ -191,7 +191,14 @@ class SamplingParams:
 
 
 def validate_prompt_ids(ids: Seq[int], vocab_size: int) -> list[int]:
-    """The prompt as a list of ints, or ValueError naming the first id outside the vocab."""
+    """The prompt as a list of ints, or ValueError naming the first id outside the vocab.
+    Only an ordered sequence of ids is a prompt: bytes would be taken as ids, a set in
+    any order, None or a dict not at all."""
+    from collections.abc import Sequence as _Sequence
+    if isinstance(ids, (str, bytes, bytearray)) or not (
+            isinstance(ids, _Sequence) or (isinstance(ids, np.ndarray) and ids.ndim == 1)):
+        raise InputError(f"a prompt is text (str) or a list of token ids, got "
+                         f"{type(ids).__name__}")
     out = []
     for i, t in enumerate(ids):
         if not _is_int(t) or not 0 <= t < vocab_size:

@@ -436,3 +436,15 @@ def test_a_fifo_for_weights_is_refused_not_waited_on(engine_dir, tmp_path):
 def test_bench_errors_name_the_option(hf_dir, capsys, args, needle):
     code, _, err = run_cli(["bench", hf_dir, *args], capsys)
     assert_one_line_exit_2(code, err, needle)
+
+
+@pytest.mark.parametrize("prompt, kind", [(None, "NoneType"), (b"\x01\x02", "bytes"),
+                                          ({3, 1, 2}, "set"), ({"a": 1}, "dict")])
+def test_prompts_are_text_or_a_sequence_of_ids(prompt, kind):
+    """bytes were taken as token ids and a set in hash order; None was a TypeError."""
+    engine = _fake_engine()
+    try:
+        with pytest.raises(InputError, match=f"a prompt is text .* got {kind}"):
+            engine.generate([prompt], SamplingParams(max_tokens=1))
+    finally:
+        engine.close()
