@@ -28,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="scan: compile one layer body for the whole stack (fast compile); "
                         "unrolled: every layer apart (faster decode on GPUs); auto: scan on "
                         "CPUs, unrolled on accelerators")
-    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--page-size", type=int, default=None,
+                   help="KV-cache page size (default 16; an engine directory's own)")
     p.add_argument("--bucket-growth", type=int, default=None,
                    help="shape-bucket growth factor (larger: fewer compiles, more padding)")
     p.add_argument("--suite", action="store_true",
@@ -88,8 +89,10 @@ def run(args) -> int:
         scenarios.append(("workload", w, seqs, not args.no_prefix_caching))
     max_len = max(w.input_len + w.output_len for _, w, _, _ in scenarios)
     max_seqs = max(s for _, _, s, _ in scenarios)
+    # unset options stay unset: an engine directory refuses only what differs from it
+    given = {} if args.page_size is None else {"page_size": args.page_size}
     model = load(args.model, dtype=args.dtype, max_model_len=max_len, max_num_seqs=max_seqs,
-                 page_size=args.page_size, outline_layers=layers_choice(args.layers))
+                 outline_layers=layers_choice(args.layers), **given)
     load_s = time.perf_counter() - start
     rows = []
     for name, workload, seqs, caching in scenarios:
