@@ -118,7 +118,9 @@ def test_fuzz_structured_constraints(data):
         value = data.draw(st.one_of(_json_texts(), st.builds(
             lambda n: functools.reduce(lambda acc, _: {"type": "array", "items": acc},
                                        range(n), {}), st.integers(1, 3000))))
-    size = len(json.dumps(value, default=str)) if not isinstance(value, str) else len(value)
+    # (json.dumps would itself recurse on the deep dicts: their base budget suffices)
+    size = len(value) if isinstance(value, str) else sum(map(len, value)) \
+        if isinstance(value, list) else 0
     params, error = Bounded(size, seconds=5.0)(SamplingParams, **{kind: value})
     if params is None:
         assert isinstance(error, SettingError) and f"SamplingParams.{kind}=" in str(error)
