@@ -448,3 +448,19 @@ def test_prompts_are_text_or_a_sequence_of_ids(prompt, kind):
             engine.generate([prompt], SamplingParams(max_tokens=1))
     finally:
         engine.close()
+
+
+def test_ir_from_stdin_is_capped():
+    """`cat /dev/zero | jaxrt opt -` read stdin whole, without end."""
+    import subprocess
+    import sys
+    import jaxrt
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(jaxrt.__file__))}
+    zeros = subprocess.Popen(["head", "-c", str((256 << 20) + 2), "/dev/zero"],
+                             stdout=subprocess.PIPE)
+    done = subprocess.run([sys.executable, "-m", "jaxrt.cli.main", "opt", "-"],
+                          stdin=zeros.stdout, capture_output=True, text=True, env=env,
+                          timeout=60)
+    zeros.wait()
+    assert done.returncode == 2, done.stderr
+    assert "<stdin>: over the 268435456-byte limit" in done.stderr
