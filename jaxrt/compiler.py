@@ -211,12 +211,17 @@ def load(spec: str, *, pipeline: str | None = None, target: Target | None = None
          dtype: str | None = None, **plan_options) -> CompiledModel:
     """Read `spec`, build its IR and run `pipeline` (default: `default_pipeline`).
 
-    Engine directories load as they were compiled: no passes run.
+    Engine directories load as they were compiled: no passes run, and a setting that
+    would change what the directory fixed (another pipeline, dtype, quantization, mesh,
+    page size, cache size or a longer max_model_len) is refused, never ignored.
     """
     from .frontends.sources import load_model, resolve_model
     kind, path = resolve_model(spec)
     if kind == "engine":
-        return load_engine(path)
+        model = load_engine(path)
+        check_engine_settings(model, spec, pipeline=pipeline, target=target, dtype=dtype,
+                              **plan_options)
+        return model
     start = time.perf_counter()
     loaded = load_model(spec)
     read_s = time.perf_counter() - start
@@ -224,6 +229,55 @@ def load(spec: str, *, pipeline: str | None = None, target: Target | None = None
                            **plan_options)
     model.stats["read_seconds"] = read_s
     return model
+
+
+def check_engine_settings(model: CompiledModel, spec: str, *, pipeline: str | None = None,
+                          target: Target | None = None, dtype: str | None = None,
+                          **plan_options) -> None:
+    """SettingError naming the first setting (given, and not what the engine directory
+    `model` was compiled with) that loading it would have to ignore. Unset settings (None,
+    0 for the sizes planned from the device, the defaults of memory_fraction, tp/dp and
+    quantize) mean "as compiled"."""
+    plan = model.kv_plan
+    mesh = dict(model.module.attributes.get("mesh") or {})
+    quant = model.module.attributes.get("quantization", {}).get("mode", "")
+    float_dtype = model.module.attributes.get("float_dtype", "f32")
+    outlined = "outline-layers" in (model.pipeline or "").split(",")
+
+    def refuse(setting: str, fixed: str):
+        raise SettingError(f"{setting}: {spec} is an engine directory, compiled with "
+                           f"{fixed}; compile it again (jaxrt compile) to change it")
+
+    if pipeline and pipeline != model.pipeline:
+        refuse(f"pipeline={pipeline!r}", f"pipeline {model.pipeline!r} (no passes run "
+                                         f"when an engine loads)")
+    want_dtype = _dtype_name(dtype) if dtype not in (None, "auto") else None
+    if want_dtype is None and target is not None:
+        want_dtype = target.dtype
+    if want_dtype is not None and want_dtype != float_dtype:
+        refuse(f"dtype={dtype or want_dtype!r}", f"dtype {float_dtype}")
+    given = dict(plan_options)
+    checks = (  # (option, unset value, compiled value, a different value conflicts?)
+        ("quantize", "", quant, None),
+        ("tensor_parallel", 1, int(mesh.get("tp", 1)), None),
+        ("data_parallel", 1, int(mesh.get("dp", 1)), None),
+        ("page_size", None, plan["page_size"], None),
+        ("num_pages", 0, plan["num_pages"], None),
+        ("memory_fraction", 0.9, None, None),
+        ("max_model_len", 0, plan["max_model_len"], lambda v, fixed: v > fixed),
+        ("outline_layers", None, outlined, None))
+    for name, unset, fixed, conflicts in checks:
+        value = given.pop(name, unset)
+        if value is None or value == unset or value == fixed:
+            continue
+        if conflicts is not None and not conflicts(value, fixed):
+            continue
+        what = ("its KV cache planned" if fixed is None else f"no {name}" if fixed == ""
+                else f"{name}={fixed!r}")
+        refuse(f"{name}={value!r}", what)
+    unknown = set(given) - {"max_num_seqs", "max_num_batched_tokens"}  # runtime limits
+    if unknown:
+        raise SettingError(f"load: unknown option(s) {', '.join(sorted(unknown))}")
 
 
 def compile_loaded(loaded, *, pipeline: str | None = None, target: Target | None = None,

@@ -14,7 +14,7 @@ import math
 import os
 from typing import Any
 
-from .errors import InputError, ResourceLimitError, read_text_file
+from .errors import InputError, ResourceLimitError, load_json, read_text_file
 from .frontends.config import ModelConfig, RopeScaling
 from .frontends.errors import ModelFormatError
 
@@ -32,11 +32,9 @@ def read_engine_meta(path: str, engine_format: int) -> dict[str, Any]:
     """engine.json, parsed and checked against its schema."""
     meta_path = os.path.join(path, "engine.json")
     try:
-        meta = json.loads(read_text_file(meta_path, "engine.json"))
+        meta = load_json(read_text_file(meta_path, "engine.json"), meta_path)
     except InputError as e:
         raise ModelFormatError(meta_path, _strip(str(e), meta_path)) from None
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise ModelFormatError(meta_path, f"not valid JSON: {e}") from None
     if not isinstance(meta, dict):
         raise ModelFormatError(meta_path, f"not a JSON object ({type(meta).__name__})")
     if meta.get("format") != engine_format:

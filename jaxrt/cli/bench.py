@@ -28,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="scan: compile one layer body for the whole stack (fast compile); "
                         "unrolled: every layer apart (faster decode on GPUs); auto: scan on "
                         "CPUs, unrolled on accelerators")
-    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--page-size", type=int, default=None,
+                   help="KV-cache page size (default 16; an engine directory's own)")
     p.add_argument("--bucket-growth", type=int, default=None,
                    help="shape-bucket growth factor (larger: fewer compiles, more padding)")
     p.add_argument("--suite", action="store_true",
@@ -57,9 +58,18 @@ def run(args) -> int:
 
     # Refused before anything loads, naming the option (0 is an error, never the default).
     for flag, value, least in (("--max-num-seqs", args.max_num_seqs, 1),
-                               ("--bucket-growth", args.bucket_growth, 2)):
+                               ("--bucket-growth", args.bucket_growth, 2),
+                               ("--num-requests", args.num_requests, 1),
+                               ("--input-len", args.input_len, 1),
+                               ("--output-len", args.output_len, 1),
+                               ("--max-num-batched-tokens", args.max_num_batched_tokens, 1),
+                               ("--shared-prefix", args.shared_prefix, 0),
+                               ("--prefix-len", args.prefix_len if args.suite else 0, 0)):
         if value is not None and value < least:
             raise SettingError(f"{flag} must be >= {least}, got {value}")
+    if not args.suite and args.shared_prefix >= args.input_len:
+        raise SettingError(f"--shared-prefix must be < --input-len ({args.input_len}), got "
+                           f"{args.shared_prefix}")
     from jaxrt.runtime.speculative import from_cli
     args.speculative_config = from_cli(args.speculative)
     start = time.perf_counter()
@@ -80,8 +90,10 @@ def run(args) -> int:
         scenarios.append(("workload", w, seqs, not args.no_prefix_caching))
     max_len = max(w.input_len + w.output_len for _, w, _, _ in scenarios)
     max_seqs = max(s for _, _, s, _ in scenarios)
+    # unset options stay unset: an engine directory refuses only what differs from it
+    given = {} if args.page_size is None else {"page_size": args.page_size}
     model = load(args.model, dtype=args.dtype, max_model_len=max_len, max_num_seqs=max_seqs,
-                 page_size=args.page_size, outline_layers=layers_choice(args.layers))
+                 outline_layers=layers_choice(args.layers), **given)
     load_s = time.perf_counter() - start
     rows = []
     for name, workload, seqs, caching in scenarios:

@@ -40,6 +40,14 @@ def evaluate(model_spec: str, ids: list[int] | None = None, *, text: str | None 
     from jaxrt.frontends.sources import load_model, resolve_model
     from jaxrt.perplexity import perplexity, plan_windows
 
+    # Refused before anything loads, naming the option (0 is an error, never "the default")
+    if context is not None and (not isinstance(context, int) or context < 2):
+        raise SettingError(f"--context must be >= 2 tokens, got {context}")
+    if stride is not None and (not isinstance(stride, int) or stride < 1 or (
+            context is not None and stride >= context)):
+        where = f"in [1, --context - 1] = [1, {context - 1}]" if context is not None \
+            else ">= 1"
+        raise SettingError(f"--stride must be {where}, got {stride}")
     kind, path = resolve_model(model_spec)
     if kind == "engine":
         if quantize or dtype:
@@ -55,8 +63,12 @@ def evaluate(model_spec: str, ids: list[int] | None = None, *, text: str | None 
     if context is not None and context > limit:
         raise SettingError(f"--context {context} exceeds the model's context of {limit} "
                            f"tokens")
-    window = min(context or limit, len(ids))
-    plan_windows(len(ids), context or limit, stride)  # refuse bad windows before compiling
+    if context is None and stride is not None and stride >= limit:
+        raise SettingError(f"--stride must be in [1, {limit - 1}] (below the model's "
+                           f"context of {limit} tokens, or give --context), got {stride}")
+    context = context or limit
+    window = min(context, len(ids))
+    plan_windows(len(ids), context, stride)  # refuse bad windows before compiling
     if kind == "engine":
         model = source
     else:
@@ -64,7 +76,7 @@ def evaluate(model_spec: str, ids: list[int] | None = None, *, text: str | None 
                                num_pages=math.ceil(window / PAGE_SIZE), page_size=PAGE_SIZE,
                                max_num_seqs=1, quantize=quantize or "")
     exe = model.executable()
-    return perplexity(exe, ids, context or limit, stride), model
+    return perplexity(exe, ids, context, stride), model
 
 
 def run(args) -> int:

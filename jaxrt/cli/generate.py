@@ -95,13 +95,14 @@ def constraint_options(args) -> dict:
     --grammar (files read as text; errors name the option)."""
     from jaxrt.errors import read_text_file
     if args.json_schema is not None:
-        return {"json_schema": read_text_file(args.json_schema)}
+        return {"json_schema": read_text_file(args.json_schema,
+                                              "a JSON schema file (--json-schema)")}
     if args.regex is not None:
         return {"regex": args.regex}
     if args.choice is not None:
         return {"choice": tuple(args.choice.split(","))}
     if args.grammar is not None:
-        return {"grammar": read_text_file(args.grammar)}
+        return {"grammar": read_text_file(args.grammar, "a grammar file (--grammar)")}
     return {}
 
 

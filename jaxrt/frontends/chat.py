@@ -25,6 +25,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from jaxrt.errors import TemplateError
+
 from .tokenizer import render_chat
 
 _MARK = re.compile("\ue000(\\d+)\ue001")
@@ -77,10 +79,11 @@ def encode_chat(tokenizer: Any, template: str, messages: Sequence[Mapping[str, A
     return _encode_parts(tokenizer, parts)
 
 
-def _refuse() -> ValueError:
-    return ValueError("the chat template transforms message content in a way jaxrt cannot "
-                      "trace, so it cannot keep special-token text in messages from "
-                      "becoming control tokens")
+def _refuse() -> TemplateError:
+    # the template's doing (model-file input), not a bug: a TemplateError, one line
+    return TemplateError("the chat template transforms message content in a way jaxrt "
+                         "cannot trace, so it cannot keep special-token text in messages "
+                         "from becoming control tokens")
 
 
 @functools.lru_cache(maxsize=8)

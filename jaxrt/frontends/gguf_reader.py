@@ -615,8 +615,10 @@ def read_gguf(path: str | os.PathLike) -> LoadedModel:
     tokenizer = tokenizer_from_gguf(header.metadata, path)
     config = replace(config, eos_token_ids=tokenizer.eos_ids)
     template = header.metadata.get("tokenizer.chat_template")
-    if not isinstance(template, str):
-        template = None
+    if template is not None and not isinstance(template, str):  # never silently "none"
+        raise ModelFormatError(path, f"metadata tokenizer.chat_template must be a string, "
+                                     f"got {type(template).__name__}")
+    if template is None:
         if arch == "gemma3" and tokenizer.token_to_id("<start_of_turn>") is not None:
             template = GEMMA3_CHAT_TEMPLATE
     return LoadedModel(config, LazyWeights(entries), tokenizer, template, path)

@@ -9,10 +9,10 @@ before the `safetensors` library sees the file; tensors are then read lazily thr
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
+import stat
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -21,7 +21,7 @@ from typing import Any
 import ml_dtypes  # noqa: F401  (registers numpy's bfloat16, which safetensors hands back)
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, load_json, read_bytes_file, read_text_file
 from .errors import ModelFormatError
 from .hf_config import config_from_hf_dict
 from .loaded import LazyWeights, LoadedModel, check_weight_shapes
@@ -47,6 +47,8 @@ class SafetensorsEntry:
 def read_safetensors_header(path: str) -> dict[str, SafetensorsEntry]:
     """Validate a .safetensors header against the file; name -> entry (no __metadata__)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the open forever
+            raise ModelFormatError(path, "not a regular file; expected a safetensors file")
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             if size < 8:
@@ -65,9 +67,10 @@ def read_safetensors_header(path: str) -> dict[str, SafetensorsEntry]:
     if len(raw) != n:
         raise ModelFormatError(path, "file changed while reading its header")
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ModelFormatError(path, f"header is not JSON: {e}") from None
+        header = load_json(raw, "header")
+    except InputError as e:
+        raise ModelFormatError(path, "header is not JSON: " + str(e).removeprefix(
+            "header: ")) from None
     if not isinstance(header, dict):
         raise ModelFormatError(path, "header is not a JSON object")
     data_len = size - 8 - n
@@ -198,13 +201,13 @@ def _loader(handle, name: str, file: str) -> Callable[[], np.ndarray]:
 # ---- config, tokenizer ---------------------------------------------------------------
 
 def _read_json(path: str) -> Any:
+    """A JSON file of a model directory: a capped read of a regular file (never /dev/zero
+    behind a link), its nesting bounded before decoding; errors name the file."""
     try:
-        with open(path, "rb") as f:
-            return json.loads(f.read().decode("utf-8"))
-    except FileNotFoundError:
-        raise ModelFormatError(path, "no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ModelFormatError(path, f"not readable JSON: {e}") from None
+        return load_json(read_bytes_file(path, "a JSON file"), path)
+    except InputError as e:
+        raise ModelFormatError(path, str(e).removeprefix(path + ": ").replace(
+            "not valid JSON", "not readable JSON")) from None
 
 
 def _optional_json(path: str) -> dict:
@@ -229,17 +232,20 @@ def _token_text(value) -> str | None:
 
 def _chat_template(root: str, tok_config: dict) -> str | None:
     jinja = os.path.join(root, "chat_template.jinja")
-    if os.path.isfile(jinja):
+    if os.path.lexists(jinja):  # capped; a link to /dev/zero or a FIFO is refused
         try:
-            with open(jinja, encoding="utf-8") as f:
-                return f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ModelFormatError(jinja, f"cannot read: {e}") from None
+            return read_text_file(jinja, "a chat template")
+        except InputError as e:
+            raise ModelFormatError(jinja, str(e).removeprefix(jinja + ": ")) from None
     template = tok_config.get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
-    return template if isinstance(template, str) else None
+    if template is not None and not isinstance(template, str):  # never silently "none"
+        raise ModelFormatError(os.path.join(root, "tokenizer_config.json"),
+                               f"chat_template must be a string or a list of named "
+                               f"templates, got {type(template).__name__}")
+    return template
 
 
 def _tokenizer(root: str, hf: dict, tok_config: dict, gen_config: dict) -> Tokenizer:

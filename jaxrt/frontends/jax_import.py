@@ -161,7 +161,12 @@ class _Importer:
                                        f"{', '.join(sorted(RULES))}, jit, custom_jvp/vjp, "
                                        "scan)", where)
         ctx = _Ctx(self, b, eqn, where)
-        out = rule(ctx, *ins, **eqn.params)
+        try:
+            out = rule(ctx, *ins, **eqn.params)
+        except JaxImportError:
+            raise
+        except InputError as e:  # an op the rule built does not verify: name the line
+            raise JaxImportError(prim, str(e), where) from None
         outs = list(out) if isinstance(out, (list, tuple)) else [out]
         for v, o in zip(eqn.outvars, outs):
             want = self.ir_type(v.aval, where, prim)

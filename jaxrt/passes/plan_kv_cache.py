@@ -64,6 +64,10 @@ def _fmt(nbytes: float) -> str:
     return f"{nbytes / _GIB:.2f} GiB" if abs(nbytes) >= _GIB else f"{nbytes / 2**20:.1f} MiB"
 
 
+# memory-gib / max-cache-gib above this (1 PiB) are typos, not devices
+MAX_MEMORY_GIB = 1 << 20
+
+
 @register_pass
 @dataclass(frozen=True)
 class PlanKVCache(Pass):
@@ -89,6 +93,11 @@ class PlanKVCache(Pass):
         for opt in ("memory_gib", "max_model_len", "num_pages", "max_cache_gib"):
             if getattr(self, opt) < 0:
                 raise SettingError(f"{opt.replace('_', '-')} must be >= 0")
+        for opt in ("memory_gib", "max_cache_gib"):  # nan and inf would plan nan pages
+            value = getattr(self, opt)
+            if not math.isfinite(value) or value > MAX_MEMORY_GIB:
+                raise SettingError(f"{opt.replace('_', '-')} must be a finite number of GiB "
+                                   f"<= {MAX_MEMORY_GIB}, got {value}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise SettingError("max-num-seqs and max-num-batched-tokens must be >= 1")
 
@@ -105,8 +114,12 @@ class PlanKVCache(Pass):
             raise KVPlanError(f"plan-kv-cache: {e}") from None
         ps = self.page_size
         bytes_per_token = layers * 2 * kv_heads * head_dim * dtype.itemsize
-        max_len = self.max_model_len or int(
-            module.attributes.get("config", {}).get("max_position", 0))
+        context = int(module.attributes.get("config", {}).get("max_position", 0))
+        max_len = self.max_model_len or context
+        if context and max_len > context:  # positions past it were never trained: refused
+            raise KVPlanError(f"plan-kv-cache: max-model-len={max_len} exceeds the model's "
+                              f"context of {context} tokens (--max-model-len, "
+                              f"Engine(max_model_len=))")
         if max_len <= 0:
             raise KVPlanError("plan-kv-cache: max-model-len is unknown; pass max-model-len=N")
         pages_per_seq = math.ceil(max_len / ps)

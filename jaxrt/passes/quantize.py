@@ -3,7 +3,8 @@
     quantize{mode=int8-weight granularity=channel exclude="down_proj"}
 
 Every `llm.linear` whose weight operand is a module weight (its name not matching
-`exclude`, searched with `re.search`) becomes `quant.linear(x, @w.<dtype>,
+`exclude`, a name pattern: `re.search` syntax matched in linear time,
+jaxrt/passes/name_pattern.py) becomes `quant.linear(x, @w.<dtype>,
 @w.<dtype>.scale, bias?)`, where the codes and scales are weight definitions
 
     weight @w.i8.scale : f32[out, 1] = quant_scale(@w) {dtype = i8, granularity = "channel"}
@@ -30,7 +31,6 @@ refuses a module whose layers are already outlined).
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from jaxrt.errors import SettingError
@@ -41,6 +41,7 @@ from jaxrt.ir.types import DType
 from jaxrt.ir.weights import WeightDef, infer_def, prune_weights
 
 from .manager import Pass, PassContext, PipelineError, register_pass
+from .name_pattern import compile_name_pattern
 
 # mode -> (code dtype, activation quantization of quant.linear)
 MODES = {"int8-weight": (DType.int8, "none"), "fp8-weight": (DType.f8e4m3, "none"),
@@ -60,7 +61,7 @@ class Quantize(Pass):
     mode: str = "int8-weight"
     granularity: str = "channel"
     group_size: int = 128  # input elements per scale (granularity=group)
-    exclude: str = ""  # regex over weight names left in float
+    exclude: str = ""  # name pattern (a linear-time regex) of weights left in float
 
     def __post_init__(self):
         if self.mode == "w8a8-smoothquant":
@@ -75,10 +76,11 @@ class Quantize(Pass):
                                f"{', '.join(GRANULARITIES)}, got {self.granularity!r}")
         if self.group_size < 1:
             raise SettingError(f"quantize: group-size must be >= 1, got {self.group_size}")
-        try:
-            re.compile(self.exclude)
-        except re.error as e:
-            raise SettingError(f"quantize: exclude is not a regular expression: {e}") from None
+        try:  # linear-time matching: a pipeline's pattern cannot hang the compiler
+            compile_name_pattern(self.exclude)
+        except SettingError as e:
+            raise SettingError(f"quantize: exclude is not a regular expression jaxrt "
+                               f"accepts: {e}") from None
 
     def run(self, module: Module, ctx: PassContext) -> None:
         if is_quantized(module):
@@ -89,7 +91,7 @@ class Quantize(Pass):
             raise PipelineError("quantize: the layers are already outlined (a scan); run "
                                 "quantize before outline-layers")
         dtype, act = MODES[self.mode]
-        exclude = re.compile(self.exclude) if self.exclude else None
+        exclude = compile_name_pattern(self.exclude) if self.exclude else None
         made: dict[str, tuple[str, str]] = {}  # float weight -> (codes, scales)
         excluded: set[str] = set()
         for fn in module.functions.values():

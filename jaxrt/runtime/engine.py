@@ -136,9 +136,20 @@ class Engine:
                 raise SettingError(f"{name} must be an integer, got {value!r:.40}")
         if seed is not None and not 0 <= seed < 2**64:
             raise SettingError(f"seed must be in [0, 2**64), got {seed}")
+        for name, value in (("max_model_len", max_model_len), ("num_pages", num_pages),
+                            ("page_size", page_size),
+                            ("max_num_batched_tokens", max_num_batched_tokens)):
+            if value is not None and (isinstance(value, bool)
+                                      or not isinstance(value, (int, np.integer))
+                                      or value < 1):  # never truncated, never "the default"
+                raise SettingError(f"{name} must be an integer >= 1 (or None), got "
+                                   f"{value!r:.40}")
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise SettingError(f"chat_template must be a string (jinja2) or None, got "
+                               f"{type(chat_template).__name__}")
         if isinstance(model, (str, os.PathLike)):
             model, tok, eos, model_len, template = _load(
-                os.fspath(model), dtype=dtype, page_size=page_size or 16, num_pages=num_pages,
+                os.fspath(model), dtype=dtype, page_size=page_size, num_pages=num_pages,
                 memory_fraction=kv_cache_memory_fraction, max_cache_gib=kv_cache_max_gib,
                 max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                 max_num_batched_tokens=max_num_batched_tokens, outline_layers=outline_layers,
@@ -151,7 +162,12 @@ class Engine:
             # a runner arrives compiled: what it was compiled with cannot change here
             for name, value, neutral in (("tensor_parallel", tensor_parallel, 1),
                                          ("data_parallel", data_parallel, 1),
-                                         ("quantize", quantize, ""), ("fuse", fuse, None)):
+                                         ("quantize", quantize, ""), ("fuse", fuse, None),
+                                         ("dtype", dtype, None),
+                                         ("kv_cache_memory_fraction",
+                                          kv_cache_memory_fraction, 0.9),
+                                         ("kv_cache_max_gib", kv_cache_max_gib, None),
+                                         ("outline_layers", outline_layers, None)):
                 if value != neutral:
                     raise SettingError(f"{name}={value!r} applies when the Engine loads the "
                                        f"model from a path or alias; this runner is "
@@ -165,8 +181,14 @@ class Engine:
                     or getattr(tokenizer, "eos_ids", ())
         self.runner, self.tokenizer = model, tokenizer
         self.chat_template = chat_template  # for servers; None: the model has none
-        self.eos_token_ids = tuple(int(t) for t in eos_token_ids or ())
         self.vocab_size = int(model.vocab_size)
+        eos = tuple(eos_token_ids or ())
+        for t in eos:  # an id outside the vocabulary would never end a request
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) \
+                    or not 0 <= t < self.vocab_size:
+                raise SettingError(f"eos_token_ids: {t!r:.40} is not a token id of the "
+                                   f"vocabulary [0, {self.vocab_size})")
+        self.eos_token_ids = tuple(int(t) for t in eos)
         ps = int(model.page_size)
         if page_size is not None and page_size != ps:
             raise SettingError(f"page_size={page_size}, but the runner's cache has pages of {ps}")
@@ -1080,7 +1102,7 @@ def _default_growth() -> int:
 
 # ---- loading (the one place that knows the compiler) -----------------------------------
 
-def _load(model: str, *, dtype, page_size: int, num_pages: int | None,
+def _load(model: str, *, dtype, page_size: int | None, num_pages: int | None,
           memory_fraction: float, max_cache_gib: float | None, max_num_seqs: int,
           max_model_len: int | None, max_num_batched_tokens: int | None,
           outline_layers: bool | None = None, tensor_parallel: int = 1,
@@ -1091,12 +1113,15 @@ def _load(model: str, *, dtype, page_size: int, num_pages: int | None,
     from ..compiler import Target, load
     from ..frontends.sources import resolve_model
     if resolve_model(model)[0] == "engine":
-        target = None  # planned when it was compiled: no passes run
+        # planned when it was compiled: no passes run, and load() refuses a setting that
+        # differs from what the directory fixed (None: as compiled)
+        target = None
         if max_cache_gib is not None:
             raise SettingError(f"kv_cache_max_gib={max_cache_gib}: {model} is an engine "
                              f"directory; its KV cache was planned when it was compiled")
     else:
         target = Target.detect(dtype, kv_cache_max_gib=max_cache_gib)
+        page_size = page_size or 16
     compiled = load(model, target=target, dtype=dtype, page_size=page_size,
                     memory_fraction=memory_fraction,
                     max_model_len=max_model_len or 0, max_num_seqs=max_num_seqs,

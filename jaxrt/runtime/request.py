@@ -14,10 +14,13 @@ from typing import Any, Sequence as Seq
 
 import numpy as np
 
-from jaxrt.errors import InputError, SettingError
+from jaxrt.errors import InputError, SettingError, check_text
 from .speculative import SpeculativeStats
 
 FINISH_REASONS = ("stop", "length", "abort")  # RequestOutput.finish_reason once finished
+# Sampling settings travel to the device as float32: a larger "finite" value would arrive
+# as inf (and the logits as nan).
+F32_MAX = float(np.finfo(np.float32).max)
 
 
 def _is_int(x) -> bool:
@@ -125,7 +128,7 @@ class SamplingParams:
             bad("max_tokens", f"the prompt ({prompt_len} tokens) + max_tokens "
                               f"({self.max_tokens}) exceeds max_model_len ({max_model_len}): "
                               f"lower max_tokens or raise the engine's max_model_len")
-        if not _is_real(self.temperature) or self.temperature < 0:
+        if not _is_real(self.temperature) or not 0 <= self.temperature <= F32_MAX:
             bad("temperature", "must be a finite number >= 0 (0 = greedy)")
         if not _is_int(self.top_k) or self.top_k < 0:
             bad("top_k", "must be an integer >= 0 (0 = off)")
@@ -139,6 +142,11 @@ class SamplingParams:
             bad("seed", "must be in [0, 2**64)")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "stop strings must be non-empty strings")
+        for i, s in enumerate(self.stop):
+            try:  # a lone surrogate can never appear in decoded text: it would never stop
+                check_text(s, f"stop string {i}")
+            except InputError as e:
+                bad("stop", str(e))
         for t in self.stop_token_ids:
             if not _is_int(t) or not 0 <= t < vocab_size:
                 bad("stop_token_ids", f"token id {t!r} is outside the vocabulary "
@@ -156,7 +164,7 @@ class SamplingParams:
             if self.prompt_logprobs > limit:
                 bad("prompt_logprobs", f"at most {limit} log-probabilities per token are "
                                        f"returned")
-        if not _is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
+        if not _is_real(self.repetition_penalty) or not 0 < self.repetition_penalty <= F32_MAX:
             bad("repetition_penalty", "must be a finite number > 0 (1 = off)")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
@@ -184,7 +192,14 @@ class SamplingParams:
 
 
 def validate_prompt_ids(ids: Seq[int], vocab_size: int) -> list[int]:
-    """The prompt as a list of ints, or ValueError naming the first id outside the vocab."""
+    """The prompt as a list of ints, or ValueError naming the first id outside the vocab.
+    Only an ordered sequence of ids is a prompt: bytes would be taken as ids, a set in
+    any order, None or a dict not at all."""
+    from collections.abc import Sequence as _Sequence
+    if isinstance(ids, (str, bytes, bytearray)) or not (
+            isinstance(ids, _Sequence) or (isinstance(ids, np.ndarray) and ids.ndim == 1)):
+        raise InputError(f"a prompt is text (str) or a list of token ids, got "
+                         f"{type(ids).__name__}")
     out = []
     for i, t in enumerate(ids):
         if not _is_int(t) or not 0 <= t < vocab_size:

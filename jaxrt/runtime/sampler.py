@@ -88,8 +88,10 @@ class SamplingBatch:
             if row is None:
                 continue
             p, seed, step, prompt, output = row
+            # top_k >= V keeps every token, as the device's min(top_k, V) does; clamped
+            # here too, so a huge k (any int validate() accepts) fits the int32 row
             b.temperature[i], b.top_k[i], b.top_p[i], b.min_p[i] = \
-                p.temperature, p.top_k, p.top_p, p.min_p
+                p.temperature, min(p.top_k, vocab_size), p.top_p, p.min_p
             b.repetition_penalty[i] = p.repetition_penalty
             b.presence_penalty[i] = p.presence_penalty
             b.frequency_penalty[i] = p.frequency_penalty

@@ -115,12 +115,11 @@ def from_cli(text: str | None) -> "SpeculativeConfig | None":
     option for bad JSON or a bad setting)."""
     if text is None:
         return None
-    import json
+    from jaxrt.errors import InputError, load_json
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise SettingError(f"--speculative: not valid JSON ({e.msg} at character "
-                           f"{e.pos})") from None
+        value = load_json(text, "--speculative")
+    except InputError as e:
+        raise SettingError(str(e)) from None
     try:
         return SpeculativeConfig.parse(value)
     except SettingError as e:

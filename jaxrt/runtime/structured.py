@@ -34,7 +34,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from jaxrt.errors import InputError, SettingError
+from jaxrt.errors import (MAX_JSON_DEPTH, InputError, SettingError, check_json_depth,
+                          check_text, json_text_depth, short_repr)
 
 CONSTRAINTS = ("json_schema", "regex", "choice", "grammar")
 # JSON output is laid out as Python's json.dumps does (", " and ": ", no other whitespace):
@@ -43,13 +44,21 @@ CONSTRAINTS = ("json_schema", "regex", "choice", "grammar")
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
+# At most this many alternatives in a `choice` (the grammar llguidance builds grows with
+# them; a request listing millions would cost seconds and memory before the first token).
+MAX_CHOICES = 16384
+
+
 def bitmask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
-def _first_line(message: str) -> str:
-    lines = [ln.strip() for ln in str(message).strip().splitlines() if ln.strip()]
-    return "; ".join(lines[:2]) if lines else "invalid"
+def _first_line(message: str, limit: int = 300) -> str:
+    """llguidance's message on one line, cut to `limit` characters: it quotes the
+    offending source line, which may be megabytes long."""
+    lines = [ln.strip() for ln in str(message).strip().splitlines()[:4] if ln.strip()]
+    text = "; ".join(lines[:2]) if lines else "invalid"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def constraint_grammar(params: Any) -> str | None:
@@ -66,18 +75,31 @@ def constraint_grammar(params: Any) -> str | None:
     import llguidance
 
     def bad(why: str):
-        e = SettingError(f"SamplingParams.{name}={value!r:.60}: {why}")
+        e = SettingError(f"SamplingParams.{name}={short_repr(value)}: {why}")
         e.setting = name
         return e
 
+    def text(t: str, what: str) -> str:
+        try:
+            return check_text(t, what)
+        except InputError as e:
+            raise bad(str(e)) from None
+
     if name == "json_schema":
         if isinstance(value, str):
+            text(value, "the schema")
+            if json_text_depth(value) > MAX_JSON_DEPTH:  # the decoder would recurse
+                raise bad(f"nested more than {MAX_JSON_DEPTH} levels deep")
             try:
                 value = json.loads(value)
             except json.JSONDecodeError as e:
                 raise bad(f"not valid JSON ({e.msg} at character {e.pos})") from None
         if not isinstance(value, (dict, bool)):
             raise bad("a JSON schema is an object (a dict or its JSON text)")
+        try:  # llguidance recurses into the object (and crashes, far too deep)
+            check_json_depth(value, "the schema")
+        except InputError as e:
+            raise bad(str(e)) from None
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(
                 value, defaults=JSON_LAYOUT)
@@ -86,15 +108,21 @@ def constraint_grammar(params: Any) -> str | None:
     elif name == "regex":
         if not isinstance(value, str) or not value:
             raise bad("must be a non-empty string")
+        text(value, "the regex")
         grammar = llguidance.LLMatcher.grammar_from_regex(value)
     elif name == "choice":
         if not isinstance(value, tuple) or not value \
                 or any(not isinstance(c, str) or not c for c in value):
             raise bad("must be a non-empty list of non-empty strings")
+        if len(value) > MAX_CHOICES:
+            raise bad(f"{len(value)} choices; at most {MAX_CHOICES} are allowed")
+        for i, c in enumerate(value):
+            text(c, f"choice {i}")
         grammar = llguidance.grammar_from("choice", list(value))
     else:
         if not isinstance(value, str) or not value.strip():
             raise bad("must be a non-empty Lark or GBNF grammar")
+        text(value, "the grammar")
         try:
             grammar = llguidance.grammar_from("grammar", value)
         except ValueError as e:

@@ -13,6 +13,8 @@ import sys
 import threading
 from contextlib import asynccontextmanager
 
+from jaxrt.errors import SettingError
+
 from .app import ServerConfig, create_app
 from .engine_loop import EngineLoop
 from .metrics import ServerMetrics
@@ -86,9 +88,11 @@ def serve(engine, *, model_name: str, host: str = "127.0.0.1", port: int = 8000,
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-    except OSError as e:
+    except (OSError, UnicodeError, ValueError, TypeError) as e:  # unknown or unencodable
         sock.close()
-        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+        why = getattr(e, "strerror", None) or e
+        raise SettingError(f"--host/--port: cannot listen on {host!r}:{port}: "
+                           f"{why}") from None
     line = (f"jaxrt: serving {model_name} on http://{host}:{sock.getsockname()[1]}/v1 "
             f"(max_model_len {engine.max_model_len})")
     server = _uvicorn_server(app, host, port, shutdown_timeout,
