@@ -237,7 +237,7 @@ class StepPrograms:
 
     def _finish(self, key, trace) -> float:
         start = time.perf_counter()
-        self._compiled[key] = trace().lower().compile()
+        self._compiled[key] = trace().lower().compile(compiler_options=COMPILER_OPTIONS)
         seconds = time.perf_counter() - start
         self.compile_seconds += seconds
         return seconds
@@ -261,6 +261,16 @@ class StepPrograms:
             self._compiled[key] = (zeros if self.mesh is None
                                    else jax.device_put(zeros, self.mesh.replicated))
         return self._compiled[key]
+
+
+# XLA's rematerialization pass off for step programs. XLA counts the donated KV cache
+# twice (input and output), so with a cache planned to fill the device it believes a
+# step needs ~2x the cache, past the device's memory, and rematerializes and schedules
+# for memory; nothing is saved (the cache is updated in place) but the program is slower.
+# One H200, Llama-3.1-8B shape, bf16, a 109 GB cache, in the same call: batch-1 decode
+# 156 -> 196 tok/s, offline 512 x 128/128 7,578 -> 8,984 tok/s (bench/results/
+# decode_8b_remat_h200.json). The plan-kv-cache pass leaves the activations their room.
+COMPILER_OPTIONS = {"xla_disable_hlo_passes": "rematerialization"}
 
 
 def greedy_sampling(n: int) -> tuple[np.ndarray, np.ndarray]:
