@@ -243,6 +243,7 @@ def check_engine_settings(model: CompiledModel, spec: str, *, pipeline: str | No
     quant = model.module.attributes.get("quantization", {}).get("mode", "")
     float_dtype = model.module.attributes.get("float_dtype", "f32")
     outlined = "outline-layers" in (model.pipeline or "").split(",")
+    fused = any(p.split("{")[0].startswith("fuse-") for p in (model.pipeline or "").split(","))
 
     def refuse(setting: str, fixed: str):
         raise SettingError(f"{setting}: {spec} is an engine directory, compiled with "
@@ -265,7 +266,8 @@ def check_engine_settings(model: CompiledModel, spec: str, *, pipeline: str | No
         ("num_pages", 0, plan["num_pages"], None),
         ("memory_fraction", 0.9, None, None),
         ("max_model_len", 0, plan["max_model_len"], lambda v, fixed: v > fixed),
-        ("outline_layers", None, outlined, None))
+        ("outline_layers", None, outlined, None),
+        ("fuse", None, fused, None))
     for name, unset, fixed, conflicts in checks:
         value = given.pop(name, unset)
         if value is None or value == unset or value == fixed:

@@ -267,6 +267,7 @@ def test_eval_ppl_window_options_are_refused(hf_dir, tmp_path, capsys, args, nee
     (dict(tensor_parallel=2), "tensor_parallel=2"),
     (dict(outline_layers=False), "outline_layers=False"),
     (dict(memory_fraction=0.5), "memory_fraction=0.5"),
+    (dict(fuse=False), "fuse=False"),
 ])
 def test_loading_an_engine_refuses_settings_it_fixed(engine_dir, options, needle):
     from jaxrt.compiler import load
@@ -280,7 +281,8 @@ def test_loading_an_engine_accepts_its_own_settings(engine_dir):
     model = load(engine_dir)
     plan = model.kv_plan
     again = load(engine_dir, pipeline=model.pipeline, dtype="float32",
-                 page_size=plan["page_size"], max_model_len=32, max_num_seqs=3)
+                 page_size=plan["page_size"], max_model_len=32, max_num_seqs=3,
+                 fuse=True)
     assert again.kv_plan == plan
 
 
