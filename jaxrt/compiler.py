@@ -165,7 +165,9 @@ def default_pipeline(target: Target, *, page_size: int = 16, memory_fraction: fl
     `quantize` names a quantize mode (int8-weight, fp8-weight, w8a8, fp8; per-channel
     scales). It runs after cast-float (scales stay f32) and before outline-layers, so
     those two swap places when quantizing. Quantized weights are not sharded yet: the
-    two together are refused.
+    two together are refused. `kv-int8` / `kv-fp8` quantize the KV cache instead
+    (quantize-kv-cache, right before plan-kv-cache, which then sizes the smaller cache;
+    the cache's per-head rows shard like a float cache's).
 
     `fuse` runs the fusion passes: PROJECTION_FUSIONS right after dce, NORM_FUSIONS after
     outline-layers (with outlined layers they fuse within a layer only). None picks by
@@ -183,7 +185,11 @@ def default_pipeline(target: Target, *, page_size: int = 16, memory_fraction: fl
         passes += PROJECTION_FUSIONS
     if outline_layers is None:
         outline_layers = target.backend == "cpu"
+    from .passes.quantize_kv_cache import kv_quant_pass
     cast = [f"cast-float{{dtype={target.dtype}}}"] if target.dtype != "f32" else []
+    kv_quant = [kv_quant_pass(quantize)] if quantize.startswith("kv-") else []
+    if kv_quant:
+        quantize = ""
     if quantize:
         passes += cast + [f"quantize{{mode={quantize}}}"]
         cast = []
@@ -200,11 +206,21 @@ def default_pipeline(target: Target, *, page_size: int = 16, memory_fraction: fl
         # After the casts and stacks: it annotates the weights the step reads. Before the
         # plan, which budgets per device.
         passes.append(f"shard{{tp={tensor_parallel} dp={data_parallel}}}")
+    passes += kv_quant
     passes.append(
         f"plan-kv-cache{{page-size={page_size} memory-fraction={memory_fraction} "
         f"max-model-len={max_model_len} max-num-seqs={max_num_seqs} "
         f"max-num-batched-tokens={max_num_batched_tokens} num-pages={num_pages}}}")
     return ",".join(passes)
+
+
+def quantize_mode(module: Module) -> str:
+    """The `quantize=` spelling of what `module` was quantized with ("" for none): the
+    weight mode (quantize pass), the cache's (kv-int8 / kv-fp8), or both joined by '+'
+    (a hand-written pipeline running both passes)."""
+    modes = [module.attributes.get(key, {}).get("mode", "")
+             for key in ("quantization", "kv_quantization")]
+    return "+".join(m for m in modes if m)
 
 
 def load(spec: str, *, pipeline: str | None = None, target: Target | None = None,
@@ -240,7 +256,7 @@ def check_engine_settings(model: CompiledModel, spec: str, *, pipeline: str | No
     quantize) mean "as compiled"."""
     plan = model.kv_plan
     mesh = dict(model.module.attributes.get("mesh") or {})
-    quant = model.module.attributes.get("quantization", {}).get("mode", "")
+    quant = quantize_mode(model.module)
     float_dtype = model.module.attributes.get("float_dtype", "f32")
     outlined = "outline-layers" in (model.pipeline or "").split(",")
     fused = any(p.split("{")[0].startswith("fuse-") for p in (model.pipeline or "").split(","))

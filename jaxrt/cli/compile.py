@@ -16,7 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quantize", default=None,
                    choices=("int8-weight", "fp8-weight", "w8a8", "fp8"),
                    help="quantize the linear projections (per-channel scales) in the default "
-                        "pipeline; with -p, write quantize{mode=...} in the pipeline instead")
+                        "pipeline, or the KV cache (kv-int8, kv-fp8); with -p, write "
+                        "quantize{mode=...} / quantize-kv-cache{dtype=...} in the pipeline")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: by device)")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="shard the engine over N devices (the shard pass; docs/parallelism.md)")

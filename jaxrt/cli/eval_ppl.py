@@ -3,7 +3,8 @@
 The text is tokenized as plain text (special-token spellings stay text) with the
 tokenizer's own BOS; the windows are at most --context tokens (default: the model's
 context) every --stride tokens (default: half a window), so every token after the first
-is scored once. `-q MODE` quantizes the model first (jaxrt/passes/quantize.py).
+is scored once. `-q MODE` quantizes the model first (jaxrt/passes/quantize.py), or
+its KV cache (kv-int8, kv-fp8: jaxrt/passes/quantize_kv_cache.py).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import time
 
 from jaxrt.errors import InputError, SettingError, read_text_file
 
-QUANT_MODES = ("int8-weight", "fp8-weight", "w8a8", "fp8")
+QUANT_MODES = ("int8-weight", "fp8-weight", "w8a8", "fp8", "kv-int8", "kv-fp8")
 PAGE_SIZE = 16
 
 
@@ -23,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", required=True, help="UTF-8 text file to score")
     p.add_argument("-q", "--quantize", choices=QUANT_MODES, default=None,
                    help="quantize the linear projections first (per-channel scales; "
-                        "w8a8 and fp8 quantize activations per token at run time)")
+                        "w8a8 and fp8 quantize activations per token at run time), or "
+                        "the KV cache (kv-int8, kv-fp8: per token-head scales)")
     p.add_argument("--context", type=int, default=None,
                    help="window length in tokens (default: the model's context length)")
     p.add_argument("--stride", type=int, default=None,

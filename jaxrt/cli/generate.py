@@ -52,7 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                             help="constrain the output to a Lark or GBNF grammar (a file)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: by device)")
     p.add_argument("-q", "--quantize", default="", metavar="MODE",
-                   help="quantize the linear projections: int8-weight, fp8-weight, w8a8, fp8")
+                   help="quantize the linear projections: int8-weight, fp8-weight, w8a8, fp8; "
+                        "or the KV cache: kv-int8, kv-fp8")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="split the model over N devices (Megatron-style; docs/parallelism.md)")
     p.add_argument("--layers", choices=("auto", "scan", "unrolled"), default="auto",

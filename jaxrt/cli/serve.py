@@ -39,7 +39,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-max-gib", type=float, default=None)
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: by device)")
     p.add_argument("-q", "--quantize", default="", metavar="MODE",
-                   help="quantize the linear projections: int8-weight, fp8-weight, w8a8, fp8")
+                   help="quantize the linear projections: int8-weight, fp8-weight, w8a8, fp8; "
+                        "or the KV cache: kv-int8, kv-fp8")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="split the model over N devices (docs/parallelism.md)")
     p.add_argument("--data-parallel", type=int, default=1, metavar="M",

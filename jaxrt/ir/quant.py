@@ -96,7 +96,9 @@ def compute_scale(x: np.ndarray, dtype: DType, scale_shape: tuple[int, ...]) -> 
     """f32 scales max|x| / qmax per block (1 where the block is all zero)."""
     amax = _block_amax(x, scale_shape)
     scale = (amax / np.float32(QMAX[dtype])).astype(np.float32)
-    return np.where(amax > 0, scale, np.float32(1.0)).reshape(scale_shape)
+    # A scale that underflows to 0 (max|x| below qmax * 2^-149) would divide by zero: 1
+    # flushes such a row's codes to 0 (an error below 2^-142).
+    return np.where(scale > 0, scale, np.float32(1.0)).reshape(scale_shape)
 
 
 def quantize(x: np.ndarray, scale: np.ndarray, dtype: DType) -> np.ndarray:
@@ -116,3 +118,58 @@ def dequantize(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
 def token_scale(x: np.ndarray, dtype: DType) -> np.ndarray:
     """Dynamic per-token (per-row) scales of activations x[..., in]: [..., 1] f32."""
     return compute_scale(x, dtype, tuple(np.shape(x)[:-1]) + (1,))
+
+
+# ---- quantized KV cache (the quantize-kv-cache pass) --------------------------------------
+#
+# A quantized cache kv[layers, 2, pages, page_size, KVH, D + 4] holds int8 or e4m3fn codes.
+# Each (token, kv head) row of K (and of V) is quantized when kv.update writes it, with
+# its own f32 scale max|row| / qmax (1 for an all-zero row); the scale's 4 bytes
+# (little-endian IEEE f32) are stored as the row's last 4 elements, bit for bit, so the
+# codes and their scale live in the same slot and move together (one scatter, one
+# gather, the same page ids, the same head split). Attention reads value = code * scale.
+# A fresh (zeroed) cache reads as zeros: code 0 with scale 0.0. Rows whose max is below
+# qmax * 2^-126 get subnormal scales (XLA on CPU may flush them: not bit-exact there).
+
+KV_SCALE_ELEMS = 4  # one-byte elements holding a row's f32 scale
+
+
+def is_quantized_cache(kv: TensorType) -> bool:
+    return kv.dtype in QUANT_DTYPES
+
+
+def kv_head_dim(kv: TensorType):
+    """The head dimension a cache of type `kv` stores (its last axis less the scale's)."""
+    d = kv.shape[-1]
+    if is_quantized_cache(kv) and isinstance(d, int):
+        return d - KV_SCALE_ELEMS
+    return d
+
+
+def pack_kv(x: np.ndarray, dtype: DType) -> np.ndarray:
+    """Rows x[..., D] -> codes and scale [..., D + 4] in `dtype` (see above)."""
+    x = np.asarray(x, np.float32)
+    scale = token_scale(x, dtype)  # [..., 1]
+    codes = quantize(x, scale, dtype)
+    scale_bytes = np.ascontiguousarray(scale.astype("<f4")).view(np.uint8)  # [..., 4]
+    return np.concatenate([codes, scale_bytes.view(dtype.to_numpy())], axis=-1)
+
+
+def unpack_kv(packed: np.ndarray) -> np.ndarray:
+    """Packed rows [..., D + 4] -> their values code * scale, f32 [..., D]."""
+    packed = np.asarray(packed)
+    raw = np.ascontiguousarray(packed[..., -KV_SCALE_ELEMS:]).view(np.uint8)
+    scale = raw.view("<f4").astype(np.float32)  # [..., 1]
+    return dequantize(packed[..., :-KV_SCALE_ELEMS], valid_kv_scale(scale, packed.dtype))
+
+
+def kv_scale_limit(dtype) -> float:
+    """The largest scale kv.update can write (max f32 / qmax): code * scale stays finite."""
+    return float(np.finfo(np.float32).max) / QMAX[DType.from_numpy(dtype)]
+
+
+def valid_kv_scale(scale: np.ndarray, dtype) -> np.ndarray:
+    """Scales as written, and 0 for bits no write produces (NaN, inf, beyond the limit:
+    a page's bytes before its first write), so an unwritten slot reads as finite values
+    and a masked key's 0 probability times its value stays 0."""
+    return np.where(np.abs(scale) <= kv_scale_limit(dtype), scale, np.float32(0))

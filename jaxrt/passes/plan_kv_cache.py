@@ -14,8 +14,11 @@ from the device it runs on (on a CPU: the host memory available). `max-cache-gib
 `target["kv_cache_cap_bytes"]`: on a CPU the driver caps the cache (4 GiB by default, as
 vLLM's CPU backend does) rather than let it take most of a shared host's memory.
 
-The cache holds the model's float dtype (f32, bf16, f16). Integer and fp8 caches need
-per-page scales (a quantized cache); they are refused until that exists.
+The cache holds the model's float dtype (f32, bf16, f16), or, after quantize-kv-cache,
+int8 / fp8 codes with per-row scales (kv[..., D + 4]; jaxrt/passes/quantize_kv_cache.py),
+which it keeps: bytes_per_token counts the stored elements, scales included, so a
+quantized cache fits more pages in the same budget. `dtype` cannot change a quantized
+cache, and `dtype=i8` on a float cache is refused (its scales come from the pass).
 
 A failure names the option that fixes it, with the driver's spelling in parentheses
 (`jaxrt generate --max-model-len`, Engine(max_model_len=) and so on).
@@ -29,6 +32,7 @@ from jaxrt.errors import SettingError
 from jaxrt.errors import InputError
 from jaxrt.ir.analysis.graph import peak_memory
 from jaxrt.ir.module import Module
+from jaxrt.ir.quant import is_quantized_cache
 from jaxrt.ir.substitute import _rebuild, bind_dims
 from jaxrt.ir.sharding import device_bytes, device_split, kv_spec, mesh_of, spec_of
 from jaxrt.ir.types import TensorType
@@ -38,6 +42,7 @@ from .cast_float import unscaled_float_dtype
 from .manager import Pass, PassContext, register_pass
 
 KV_ARG = "kv"
+QUANTIZE_INSTEAD = "run quantize-kv-cache{dtype=int8|fp8} before plan-kv-cache"
 _GIB = 1 << 30
 
 
@@ -89,7 +94,7 @@ class PlanKVCache(Pass):
         if not 0.0 < self.memory_fraction <= 1.0:
             raise SettingError(f"memory-fraction must be in (0, 1], got {self.memory_fraction}")
         if self.dtype != "auto":
-            unscaled_float_dtype(self.dtype, "a scaled (quantized) cache")
+            unscaled_float_dtype(self.dtype, "a scaled (quantized) cache", QUANTIZE_INSTEAD)
         for opt in ("memory_gib", "max_model_len", "num_pages", "max_cache_gib"):
             if getattr(self, opt) < 0:
                 raise SettingError(f"{opt.replace('_', '-')} must be >= 0")
@@ -105,11 +110,14 @@ class PlanKVCache(Pass):
         cache = _cache_type(module)
         if not isinstance(cache.shape[2], str) or not isinstance(cache.shape[3], str):
             raise KVPlanError(f"plan-kv-cache: the cache is already planned ({cache})")
-        layers, _, pages_dim, ps_dim, kv_heads, head_dim = cache.shape
+        layers, _, pages_dim, ps_dim, kv_heads, head_dim = cache.shape  # head_dim: + scale
+        if is_quantized_cache(cache) and self.dtype != "auto":
+            raise KVPlanError(f"plan-kv-cache: dtype={self.dtype} for a quantized cache "
+                              f"({cache}); its codes' dtype was set by quantize-kv-cache")
         try:
-            dtype = unscaled_float_dtype(module.attributes.get("float_dtype", "f32")
-                                         if self.dtype == "auto" else self.dtype,
-                                         "a scaled (quantized) cache")
+            dtype = cache.dtype if is_quantized_cache(cache) else unscaled_float_dtype(
+                module.attributes.get("float_dtype", "f32") if self.dtype == "auto"
+                else self.dtype, "a scaled (quantized) cache", QUANTIZE_INSTEAD)
         except ValueError as e:
             raise KVPlanError(f"plan-kv-cache: {e}") from None
         ps = self.page_size

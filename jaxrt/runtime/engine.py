@@ -30,7 +30,7 @@ the request path is counted in `stats().compiles_after_warmup` (and raises with
 
 `tensor_parallel` / `data_parallel` (> 1: the `shard` pass, a device mesh; see
 docs/parallelism.md), `quantize` (a mode of the quantize pass: int8-weight, fp8-weight,
-w8a8, fp8), `fuse` (the fusion passes; None: compiler.default_pipeline's choice),
+w8a8, fp8; or kv-int8 / kv-fp8, the quantize-kv-cache pass), `fuse` (the fusion passes; None: compiler.default_pipeline's choice),
 `kv_cache_memory_fraction`, `kv_cache_max_gib` (a cap on the cache;
 on a CPU 4 GiB by default) and `dtype` matter only when the engine loads the model itself; a runner object
 arrives with its cache and dtype already chosen.

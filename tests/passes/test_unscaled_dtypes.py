@@ -16,7 +16,8 @@ PLAIN = ["f32", "bf16", "f16"]
 @pytest.mark.parametrize("dtype", SCALED)
 def test_plan_kv_cache_refuses_scaled_dtypes_at_parse(dtype):
     with pytest.raises(PipelineError, match=rf"dtype {dtype} needs a scaled \(quantized\) "
-                                            rf"cache; not supported yet"):
+                                            rf"cache; run quantize-kv-cache\{{dtype=int8\|fp8\}} "
+                                            rf"before plan-kv-cache"):
         parse_pipeline(f"plan-kv-cache{{dtype={dtype}}}")
 
 

@@ -6,13 +6,17 @@ Two levels:
 - `kv.update` and `llm.paged_attention` work on the serving cache
   kv[layers, 2, pages, page_size, KVH, D] for a ragged batch of tokens (see
   docs/architecture.md, "One step function"). The frontend emits them with symbolic
-  `pages`/`page_size` dims; the plan-kv-cache pass binds them.
+  `pages`/`page_size` dims; the plan-kv-cache pass binds them. A cache of int8 or
+  e4m3fn codes (the quantize-kv-cache pass) is kv[..., KVH, D + 4]: each row's f32 scale
+  rides in its last 4 elements (jaxrt/ir/quant.py); kv.update quantizes what it writes,
+  paged attention dequantizes what it reads.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ..opdef import AttrSpec, OpDef, Trait, VerifyError, register
+from ..quant import KV_SCALE_ELEMS, is_quantized_cache, kv_head_dim, pack_kv, unpack_kv
 from ..types import DType, TensorType
 from ._util import as_compute, cast_to
 from .nn import softmax_np
@@ -85,6 +89,13 @@ def _check_cache(kv: TensorType, what: str):
     if kv.rank != 6 or kv.shape[1] != 2:
         raise VerifyError(f"{what}: cache must be [layers, 2, pages, page_size, kv_heads, "
                           f"head_dim], got {kv}")
+    d = kv.shape[5]
+    if is_quantized_cache(kv) and isinstance(d, int) and d <= KV_SCALE_ELEMS:
+        raise VerifyError(f"{what}: a quantized cache's rows are head_dim codes and "
+                          f"{KV_SCALE_ELEMS} scale bytes, got {kv}")
+    if not (kv.dtype.is_float or is_quantized_cache(kv)):
+        raise VerifyError(f"{what}: cache dtype must be a float or i8/f8e4m3fn codes, "
+                          f"got {kv}")
 
 
 def _check_i32(t: TensorType, rank: int, what: str):
@@ -111,7 +122,7 @@ def _infer_kv_update(types, attrs):
     _check_layer_operand(extra, "kv.update")
     _check_cache(kv, "kv.update")
     _check_i32(slots, 1, "kv.update slot_mapping")
-    if k.shape != v.shape or k.rank != 3 or k.shape[1:] != kv.shape[4:]:
+    if k.shape != v.shape or k.rank != 3 or k.shape[1:] != (kv.shape[4], kv_head_dim(kv)):
         raise VerifyError(f"kv.update: k {k} / v {v} do not match cache {kv}")
     if k.shape[0] != slots.shape[0]:
         raise VerifyError("kv.update: one slot per token required")
@@ -124,6 +135,9 @@ def _ref_kv_update(kv, k, v, slots, *extra, attrs, out_types):
     out = kv.copy()
     _, _, pages, ps = kv.shape[:4]
     layer = layer_of(attrs, extra)
+    if is_quantized_cache(TensorType(kv.shape, DType.from_numpy(kv.dtype))):
+        dtype = DType.from_numpy(kv.dtype)
+        k, v = pack_kv(as_compute(k), dtype), pack_kv(as_compute(v), dtype)
     flat_k = out[layer, 0].reshape(pages * ps, *kv.shape[4:])
     flat_v = out[layer, 1].reshape(pages * ps, *kv.shape[4:])
     for t, slot in enumerate(slots):
@@ -147,8 +161,9 @@ def _infer_paged_attention(types, attrs):
     q, kv, page_table, ctx, q_index, positions, *extra = types
     _check_layer_operand(extra, "llm.paged_attention")
     _check_cache(kv, "llm.paged_attention")
-    if q.rank != 3 or q.shape[2] != kv.shape[5]:
-        raise VerifyError(f"llm.paged_attention: q {q} must be [tokens, heads, {kv.shape[5]}]")
+    if q.rank != 3 or q.shape[2] != kv_head_dim(kv):
+        raise VerifyError(f"llm.paged_attention: q {q} must be [tokens, heads, "
+                          f"{kv_head_dim(kv)}]")
     _check_heads(q.shape[1], kv.shape[4], "llm.paged_attention")
     _check_i32(page_table, 2, "page_table")
     _check_i32(ctx, 1, "context_lens")
@@ -165,7 +180,10 @@ def _infer_paged_attention(types, attrs):
 def _ref_paged_attention(q, kv, page_table, ctx, q_index, positions, *extra, attrs,
                          out_types):
     q = as_compute(q)
-    kvf = as_compute(kv)[layer_of(attrs, extra)]  # [2, pages, ps, KVH, D]
+    kvf = kv[layer_of(attrs, extra)]  # [2, pages, ps, KVH, D (+ 4 scale bytes)]
+    if is_quantized_cache(TensorType(kv.shape, DType.from_numpy(kv.dtype))):
+        kvf = unpack_kv(kvf)  # f32 code * scale
+    kvf = as_compute(kvf)
     ps = kvf.shape[2]
     out = np.zeros(q.shape, np.float32)
     T = q.shape[0]

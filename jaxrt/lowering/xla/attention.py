@@ -2,6 +2,11 @@
 
 Scores and softmax are f32; a fully masked query row (padding) yields zeros.
 
+A quantized cache (int8 / e4m3fn codes with each row's f32 scale in its last 4 elements,
+jaxrt/ir/quant.py) is written by `pack_rows` and read by `unpack_rows`, which follow the
+numpy reference exactly (f32 division, round-half-even, clip; the scale's bits by
+bitcast); the dequantized K/V meet the queries in the query's dtype.
+
 `llm.paged_attention` visits a page table wider than one key block (`block_pages`) in a
 loop of blocks with an online softmax (flash decoding), for ceil(max(context_lens) /
 block) iterations, so its cost follows the batch's context, not the table's width, and
@@ -18,9 +23,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ...ir import ops
+from ...ir import DType, ops
+from ...ir.quant import KV_SCALE_ELEMS, QUANT_DTYPES, kv_scale_limit
 from ..registry import rule
-from ._util import F32, cast, precision
+from ._util import F32, cast, np_dtype, precision
+from .quant import quantize, token_scale
 
 # Key blocks of paged attention, measured on decode steps of SmolLM2's attention (H=9,
 # KVH=3, D=64, pages of 16, a 512-page table; 'dense' = the whole table at once):
@@ -169,6 +176,35 @@ def _attention(ctx, q, k, v, *, attrs, out_types):
     return cast(out.reshape(b, s, h, v.shape[3]), out_types[0])
 
 
+def _cache_dtype(kv) -> DType | None:
+    """The code dtype of a quantized cache array, None for a float cache."""
+    dt = DType.from_numpy(kv.dtype)
+    return dt if dt in QUANT_DTYPES else None
+
+
+def pack_rows(x, dtype: DType):
+    """Rows x[..., D] -> `dtype` codes and the row's f32 scale bits [..., D + 4]."""
+    scale = token_scale(x, dtype)  # f32[..., 1]
+    codes = quantize(x, scale, dtype)
+    scale_bits = lax.bitcast_convert_type(scale, np_dtype(dtype))  # [..., 1, 4]
+    return jnp.concatenate([codes, scale_bits.reshape(x.shape[:-1] + (KV_SCALE_ELEMS,))],
+                           axis=-1)
+
+
+def unpack_rows(packed, dtype):
+    """Packed rows [..., D + 4] -> code * scale in `dtype` [..., D] (computed in f32)."""
+    scale = lax.bitcast_convert_type(packed[..., -KV_SCALE_ELEMS:], F32)  # [...]
+    # bits no write produces (an unwritten page) read as 0: see jaxrt/ir/quant.py
+    scale = jnp.where(jnp.abs(scale) <= kv_scale_limit(packed.dtype), scale, 0.0)
+    return (packed[..., :-KV_SCALE_ELEMS].astype(F32) * scale[..., None]).astype(dtype)
+
+
+def _read_kv(kv, layer, which, cols, ct):
+    """K (which=0) or V of pages `cols` [S, n] as `ct` [S, n, page_size, KVH, D]."""
+    x = kv[layer, which, cols]
+    return unpack_rows(x, ct) if _cache_dtype(kv) else x.astype(ct)
+
+
 @rule(ops.kv_update)
 def _kv_update(ctx, kv, k, v, slots, *base, attrs, out_types):
     pages, page_size = kv.shape[2], kv.shape[3]
@@ -180,6 +216,9 @@ def _kv_update(ctx, kv, k, v, slots, *base, attrs, out_types):
     # bitcast, which it does not update in place, and every layer would rewrite the whole
     # cache (measured on CPU: 0.82 s vs 0.033 s per SmolLM2 decode step with 512 pages).
     layer = attrs.layer + base[0] if base else attrs.layer  # traced inside a layer scan
+    code = _cache_dtype(kv)
+    if code is not None:  # quantized as written: [T, KVH, D + 4]
+        k, v = pack_rows(k, code), pack_rows(v, code)
     kv = kv.at[layer, 0, page, offset].set(k.astype(kv.dtype), mode="drop")
     return kv.at[layer, 1, page, offset].set(v.astype(kv.dtype), mode="drop")
 
@@ -220,7 +259,7 @@ def _paged_attention(ctx, q, kv, page_table, context_lens, q_index, positions, *
     pages, page_size, kvh = kv.shape[2], kv.shape[3], kv.shape[4]
     s, mp = page_table.shape
     n_q = q_index.shape[1]
-    ct = _common(q, kv)
+    ct = _common(q) if _cache_dtype(kv) else _common(q, kv)
     table = jnp.clip(page_table, 0, pages - 1)
     layer = attrs.layer + base[0] if base else attrs.layer  # traced inside a layer scan
     rows = jnp.where((q_index >= 0) & (q_index < t), q_index, t)  # [S, Q]; t = padding
@@ -233,10 +272,10 @@ def _paged_attention(ctx, q, kv, page_table, context_lens, q_index, positions, *
     if n_q == 1 and _DENSE_DECODE.get():
         bp = mp  # decode: the whole table at once (DENSE_DECODE_BYTES)
     if mp <= bp:  # the whole table is one block: attend to it at once, no loop
-        k = kv[layer, 0, table].reshape(s, mp * page_size, kvh, d)  # [S, L, KVH, D]
-        v = kv[layer, 1, table].reshape(s, mp * page_size, kvh, d)
+        k = _read_kv(kv, layer, 0, table, ct).reshape(s, mp * page_size, kvh, d)  # [S, L, ...]
+        v = _read_kv(kv, layer, 1, table, ct).reshape(s, mp * page_size, kvh, d)
         k_pos = jnp.arange(mp * page_size)
-        out = attend(qg, k.astype(ct), v.astype(ct), q_pos, k_pos,
+        out = attend(qg, k, v, q_pos, k_pos,
                      k_pos[None, :] < ctx_len[:, None], attrs)  # f32[S, Q, KVH, R, D]
     else:
         out = _paged_blocks(qg, kv, layer, table, ctx_len, q_pos, rows < t, bp, ct, attrs)
@@ -267,10 +306,10 @@ def _paged_blocks(qg, kv, layer, table, ctx_len, q_pos, live, bp, ct, attrs):
 
     def body(i, carry):
         cols = lax.dynamic_slice_in_dim(table, i * bp, bp, axis=1)  # [S, bp]
-        k = kv[layer, 0, cols].reshape(s, block, kvh, d)  # [S, block, KVH, D]
-        v = kv[layer, 1, cols].reshape(s, block, kvh, d)
+        k = _read_kv(kv, layer, 0, cols, ct).reshape(s, block, kvh, d)  # [S, block, KVH, D]
+        v = _read_kv(kv, layer, 1, cols, ct).reshape(s, block, kvh, d)
         k_pos = i * block + jnp.arange(block)
-        return attend_block(carry, qg, k.astype(ct), v.astype(ct), q_pos, k_pos,
+        return attend_block(carry, qg, k, v, q_pos, k_pos,
                             k_pos[None, :] < ctx_len[:, None], attrs)
 
     carry = lax.fori_loop(first.astype(jnp.int32), stop.astype(jnp.int32), body,

@@ -45,7 +45,8 @@ def dequantize(q, scale):
 
 def token_scale(x, dtype: DType):
     amax = jnp.max(jnp.abs(upcast(x)), axis=-1, keepdims=True)  # [..., 1]
-    return jnp.where(amax > 0, amax / jnp.float32(QMAX[dtype]), jnp.float32(1.0))
+    scale = amax / jnp.float32(QMAX[dtype])
+    return jnp.where(scale > 0, scale, jnp.float32(1.0))  # as jaxrt/ir/quant.py
 
 
 def check_fp8_device() -> None:
