@@ -12,9 +12,8 @@ import shutil
 import textwrap
 
 import pytest
-from frontends_synth import write_tiny_hf_dir
 
-from jaxrt.cli.main import main
+from tests.security.cli_checks import assert_one_line_exit_2, run_cli
 from jaxrt.errors import (InputError, SettingError, check_json_depth, json_text_depth,
                           load_json, short_repr)
 from jaxrt.frontends.errors import ModelFormatError
@@ -22,24 +21,6 @@ from jaxrt.runtime.request import SamplingParams
 from jaxrt.runtime.structured import MAX_CHOICES
 
 DEEP = "[" * 100_000 + "]" * 100_000
-
-
-def run_cli(args, capsys):
-    code = main(args)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_exit_2(code, err, *needles):
-    assert code == 2, err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, err
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    return write_tiny_hf_dir(tmp_path_factory.mktemp("hf") / "tiny")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import tracemalloc
 import pytest
 from frontends_synth import tiny_hf_config, write_tiny_hf_dir
 
-from jaxrt.cli.main import main
+from tests.security.cli_checks import assert_one_line_exit_2, run_cli
 from jaxrt.errors import InputError, SettingError, TemplateError
 from jaxrt.frontends.chat_template import render_chat
 from jaxrt.frontends.errors import ModelFormatError
@@ -23,24 +23,6 @@ from jaxrt.runtime.request import SamplingParams
 from jaxrt.runtime.scheduler import BucketPolicy
 
 MESSAGES = [{"role": "user", "content": "hi"}]
-
-
-def run_cli(args, capsys):
-    code = main(args)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_exit_2(code, err, *needles):
-    assert code == 2, err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, err
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    return write_tiny_hf_dir(tmp_path_factory.mktemp("hf") / "tiny")
 
 
 # ---- 1, 2: chat templates ------------------------------------------------------------
