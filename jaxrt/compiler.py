@@ -165,9 +165,10 @@ def default_pipeline(target: Target, *, page_size: int = 16, memory_fraction: fl
     `quantize` names a quantize mode (int8-weight, fp8-weight, w8a8, fp8; per-channel
     scales). It runs after cast-float (scales stay f32) and before outline-layers, so
     those two swap places when quantizing. Quantized weights are not sharded yet: the
-    two together are refused. `kv-int8` / `kv-fp8` quantize the KV cache instead
+    two together are refused. `kv-int8` / `kv-fp8` quantize the KV cache
     (quantize-kv-cache, right before plan-kv-cache, which then sizes the smaller cache;
-    the cache's per-head rows shard like a float cache's).
+    the cache's per-head rows shard like a float cache's); a weight mode and a KV mode
+    combine as `int8-weight+kv-int8` (the spelling `quantize_mode` reads back).
 
     `fuse` runs the fusion passes: PROJECTION_FUSIONS right after dce, NORM_FUSIONS after
     outline-layers (with outlined layers they fuse within a layer only). None picks by
@@ -187,9 +188,16 @@ def default_pipeline(target: Target, *, page_size: int = 16, memory_fraction: fl
         outline_layers = target.backend == "cpu"
     from .passes.quantize_kv_cache import kv_quant_pass
     cast = [f"cast-float{{dtype={target.dtype}}}"] if target.dtype != "f32" else []
-    kv_quant = [kv_quant_pass(quantize)] if quantize.startswith("kv-") else []
-    if kv_quant:
-        quantize = ""
+    # `quantize` is a weight mode, a KV mode, or one of each joined by '+'
+    parts = [m.strip() for m in quantize.split("+")] if quantize else []
+    kv_modes = [m for m in parts if m.startswith("kv-")]
+    weight_modes = [m for m in parts if not m.startswith("kv-")]
+    if len(kv_modes) > 1 or len(weight_modes) > 1 or "" in parts:
+        raise SettingError(f"quantize={quantize!r}: give one weight mode, one KV-cache "
+                           f"mode (kv-int8, kv-fp8), or one of each joined by '+' "
+                           f"(e.g. int8-weight+kv-int8)")
+    kv_quant = [kv_quant_pass(m) for m in kv_modes]
+    quantize = weight_modes[0] if weight_modes else ""
     if quantize:
         passes += cast + [f"quantize{{mode={quantize}}}"]
         cast = []

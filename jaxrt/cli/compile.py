@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from jaxrt.cli._common import quantize_arg
 from jaxrt.errors import InputError, SettingError
 
 
@@ -13,8 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-p", "--pipeline", default=None,
                    help="pass pipeline (default: canonicalize,cse,dce[,cast-float],"
                         "plan-kv-cache)")
-    p.add_argument("-q", "--quantize", default=None,
-                   choices=("int8-weight", "fp8-weight", "w8a8", "fp8"),
+    p.add_argument("-q", "--quantize", default=None, metavar="MODE", type=quantize_arg,
                    help="quantize the linear projections (per-channel scales) in the default "
                         "pipeline, or the KV cache (kv-int8, kv-fp8); with -p, write "
                         "quantize{mode=...} / quantize-kv-cache{dtype=...} in the pipeline")
@@ -39,7 +39,8 @@ def run(args) -> int:
         raise InputError(f"{args.model}: already an engine directory")
     if args.quantize and args.pipeline:
         raise SettingError(f"-q {args.quantize} applies to the default pipeline; with -p, "
-                           f"write quantize{{mode={args.quantize}}} in the pipeline")
+                           f"write quantize{{mode=...}} / quantize-kv-cache{{dtype=...}} in "
+                           f"the pipeline")
     start = time.perf_counter()
     model = load(args.model, pipeline=args.pipeline, dtype=args.dtype,
                  page_size=args.page_size, max_model_len=args.max_model_len,

@@ -238,3 +238,28 @@ def test_engine_directory_records_kv_quantization(tmp_path):
     check_engine_settings(again, "engine", quantize="kv-int8")  # as compiled
     with pytest.raises(SettingError, match="quantize='kv-fp8'.*quantize='kv-int8'"):
         check_engine_settings(again, "engine", quantize="kv-fp8")
+
+
+def test_a_weight_mode_and_a_kv_mode_combine(tmp_path):
+    from jaxrt.compiler import (Target, check_engine_settings, compile_loaded, default_pipeline,
+                                load_engine, quantize_mode, save_engine)
+    from jaxrt.frontends.sources import load_model
+    from tests.frontends.frontends_synth import tiny_hf_config, write_tiny_hf_dir
+    target = Target("cpu", 1 << 30, "f32")
+    pipe = default_pipeline(target, quantize="int8-weight+kv-int8").split(",")
+    assert "quantize{mode=int8-weight}" in pipe
+    assert pipe.index("quantize-kv-cache{dtype=int8}") == len(pipe) - 2  # before the plan
+    for bad in ("kv-int8+kv-fp8", "int8-weight+fp8", "int8-weight+", "+kv-int8"):
+        with pytest.raises(SettingError, match="one weight mode, one KV-cache mode"):
+            default_pipeline(target, quantize=bad)
+    config = tiny_hf_config(vocab_size=64, hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    loaded = load_model(write_tiny_hf_dir(tmp_path / "hf", config))
+    model = compile_loaded(loaded, target=target, page_size=4, num_pages=8, max_model_len=32,
+                           quantize="int8-weight+kv-int8")
+    assert quantize_mode(model.module) == "int8-weight+kv-int8"
+    save_engine(model, str(tmp_path / "engine"))
+    again = load_engine(str(tmp_path / "engine"))
+    check_engine_settings(again, "engine", quantize="int8-weight+kv-int8")  # as compiled
+    with pytest.raises(SettingError, match="quantize='kv-int8'"):
+        check_engine_settings(again, "engine", quantize="kv-int8")
