@@ -41,20 +41,3 @@ def write_text(text: str, path: str | None) -> None:
     else:
         sys.stdout.write(text)
 
-
-def quantize_arg(value: str) -> str:
-    """argparse type of `-q`: a weight mode, a KV-cache mode, or one of each joined by
-    '+' (int8-weight+kv-int8)."""
-    import argparse
-    from jaxrt.passes.quantize import MODES
-    from jaxrt.passes.quantize_kv_cache import KV_MODES
-    if value == "":
-        return value  # none (generate's and serve's default)
-    parts = value.split("+")
-    weights = [p for p in parts if p in MODES]
-    kvs = [p for p in parts if p in KV_MODES]
-    if len(weights) + len(kvs) != len(parts) or len(weights) > 1 or len(kvs) > 1:
-        raise argparse.ArgumentTypeError(
-            f"{value!r}: expected one of {', '.join((*MODES, *KV_MODES))}, or a weight "
-            f"mode and a KV mode joined by '+' (e.g. int8-weight+kv-int8)")
-    return value

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import time
 
-from jaxrt.cli._common import quantize_arg
 from jaxrt.errors import InputError, SettingError
 
 
@@ -14,7 +13,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-p", "--pipeline", default=None,
                    help="pass pipeline (default: canonicalize,cse,dce[,cast-float],"
                         "plan-kv-cache)")
-    p.add_argument("-q", "--quantize", default=None, metavar="MODE", type=quantize_arg,
+    p.add_argument("-q", "--quantize", default=None, metavar="MODE",
                    help="quantize the linear projections (per-channel scales) in the default "
                         "pipeline, or the KV cache (kv-int8, kv-fp8); with -p, write "
                         "quantize{mode=...} / quantize-kv-cache{dtype=...} in the pipeline")

@@ -13,7 +13,6 @@ import json
 import math
 import time
 
-from jaxrt.cli._common import quantize_arg
 from jaxrt.errors import InputError, SettingError, read_text_file
 
 PAGE_SIZE = 16
@@ -22,7 +21,7 @@ PAGE_SIZE = 16
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help=".gguf file, Hugging Face directory, engine dir or alias")
     p.add_argument("--text", required=True, help="UTF-8 text file to score")
-    p.add_argument("-q", "--quantize", default=None, metavar="MODE", type=quantize_arg,
+    p.add_argument("-q", "--quantize", default=None, metavar="MODE",
                    help="quantize the linear projections first (per-channel scales; "
                         "w8a8 and fp8 quantize activations per token at run time), or "
                         "the KV cache (kv-int8, kv-fp8: per token-head scales), or both "

@@ -12,7 +12,6 @@ import sys
 import math
 import time
 
-from jaxrt.cli._common import quantize_arg
 from jaxrt.errors import InputError, SettingError
 
 
@@ -52,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     constraint.add_argument("--grammar", default=None, metavar="FILE",
                             help="constrain the output to a Lark or GBNF grammar (a file)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: by device)")
-    p.add_argument("-q", "--quantize", default="", metavar="MODE", type=quantize_arg,
+    p.add_argument("-q", "--quantize", default="", metavar="MODE",
                    help="quantize the linear projections: int8-weight, fp8-weight, w8a8, fp8; "
                         "or the KV cache: kv-int8, kv-fp8")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",

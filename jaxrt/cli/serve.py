@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxrt.cli._common import quantize_arg
 from jaxrt.errors import SettingError
 
 
@@ -39,7 +38,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory-fraction", type=float, default=0.9)
     p.add_argument("--kv-cache-max-gib", type=float, default=None)
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: by device)")
-    p.add_argument("-q", "--quantize", default="", metavar="MODE", type=quantize_arg,
+    p.add_argument("-q", "--quantize", default="", metavar="MODE",
                    help="quantize the linear projections: int8-weight, fp8-weight, w8a8, fp8; "
                         "or the KV cache: kv-int8, kv-fp8")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
