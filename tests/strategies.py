@@ -25,6 +25,7 @@ from hypothesis.extra import numpy as hnp
 
 from jaxrt.ir import Builder, DType, Module, TensorType, Value, ops
 from jaxrt.ir.opdef import OpDef
+from jaxrt.ir.quant import KV_SCALE_ELEMS, QUANT_DTYPES, kv_head_dim
 
 FLOAT_DTYPES = (DType.f32, DType.bf16, DType.f16, DType.f8e4m3, DType.f8e5m2)
 ALL_DTYPES = tuple(DType)
@@ -396,7 +397,25 @@ def _cache_type(g: _Gen, kvh, dt) -> TensorType:
     layers = g.dim()
     pages = g.dim() if g.static else g.draw(st.sampled_from(("pages", 4)))
     page_size = g.dim() if g.static else g.draw(st.sampled_from(("page_size", 2)))
-    return TensorType((layers, 2, pages, page_size, kvh, g.dim(True, 1, 4)), dt)
+    # an i8 / f8e4m3fn cache is quantized: each row is head_dim codes + 4 scale bytes
+    scale = KV_SCALE_ELEMS if dt in QUANT_DTYPES else 0
+    return TensorType((layers, 2, pages, page_size, kvh, g.dim(True, 1, 4) + scale), dt)
+
+
+def _cache_io_dtype(g: _Gen, kv: TensorType) -> DType:
+    """The dtype of what a cache takes in and gives back: its own, or a float for a
+    quantized cache (codes are written and read by the ops themselves)."""
+    return g.dtype((DType.f32, DType.bf16, DType.f16)) if kv.dtype in QUANT_DTYPES \
+        else kv.dtype
+
+
+def _is_cache(t: TensorType) -> bool:
+    """A value usable as a paged cache: [L, 2, pages, page_size, kv_heads, D], and for an
+    i8 / f8e4m3fn (quantized) cache rows of codes plus the scale."""
+    if t.rank != 6 or t.shape[1] != 2:
+        return False
+    return t.dtype not in QUANT_DTYPES or (isinstance(t.shape[5], int)
+                                           and t.shape[5] > KV_SCALE_ELEMS)
 
 
 def _layer(g: _Gen, kv: TensorType) -> int:
@@ -404,22 +423,22 @@ def _layer(g: _Gen, kv: TensorType) -> int:
 
 
 def _kv_update(g: _Gen):
-    kv = g.value(lambda t: t.rank == 6 and t.shape[1] == 2,
-                 lambda: _cache_type(g, g.dim(), g.dtype(FLOAT_DTYPES)))
-    tokens = g.dim()
-    k = g.operand(TensorType((tokens,) + kv.shape[4:], kv.dtype))
-    v = g.operand(TensorType((tokens,) + kv.shape[4:], kv.dtype))
+    kv = g.value(_is_cache, lambda: _cache_type(g, g.dim(), g.dtype(FLOAT_DTYPES)))
+    tokens, io = g.dim(), _cache_io_dtype(g, kv.type)
+    row = (kv.shape[4], kv_head_dim(kv.type))
+    k = g.operand(TensorType((tokens,) + row, io))
+    v = g.operand(TensorType((tokens,) + row, io))
     slots = g.operand(TensorType((tokens,), DType.int32))
     g.emit(ops.kv_update, kv, k, v, slots, layer=_layer(g, kv.type))
 
 
 def _paged_attention(g: _Gen):
     h, kvh = _heads(g)
-    kv = g.value(lambda t: t.rank == 6 and t.shape[1] == 2 and t.shape[4] == kvh,
+    kv = g.value(lambda t: _is_cache(t) and t.shape[4] == kvh,
                  lambda: _cache_type(g, kvh, g.dtype(FLOAT_DTYPES)))
     tokens, seqs = g.dim(), g.dim()
     i32 = DType.int32
-    q = g.operand(TensorType((tokens, h, kv.shape[5]), kv.dtype))
+    q = g.operand(TensorType((tokens, h, kv_head_dim(kv.type)), _cache_io_dtype(g, kv.type)))
     page_table = g.operand(TensorType((seqs, g.dim()), i32))
     context_lens = g.operand(TensorType((seqs,), i32))
     q_index = g.operand(TensorType((seqs, g.dim()), i32))
