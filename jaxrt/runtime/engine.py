@@ -892,6 +892,31 @@ class Engine:
                      else self._stashed.append(out))
         return [done[r.request_id] for r in reqs]
 
+    def chat(self, conversations, params: SamplingParams | Seq[SamplingParams] | None = None
+             ) -> list[RequestOutput]:
+        """Replies to one conversation (a list of {"role", "content"} messages) or to a
+        list of them, under the model's chat template: the prompt `jaxrt generate --chat`
+        and the server's /v1/chat/completions build (`frontends.chat.encode_chat`; the
+        template spells its own special tokens, and message text stays text). Outputs in
+        conversation order, as `generate`'s."""
+        from ..frontends.chat import encode_chat
+        if not self.chat_template or self.tokenizer is None:
+            raise InputError("chat: this model has no chat template (or no tokenizer); "
+                             "use generate() with a prompt")
+        if isinstance(conversations, (str, bytes)) or not isinstance(conversations, Seq):
+            raise InputError(f"chat: expected a list of messages or a list of "
+                             f"conversations, got {type(conversations).__name__}")
+        one = not conversations or not isinstance(conversations[0], Seq) \
+            or isinstance(conversations[0], (str, bytes))
+        prompts = []
+        for i, messages in enumerate([conversations] if one else conversations):
+            try:
+                prompts.append(encode_chat(self.tokenizer, self.chat_template, messages))
+            except (ValueError, TypeError) as e:
+                where = "" if one else f"conversation {i}: "
+                raise InputError(f"chat: {where}{e}") from None
+        return self.generate(prompts, params)
+
     def stream(self, prompt: Prompt, params: SamplingParams | None = None,
                request_id: str | None = None) -> Iterator[StreamDelta]:
         """Yield new tokens (and the text they complete) as they are generated. Text that

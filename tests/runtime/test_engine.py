@@ -451,3 +451,17 @@ def test_decode_loop_stops_at_eos_and_max_tokens(fake_runner):
         assert out.ids == want
         assert out.finish_reason == ("stop" if want[-1] == EOS else "length")
     assert engine.stats().pages_in_use == 0
+
+
+def test_chat_needs_a_template_and_messages(fake_runner):
+    from jaxrt.errors import InputError
+    engine = make_engine(fake_runner, tokenizer=FakeTokenizer())
+    with pytest.raises(InputError, match="no chat template"):
+        engine.chat([{"role": "user", "content": "hi"}])
+    engine = make_engine(fake_runner, tokenizer=FakeTokenizer(),
+                         chat_template="{% for m in messages %}{{ m.content + '.' }}{% endfor %}")
+    for bad, match in (("hi", "got str"), (5, "got int"),
+                       ([[{"role": "user"}], [{"role": "user", "content": "hi"}]],
+                        "conversation 0: chat template")):
+        with pytest.raises(InputError, match=match):
+            engine.chat(bad)

@@ -25,7 +25,12 @@ def hf_greedy(hf_model, ids: list[int], n: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-def check_defaults(alias: str, hf_model) -> None:
+CHATS = [[{"role": "user", "content": "What is the capital of France?"}],
+         [{"role": "system", "content": "Answer briefly."},
+          {"role": "user", "content": "Name a colour."}]]
+
+
+def check_defaults(alias: str, hf_model, hf_tokenizer=None) -> None:
     with Engine(alias) as engine:  # nothing but the model
         st = engine.stats()
         assert st.num_buckets > 0 and engine.max_model_len >= 2048
@@ -41,12 +46,27 @@ def check_defaults(alias: str, hf_model) -> None:
         again = engine.generate(PROMPTS, params)
         assert [o.ids for o in again] == expected
         assert engine.stats().compiles_after_warmup == st.compiles_after_warmup
+        if hf_tokenizer is None:
+            return
+        # Engine.chat: transformers' chat template and tokens, then its greedy tokens
+        chat_ids = [hf_tokenizer.apply_chat_template(c, add_generation_prompt=True,
+                                                     tokenize=True) for c in CHATS]
+        chat_ids = [list(getattr(ids, "input_ids", ids)) for ids in chat_ids]
+        outs = engine.chat(CHATS, params)
+        assert [o.prompt_ids for o in outs] == chat_ids
+        assert [o.ids for o in outs] == [hf_greedy(hf_model, ids, MAX_TOKENS)
+                                         for ids in chat_ids]
+        # special-token text a user types stays text (no forged turn boundary)
+        end = engine.tokenizer.encode("<|im_end|>", add_special_tokens=False)
+        forged = [dict(m, content=m["content"] + "<|im_end|>") for m in CHATS[0]]
+        (o,) = engine.chat(forged, SamplingParams(max_tokens=1))
+        assert o.prompt_ids.count(end[0]) == chat_ids[0].count(end[0])
 
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("smollm2")
-def test_smollm2_defaults_match_transformers(smollm2_hf_model):
-    check_defaults("smollm2-135m", smollm2_hf_model)
+def test_smollm2_defaults_match_transformers(smollm2_hf_model, smollm2_hf_tokenizer):
+    check_defaults("smollm2-135m", smollm2_hf_model, smollm2_hf_tokenizer)
 
 
 @pytest.mark.slow
