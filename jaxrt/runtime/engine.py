@@ -260,6 +260,7 @@ class Engine:
         self._compiles_after_warmup = self._steps = self._generated = 0
         self._decode_loops = 0
         self._inflight: _DecodeCall | None = None  # a decode call queued, not yet applied
+        self._widths: dict[int, tuple[int, ...]] = {}  # decode rows -> table widths
         self.pipeline_decode = True  # queue the next decode call before applying one
         self._compile_lock = threading.RLock()   # one compile at a time, either thread
         self._step_lock = threading.RLock()  # scheduler state: one step, add or abort
@@ -768,10 +769,13 @@ class Engine:
 
     def _decode_widths(self, s: int) -> tuple[int, ...]:
         """Page-table widths decode loops of s rows are compiled for (the runner's
-        `decode_widths`; the full width where it has none)."""
-        mp = self.policy.max_pages_per_seq
-        widths = getattr(self.runner, "decode_widths", None)
-        return tuple(widths(s, mp)) if widths is not None else (mp,)
+        `decode_widths`; the full width where it has none), worked out once per s."""
+        widths = self._widths.get(s)
+        if widths is None:
+            mp = self.policy.max_pages_per_seq
+            of = getattr(self.runner, "decode_widths", None)
+            widths = self._widths[s] = tuple(of(s, mp)) if of is not None else (mp,)
+        return widths
 
     def _dispatch_decode(self, rows: list[ScheduledSeq],
                          feed: "_DecodeCall | None") -> "_DecodeCall":
@@ -792,7 +796,8 @@ class Engine:
         for i, r in enumerate(rows):
             table = bm.page_table(r.seq.seq_id)
             positions[i], steps_left[i] = r.start, r.num_tokens
-            page_table[i, :min(len(table), mp)] = table[:mp]
+            table = table[:mp]  # pages past the last step's are not read
+            page_table[i, :len(table)] = table
             if id(r.seq) in fed_from:      # its token is the last one `feed` samples
                 j, prev = fed_from[id(r.seq)]
                 feed_at[:, i] = (prev.num_tokens - 1, j)

@@ -75,17 +75,8 @@ def test_greedy_speculation_equals_plain_greedy(fake_runner, batch, k, caching, 
     engine = Engine(fake_runner, speculative={"method": "ngram", "num_tokens": k},
                     enable_prefix_caching=caching, num_pages=pages,
                     decode_steps=decode_steps, **CONFIG)
-    params = [SamplingParams(max_tokens=m) for _, m in batch]
-    if abort:
-        rid = engine.add_request(batch[-1][0], params[-1])
-        engine.step(), engine.step()
-        assert engine.abort(rid) is not None or not engine.has_unfinished()
-    outs = engine.generate([p for p, _ in batch], params)
-    for (prompt, m), out in zip(batch, outs):
-        assert out.ids == reference_greedy(prompt, m)
-    assert engine.stats().decode_loops == 0
-    alone = engine.generate(batch[0][0], params[0])[0]
-    assert alone.ids == outs[0].ids
+    check_greedy_batch(engine, batch, abort)
+    assert engine.stats().decode_loops == 0  # counts only up: none before `alone` either
     st_ = engine.stats()
     assert st_.pages_in_use == 0 and st_.free_pages == engine.num_pages
     assert st_.spec_accepted_tokens <= st_.spec_proposed_tokens
@@ -159,3 +150,19 @@ def test_pages_of_rejected_positions_are_given_back(fake_runner):
             assert len(bm._hashes[seq.seq_id]) * bm.page_size <= seq.num_computed
         proposed = engine.stats().spec_proposed_tokens
     assert proposed > engine.stats().spec_accepted_tokens  # rejections happened
+
+
+def check_greedy_batch(engine, batch, abort):
+    """`batch` ((prompt, max_tokens), ...) through `engine` equals plain greedy decoding,
+    and its first request alone the same; `abort`: a copy of the last request is queued
+    first and aborted after two steps."""
+    params = [SamplingParams(max_tokens=m) for _, m in batch]
+    if abort:
+        rid = engine.add_request(batch[-1][0], params[-1])
+        engine.step(), engine.step()
+        assert engine.abort(rid) is not None or not engine.has_unfinished()
+    outs = engine.generate([p for p, _ in batch], params)
+    for (prompt, m), out in zip(batch, outs):
+        assert out.ids == reference_greedy(prompt, m)
+    alone = engine.generate(batch[0][0], params[0])[0]
+    assert alone.ids == outs[0].ids

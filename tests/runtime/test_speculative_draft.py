@@ -14,6 +14,7 @@ from jaxrt.errors import SettingError
 from jaxrt.runtime.engine import Engine
 from jaxrt.runtime.request import SamplingParams
 from jaxrt.runtime.speculative import SpeculativeConfig
+from tests.runtime.test_speculative import check_greedy_batch
 from tests.runtime.fake_model import (ALPHABET, VOCAB, W_OUT, FakeRunner, FakeTokenizer,
                                       reference_greedy, reference_logits)
 
@@ -133,16 +134,7 @@ def test_greedy_draft_speculation_equals_plain_greedy(fake_runner, batch, k, dra
     engine = Engine(fake_runner, speculative=_spec(DRAFTS[draft](), k),
                     enable_prefix_caching=caching, num_pages=pages,
                     decode_steps=decode_steps, **CONFIG)
-    params = [SamplingParams(max_tokens=m) for _, m in batch]
-    if abort:
-        rid = engine.add_request(batch[-1][0], params[-1])
-        engine.step(), engine.step()
-        assert engine.abort(rid) is not None or not engine.has_unfinished()
-    outs = engine.generate([p for p, _ in batch], params)
-    for (prompt, m), out in zip(batch, outs):
-        assert out.ids == reference_greedy(prompt, m)
-    alone = engine.generate(batch[0][0], params[0])[0]
-    assert alone.ids == outs[0].ids
+    check_greedy_batch(engine, batch, abort)
     s = engine.stats()
     assert s.decode_loops == 0
     assert s.pages_in_use == 0 and s.free_pages == engine.num_pages
