@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..ir import DType, Module, verify
+from ..ir import DType, Module, ops, verify
 from ..ir.substitute import bind_dims, set_float_dtype
 from ..ir.weights import materialize, resident_weights
 from .compile import default_float_dtype, enable_persistent_cache, lower_function
@@ -51,7 +51,7 @@ class StepExecutable:
 
     def __init__(self, module: Module, weights: Mapping[str, np.ndarray], *, num_pages: int,
                  page_size: int, dtype=None, keep_f32: Iterable[str] = (),
-                 backends: str | Sequence[str] = "xla", wait: bool = True,
+                 backends: str | Sequence[str] | None = None, wait: bool = True,
                  max_model_len: int | None = None):
         enable_persistent_cache()
         # the planned sequence length (plan-kv-cache); Engine(exe) defaults to it, not to
@@ -104,6 +104,10 @@ class StepExecutable:
         if wait:
             self.ready()
         from ..runtime.programs import StepPrograms
+        if backends is None:  # Pallas kernels first on one Hopper GPU (lowering.pallas)
+            from .pallas import default_backends
+            backends = default_backends(sharded=self.mesh is not None)
+        self.backends = (backends,) if isinstance(backends, str) else tuple(backends)
         self._programs = StepPrograms(lower_function(bound, "step", backends=backends),
                                       page_size=page_size, pad_slot=num_pages * page_size,
                                       mesh=self.mesh)
@@ -184,9 +188,26 @@ class StepExecutable:
         """Whether decode programs of S sequences attend to their whole table at once
         (`attention.decode_dense`: K+V of a device's heads against the bound)."""
         from .xla.attention import decode_dense
+        if self._decode_kernel():
+            return False  # the kernel reads each row's own pages: one full-width table
         parts = 1 if self.mesh is None else self.mesh.kv_parts  # a device's KV heads
         return decode_dense(S, MP * self.page_size,
                             self.kv_bytes_per_token // self.num_layers // parts)
+
+    def _decode_kernel(self) -> bool:
+        """Whether decode steps' paged attention runs the Pallas kernel."""
+        if "pallas" not in self.backends:
+            return False
+        from .pallas import attention_kernel_applies
+        attn = next((op for fn in self.module.functions.values() for op in fn.ops
+                     if op.opdef is ops.paged_attention), None)
+        if attn is None:
+            return False
+        q_type = attn.operands[0].type
+        return attention_kernel_applies(self._kv_type.dtype.to_numpy(),
+                                        q_type.dtype.to_numpy(), q_type.shape[1],
+                                        self._kv_type.shape[4], q_type.shape[2],
+                                        self.page_size, 1, attn.attrs.causal)
 
     def decode_widths(self, S: int, MP: int) -> tuple[int, ...]:
         """The page-table widths (pages, narrowest first) decode loops of S rows compile

@@ -1,0 +1,108 @@
+"""The `pallas` lowering backend: Pallas GPU kernels, chosen before XLA where they apply.
+
+A step lowers with backends ("pallas", "xla") on a Hopper GPU (`default_backends`), so
+each op takes the first rule registered for it; a Pallas rule whose kernel does not
+cover the op's shapes or dtypes hands the op to the XLA rule itself. Today it holds one
+kernel, paged attention on Mosaic GPU (`paged_attention_mgpu`).
+
+JAXRT_KERNELS: `auto` (default: the kernels on Hopper GPUs with one device), `off`
+(XLA only, for comparisons).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+
+import jax
+import jax.numpy as jnp
+
+from ...ir import ops
+from ..registry import rule
+from ..xla._util import cast
+from . import paged_attention_mgpu as _mgpu
+
+KERNEL_MODES = ("auto", "off")
+
+# Tests run the kernels' rules on a CPU in Pallas's GPU interpret mode (`interpret_kernels`).
+_INTERPRET = contextvars.ContextVar("jaxrt_pallas_interpret", default=None)
+
+
+@contextlib.contextmanager
+def interpret_kernels(config: "_mgpu.Config | None" = None):
+    """Trace Pallas rules with their kernels in GPU interpret mode (on any platform;
+    slow: for tests), with the paged-attention kernel's `config` (default: one split)."""
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    token = _INTERPRET.set((InterpretGPUParams(),
+                            config or _mgpu.Config(block_kv=64, stages=2, min_programs=1)))
+    try:
+        yield
+    finally:
+        _INTERPRET.reset(token)
+
+
+def kernels_mode() -> str:
+    """JAXRT_KERNELS (auto or off; default auto), checked."""
+    from ...errors import SettingError
+    mode = os.environ.get("JAXRT_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in KERNEL_MODES:
+        raise SettingError(f"JAXRT_KERNELS must be one of {', '.join(KERNEL_MODES)}, "
+                           f"got {mode!r}")
+    return mode
+
+
+def hopper() -> bool:
+    """Whether JAX's default device is a Hopper GPU (compute capability 9.x)."""
+    try:
+        dev = jax.devices()[0]
+    except RuntimeError:
+        return False
+    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+
+
+def default_backends(sharded: bool = False) -> tuple[str, ...]:
+    """The backends a step lowers with here: Pallas kernels first on one Hopper GPU."""
+    if sharded or kernels_mode() == "off" or not hopper():
+        return ("xla",)
+    return ("pallas", "xla")
+
+
+def attention_kernel_applies(kv_dtype, q_dtype, heads: int, kv_heads: int, head_dim: int,
+                             page_size: int, queries: int, causal: bool = True) -> bool:
+    """Whether `paged_attention_mgpu` covers a paged attention of these shapes: a float
+    cache in the query's dtype (bf16/f16), head_dim a multiple of 64, the queries of a KV
+    head (queries x heads / kv_heads) within one 64-row tile, page sizes 16..128 that
+    tile a 64-token block or are whole blocks."""
+    kv_dtype, q_dtype = jnp.dtype(kv_dtype), jnp.dtype(q_dtype)
+    return (causal and kv_dtype == q_dtype and kv_dtype in (jnp.bfloat16, jnp.float16)
+            and head_dim % 64 == 0 and heads % kv_heads == 0
+            and queries * (heads // kv_heads) <= _mgpu.ROWS
+            and 16 <= page_size <= 128 and (64 % page_size == 0 or page_size % 64 == 0))
+
+
+@rule(ops.paged_attention, backend="pallas")
+def _paged_attention(ctx, q, kv, page_table, context_lens, q_index, positions, *base,
+                     attrs, out_types):
+    from ..xla.attention import _paged_attention as xla_rule
+    t, h, d = q.shape
+    s, mp = page_table.shape
+    n_q = q_index.shape[1]
+    pages, page_size, kvh = kv.shape[2], kv.shape[3], kv.shape[4]
+    if not attention_kernel_applies(kv.dtype, q.dtype, h, kvh, d, page_size, n_q,
+                                    attrs.causal):
+        return xla_rule(ctx, q, kv, page_table, context_lens, q_index, positions, *base,
+                        attrs=attrs, out_types=out_types)
+    layer = attrs.layer + base[0] if base else attrs.layer
+    rows = jnp.where((q_index >= 0) & (q_index < t), q_index, t)        # [S, Q]; t: pad
+    qg = jnp.take(q, rows, axis=0, mode="fill", fill_value=0)            # [S, Q, H, D]
+    # a row's queries are consecutive tokens (jaxrt.runtime.scheduler.build_step_inputs)
+    q_start = jnp.take(positions, rows[:, 0], axis=0, mode="fill", fill_value=0)
+    table = jnp.clip(page_table, 0, pages - 1)
+    ctx_len = jnp.where(rows[:, 0] < t, jnp.minimum(context_lens, mp * page_size), 0)
+    interpret, config = _INTERPRET.get() or (None, _mgpu.Config())
+    out = _mgpu.paged_attention(qg, kv, layer, table, ctx_len, q_start, scale=attrs.scale,
+                                softcap=attrs.softcap, window=attrs.window, config=config,
+                                interpret=interpret)
+    out = cast(out.reshape(s * n_q, h, d), out_types[0])
+    flat = jnp.zeros((t, h, d), out.dtype)
+    return flat.at[rows.reshape(-1)].set(out, mode="drop")

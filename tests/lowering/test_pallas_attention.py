@@ -1,0 +1,118 @@
+"""The Pallas (Mosaic GPU) paged-attention kernel and its lowering rule, on a CPU in
+Pallas's GPU interpret mode: the kernel's barriers, TMA page copies, splits and masks run
+as written; only the two matmuls are jnp dots there (the interpreter takes no transposed
+or register operand for wgmma). Speed and the real wgmma path are checked on a GPU by
+bench/bench_attention.py.
+
+Tolerance 1e-2 as for every bf16 attention (tests/lowering/test_paged_attention.py).
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from jaxrt.ir import DType
+from jaxrt.lowering import pallas
+from jaxrt.lowering.compile import lower_function
+from jaxrt.lowering.pallas import paged_attention_mgpu as mgpu
+
+from tests.lowering.test_paged_attention import _assert_close, _module, make_step
+
+pytestmark = pytest.mark.xdist_group("pallas")
+
+
+def test_kernel_matches_reference_with_splits_masks_and_empty_rows():
+    # 3 rows x 1 KV head x 2 splits of 2 blocks (tables of 13 pages of 16): row 0 has no
+    # keys, row 1 a context ending mid-block whose 3 queries start mid-context (a prefill
+    # row), row 2 ends in the second split; window and soft-cap on.
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    rng = np.random.default_rng(0)
+    pages, ps, kvh, d, h, n_q = 40, 16, 1, 64, 2, 3
+    kv = jax.numpy.asarray(rng.standard_normal((2, 2, pages, ps, kvh, d)), jax.numpy.bfloat16)
+    q = jax.numpy.asarray(rng.standard_normal((3, n_q, h, d)), jax.numpy.bfloat16)
+    table = np.asarray(rng.permutation(pages)[:39].reshape(3, 13), np.int32)
+    ctx, q_start = np.array([0, 70, 190], np.int32), np.array([0, 40, 187], np.int32)
+    kw = dict(scale=0.125, softcap=20.0, window=33)
+    out = mgpu.paged_attention(q, kv, 1, table, ctx, q_start,
+                               config=mgpu.Config(64, 2, min_programs=9),
+                               interpret=InterpretGPUParams(), **kw)
+    ref = mgpu.reference(q, kv, 1, table, ctx, q_start, **kw)
+    assert mgpu._split_layout(3, 1, 13 * ps, mgpu.Config(64, 2, min_programs=9)) == (2, 2)
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    assert not out[0].any(), "a row without keys must be zeros"
+    _assert_close(out, ref, DType.bf16)
+
+
+@pytest.mark.parametrize("case", ["mixed", "window"])
+def test_rule_matches_reference_interpreter(case):
+    # The pallas rule inside a lowered step: ragged rows (decode tokens, a prefill row of
+    # 20 queries, a padding row and padding tokens), shuffled pages, a traced layer.
+    if case == "mixed":
+        step = make_step([70, 33, 1], [1, 20, 1], heads=4, kvh=2, head_dim=64, mp=6,
+                         attrs={}, dtype=DType.bf16, seed=1)
+    else:
+        step = make_step([90, 47], [5, 1], heads=4, kvh=1, head_dim=64, mp=6,
+                         attrs={"window": 30, "softcap": 3.0, "layer": 0},
+                         dtype=DType.bf16, base=1, seed=2)
+    heads, kvh, head_dim, num_pages, page_size = step["shape"]
+    t = step["positions"].shape[0]
+    s, mp = step["page_table"].shape
+    m = _module(heads, kvh, head_dim, num_pages, page_size, t, s, mp,
+                step["q_index"].shape[1], DType.bf16, step["attrs"], step["base"] is not None)
+    rng = np.random.default_rng(step["seed"])
+    npdt = DType.bf16.to_numpy()
+    args = [rng.standard_normal((t, heads, head_dim)).astype(npdt),
+            rng.standard_normal((t, kvh, head_dim)).astype(npdt),
+            rng.standard_normal((t, kvh, head_dim)).astype(npdt),
+            rng.standard_normal((3, 2, num_pages, page_size, kvh, head_dim)).astype(npdt),
+            step["slots"], step["page_table"], step["context_lens"], step["q_index"],
+            step["positions"]] + ([np.int32(step["base"])] if step["base"] is not None else [])
+    from jaxrt.ir import interpreter
+    want_kv, want = interpreter.run(m, "f", args)
+    with pallas.interpret_kernels():
+        fn = lower_function(m, "f", backends=("pallas", "xla"))
+        got_kv, got = (np.asarray(x) for x in jax.jit(fn)({}, *args))
+    np.testing.assert_array_equal(got_kv, want_kv)
+    _assert_close(got, want, DType.bf16)
+    assert not got.astype(np.float32)[step["order"][step["k"]:]].any()
+
+
+def test_the_kernel_is_chosen_only_where_it_applies(monkeypatch):
+    bf16, f32 = "bfloat16", "float32"
+    assert pallas.attention_kernel_applies(bf16, bf16, 32, 8, 128, 16, 16)
+    assert pallas.attention_kernel_applies(bf16, bf16, 9, 3, 64, 128, 1)
+    assert not pallas.attention_kernel_applies(bf16, bf16, 32, 8, 128, 16, 17)  # 68 rows
+    assert not pallas.attention_kernel_applies(f32, f32, 32, 8, 128, 16, 1)
+    assert not pallas.attention_kernel_applies("int8", bf16, 32, 8, 128, 16, 1)
+    assert not pallas.attention_kernel_applies(bf16, bf16, 32, 8, 96, 16, 1)
+    assert not pallas.attention_kernel_applies(bf16, bf16, 32, 8, 128, 8, 1)
+    assert not pallas.attention_kernel_applies(bf16, bf16, 32, 8, 128, 48, 1)
+    assert not pallas.attention_kernel_applies(bf16, bf16, 32, 8, 128, 16, 1, causal=False)
+    assert pallas.default_backends() == ("xla",)  # this CPU
+    monkeypatch.setattr(pallas, "hopper", lambda: True)
+    assert pallas.default_backends() == ("pallas", "xla")
+    assert pallas.default_backends(sharded=True) == ("xla",)
+    monkeypatch.setenv("JAXRT_KERNELS", "off")
+    assert pallas.default_backends() == ("xla",)
+    monkeypatch.setenv("JAXRT_KERNELS", "bogus")
+    from jaxrt.errors import SettingError
+    with pytest.raises(SettingError, match="JAXRT_KERNELS"):
+        pallas.default_backends()
+
+
+def test_a_step_lowers_for_cuda_through_the_kernel():
+    # Cross-lowering on this CPU runs Pallas's Mosaic GPU lowering (layouts, TMA
+    # descriptors) without a GPU: the step's paged attention becomes the kernel's call.
+    step = make_step([40, 9], [1, 1], heads=8, kvh=2, head_dim=64, mp=4, attrs={},
+                     dtype=DType.bf16)
+    heads, kvh, head_dim, num_pages, page_size = step["shape"]
+    s, mp = step["page_table"].shape
+    m = _module(heads, kvh, head_dim, num_pages, page_size, len(step["positions"]), s, mp,
+                1, DType.bf16, step["attrs"])
+    structs = [jax.ShapeDtypeStruct(a.type.shape, a.type.dtype.to_numpy())
+               for a in m.functions["f"].args]
+    fn = lower_function(m, "f", backends=("pallas", "xla"))
+    text = jax.jit(lambda *xs: fn({}, *xs)).trace(*structs).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
