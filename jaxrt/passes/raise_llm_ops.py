@@ -16,6 +16,7 @@ kernels see the same ops a hand-written builder emits:
     softmax    exp(x - max(x)) / sum(exp(x - max(x)))    -> softmax(x)
     linear     dot_general(x, w[in, out])                -> linear(x, @w.T)  (weight def)
                dot_general(x, transpose(w[out, in]))     -> linear(x, w)
+               linear(x, w) + b[out]                     -> linear(x, w, b)
     embedding  take(w[V, H], ids (negatives wrapped))    -> embedding(ids, w)
     rope       x*cos(E) + rotate_half(x)*sin(E), E = concat(p*f, p*f), f the frequencies
                of some theta (optionally / a linear factor)  -> rope(x, p) {theta, ...}
@@ -99,7 +100,7 @@ def raise_rms_norm(rw, x, sum, n, eps, normed, w):
         w, offset = strip_shape(w.owner.operands[0]), 1.0
     if w.shape != (h,) or w.dtype != x.dtype:
         return _miss(rw, "rms-norm", f"scale {w.type} is not a [{h}] vector")
-    return rw(ops.rms_norm, x, w, eps=float(splat_value(eps)), offset=offset)
+    return rw(ops.rms_norm, x, w, eps=_shortest(splat_value(eps)), offset=offset)
 
 
 # ---- layer-norm -------------------------------------------------------------------------------
@@ -162,7 +163,7 @@ def _inverse_std(v: Value, inverted: bool):
     if not _is(s, ops.add) or splat_value(s.owner.operands[1]) is None:
         return None
     x = _variance_of(s.owner.operands[0])
-    return None if x is None else (x, float(splat_value(s.owner.operands[1])))
+    return None if x is None else (x, _shortest(splat_value(s.owner.operands[1])))
 
 
 def _factors(v: Value, out: list, inverted: bool = False) -> list:
@@ -291,6 +292,18 @@ def raise_linear(rw, x, w):
     return rw(ops.linear, x, rw.weight(tname))
 
 
+def raise_linear_bias(rw, y, b):
+    """linear(x, w) + b[out] (a bias weight, broadcast over rows) -> linear(x, w, b)."""
+    op = y.owner
+    bias = strip_shape(b)
+    if len(op.operands) != 2 or not _is_weight(bias) or bias.shape != (y.shape[-1],) or \
+            bias.dtype != y.dtype:
+        return None
+    if rw.num_uses(y) != 1:  # another user needs the product without the bias
+        return _miss(rw, "linear-bias", "the product without its bias has other uses")
+    return rw(ops.linear, *op.operands, bias)
+
+
 def raise_embedding(rw, table, ids):
     if rw.root.owner.attrs.axis != 0 or table.type.rank != 2:
         return _miss(rw, "embedding", "not a row lookup in a [vocab, hidden] table")
@@ -373,23 +386,36 @@ def _fit_theta(inv: np.ndarray, head_dim: int):
     if inv.size != head_dim // 2 or inv.size < 2 or np.any(inv <= 0):
         return None
     ratio = inv[1] / inv[0]  # theta ** (-2 / d)
-    theta = float(np.float32(ratio ** (-head_dim / 2.0)))
     factor = float(1.0 / inv[0])
-    attrs = {"theta": theta}
-    if abs(factor - 1.0) > 1e-6:
-        attrs.update(scaling="linear", factor=float(np.float32(factor)))
-    if _frequencies_match(inv, head_dim, attrs):
-        return attrs
+    scaled = {"scaling": "linear", "factor": _shortest(factor)} \
+        if abs(factor - 1.0) > 1e-6 else {}
+    # the shortest decimal theta whose frequencies these are (10000, not the 9999.999 a
+    # float32 ratio raised to d/2 gives), as configs and the builders write it
+    for theta in _round_candidates(float(ratio ** (-head_dim / 2.0))):
+        attrs = {"theta": theta, **scaled}
+        if _frequencies_match(inv, head_dim, attrs):
+            return attrs
     # llama3 keeps the highest frequencies and scales the lowest: theta from either pair
     # (a float32 ratio raised to the d/2 leaves theta a few ulps * d off: round candidates)
     for a, b in ((0, 1), (-2, -1)):
         estimate = float((inv[b] / inv[a]) ** (-head_dim / 2.0))
-        for theta in dict.fromkeys([float(np.float32(estimate))] + [
-                float(f"{estimate:.{digits}g}") for digits in (2, 3, 4, 5, 6)]):
+        for theta in _round_candidates(estimate):
             attrs = _fit_llama3(inv, head_dim, theta)
             if attrs is not None:
                 return attrs
     return None
+
+
+def _round_candidates(estimate: float) -> list[float]:
+    """`estimate` rounded to 1..7 significant digits, then as a float32: shortest first."""
+    return list(dict.fromkeys([float(f"{estimate:.{digits}g}") for digits in range(1, 8)]
+                              + [float(np.float32(estimate))]))
+
+
+def _shortest(x: float) -> float:
+    """The shortest decimal with x's float32 value (a float32 constant's 9.99999974e-06
+    -> 1e-05): what the attribute means, as configs and the builders write it."""
+    return float(str(np.float32(x)))
 
 
 def _frequencies_match(inv: np.ndarray, head_dim: int, attrs: dict) -> bool:
@@ -683,6 +709,9 @@ RULES = RuleSet([
     # dot_general(x, w) -> linear(x, w')
     Rule("linear", Pat(ops.dot_general, "x", Pat((ops.weight, ops.transpose), name="w")),
          raise_linear),
+    # linear(x, w) + b -> linear(x, w, b)
+    Rule("linear-bias", Pat(ops.add, Pat(ops.linear, name="y"), "b", commutative=True),
+         raise_linear_bias),
     # take(w, ids) -> embedding(ids, w)
     Rule("embedding", Pat(ops.take, Pat(ops.weight, name="table"), "ids"), raise_embedding),
     # softmax(causal(q.k * s)) . v -> attention(q, k, v)
