@@ -24,6 +24,8 @@ kernels see the same ops a hand-written builder emits:
                                                      -> rope(x, p) {style = interleaved}
     attention  softmax(mask(q.k * scale)) . v, causal mask from one positions vector, GQA
                by repeat (broadcast + reshape)       -> attention(q, k, v) {scale, causal}
+               or by reshape: q[T, KVH, G, D] . k[S, KVH, D] batched over KVH (gpt-fast,
+               MaxText; [T, G, KVH, D] too, its heads reordered kv-major)
                mask & (p[:, None] - p[None, :] < w)  -> ... {window = w}
                tanh(q.k * scale / c) * c             -> ... {softcap = c}
 
@@ -630,15 +632,10 @@ def _softcapped(v: Value):
     return v, None
 
 
-def raise_attention(rw, p, v):
-    dg = rw.root.owner.attrs
-    probs, vals, probs_first = (p, v, True) if _is(p, ops.softmax) else (v, p, False)
-    if not _is(probs, ops.softmax):
-        return None
-    pa = (dg.lhs_contract, dg.lhs_batch) if probs_first else (dg.rhs_contract, dg.rhs_batch)
-    va = (dg.rhs_contract, dg.rhs_batch) if probs_first else (dg.lhs_contract, dg.lhs_batch)
-    if probs.type.rank != 3 or vals.type.rank != 3 or pa != ((2,), (0,)) or va != ((0,), (1,)):
-        return _miss(rw, "attention", "probabilities [H, T, S] . values [S, H, D] expected")
+def _masked_scores(rw, probs: Value):
+    """softmax(select(causal mask, scores, -inf)) with scores soft-capped and scaled ->
+    (scores before the scale, positions, window, softcap, scale), else None (a recorded
+    miss)."""
     s = probs.owner.operands[0]
     if not _is(s, ops.select):
         return _miss(rw, "attention", "scores are not masked with select (a bidirectional "
@@ -659,6 +656,31 @@ def raise_attention(rw, p, v):
     if _is(scores, ops.mul) and splat_value(scores.owner.operands[1]) is not None:
         scale = float(splat_value(scores.owner.operands[1]))
         scores = scores.owner.operands[0]
+    return scores, pos, window, softcap, scale
+
+
+def _without_scale(q: Value, scale: float):
+    """q * c (a splat c) -> (q, scale * c), else (q, scale)."""
+    if _is(q, ops.mul) and splat_value(q.owner.operands[1]) is not None:
+        return q.owner.operands[0], scale * float(splat_value(q.owner.operands[1]))
+    return q, scale
+
+
+def raise_attention(rw, p, v):
+    dg = rw.root.owner.attrs
+    probs, vals, probs_first = (p, v, True) if _is(p, ops.softmax) else (v, p, False)
+    if not _is(probs, ops.softmax):
+        return None
+    if probs.type.rank == 4:
+        return _raise_grouped_attention(rw, probs, vals, probs_first)
+    pa = (dg.lhs_contract, dg.lhs_batch) if probs_first else (dg.rhs_contract, dg.rhs_batch)
+    va = (dg.rhs_contract, dg.rhs_batch) if probs_first else (dg.lhs_contract, dg.lhs_batch)
+    if probs.type.rank != 3 or vals.type.rank != 3 or pa != ((2,), (0,)) or va != ((0,), (1,)):
+        return _miss(rw, "attention", "probabilities [H, T, S] . values [S, H, D] expected")
+    parts = _masked_scores(rw, probs)
+    if parts is None:
+        return None
+    scores, pos, window, softcap, scale = parts
     if not _is(scores, ops.dot_general):
         return _miss(rw, "attention", "scores are not a dot_general")
     sa = scores.owner.attrs
@@ -666,9 +688,7 @@ def raise_attention(rw, p, v):
     if (sa.lhs_batch, sa.rhs_batch, sa.lhs_contract, sa.rhs_contract) != ((1,), (1,), (2,), (2,)) \
             or q.type.rank != 3 or k.type.rank != 3:
         return _miss(rw, "attention", "scores are not q[T, H, D] . k[S, H, D] over D")
-    if _is(q, ops.mul) and splat_value(q.owner.operands[1]) is not None:
-        scale *= float(splat_value(q.owner.operands[1]))
-        q = q.owner.operands[0]
+    q, scale = _without_scale(q, scale)
     (k, kshape), (vv, vshape) = _unrepeat(k), _unrepeat(vals)
     if kshape != vshape or pos.shape != q.shape[:1] or kshape[0] != q.shape[0]:
         return _miss(rw, "attention", "queries, keys and values do not share one sequence")
@@ -681,6 +701,87 @@ def raise_attention(rw, p, v):
     out = rw(ops.reshape, out, shape=(t, h, vshape[2]))
     # the dot_general's layout: [H, T, D] (probs first) or [H, D, T]
     return rw(ops.transpose, out, perm=(1, 0, 2) if probs_first else (1, 2, 0))
+
+
+def _dot_labels(op, lhs: list, rhs: list) -> list:
+    """The labels of dot_general's result axes (batch, lhs free, rhs free) from its
+    operands' axis labels."""
+    a = op.attrs
+    used_l, used_r = set(a.lhs_batch) | set(a.lhs_contract), set(a.rhs_batch) | set(a.rhs_contract)
+    return ([lhs[i] for i in a.lhs_batch] + [x for i, x in enumerate(lhs) if i not in used_l]
+            + [x for i, x in enumerate(rhs) if i not in used_r])
+
+
+def _raise_grouped_attention(rw, probs, vals, probs_first):
+    """GQA by reshape: q[T, KVH, G, D] (head kv * G + g; or [T, G, KVH, D], head
+    g * KVH + kv) . k[S, KVH, D] batched over the kv heads into scores [KVH, G, T, S]
+    (the two head axes in either order, through transposes), softmax, . v[S, KVH, D]
+    -> attention over q's heads in kv-major order. Which of q's head axes pairs with k's
+    kv heads (the dot_general's batch axis) decides the order, never the sizes."""
+    dg = rw.root.owner
+    parts = _masked_scores(rw, probs)
+    if parts is None:
+        return None
+    scores, pos, window, softcap, scale = parts
+    perm = (0, 1, 2, 3)  # scores axis j = the dot_general's axis perm[j]
+    while _is(scores, ops.transpose) or _is(scores, ops.mul):
+        if _is(scores, ops.mul):
+            scores, scale = _without_scale(scores, scale)
+            if _is(scores, ops.mul):
+                break
+        else:
+            perm = tuple(scores.owner.attrs.perm[i] for i in perm)
+            scores = scores.owner.operands[0]
+    if not _is(scores, ops.dot_general):
+        return _miss(rw, "attention", "grouped scores are not a dot_general")
+    sa = scores.owner.attrs
+    lhs, rhs = scores.owner.operands
+    if (lhs.type.rank, rhs.type.rank) == (4, 3):
+        q, k, qb, qc, kb, kc = lhs, rhs, sa.lhs_batch, sa.lhs_contract, sa.rhs_batch, \
+            sa.rhs_contract
+    elif (lhs.type.rank, rhs.type.rank) == (3, 4):
+        q, k, qb, qc, kb, kc = rhs, lhs, sa.rhs_batch, sa.rhs_contract, sa.lhs_batch, \
+            sa.lhs_contract
+    else:
+        return _miss(rw, "attention", "grouped scores are not q[T, KVH, G, D] . k[S, KVH, D]")
+    if qc != (3,) or kc != (2,) or kb != (1,) or qb not in ((1,), (2,)):
+        return _miss(rw, "attention", "grouped scores must contract head_dim and batch k's "
+                                      "kv heads with one head axis of q[T, ., ., D]")
+    kv_axis = qb[0]
+    q_labels = ["T", None, None, "D"]
+    q_labels[kv_axis], q_labels[3 - kv_axis] = "kv", "group"
+    k_labels = ["S", "kv", "D"]
+    dg_labels = _dot_labels(scores.owner, *((q_labels, k_labels) if q is lhs
+                                            else (k_labels, q_labels)))
+    labels = [dg_labels[i] for i in perm]
+    if labels[2:] != ["T", "S"] or set(labels[:2]) != {"kv", "group"}:
+        return _miss(rw, "attention", f"grouped scores are [{', '.join(labels)}], not "
+                                      f"[kv, group, T, S] (heads in either order)")
+    pa = (dg.attrs.lhs_batch, dg.attrs.lhs_contract) if probs_first else \
+        (dg.attrs.rhs_batch, dg.attrs.rhs_contract)
+    va = (dg.attrs.rhs_batch, dg.attrs.rhs_contract) if probs_first else \
+        (dg.attrs.lhs_batch, dg.attrs.lhs_contract)
+    if vals.type.rank != 3 or va != ((1,), (0,)) or \
+            pa != ((labels.index("kv"),), (labels.index("S"),)):
+        return _miss(rw, "attention", "grouped probabilities . values must contract the "
+                                      "keys and batch the kv heads of v[S, KVH, D]")
+    q, scale = _without_scale(q, scale)
+    if vals.shape[:2] != k.shape[:2] or k.shape[0] != q.shape[0] or pos.shape != q.shape[:1]:
+        return _miss(rw, "attention", "queries, keys and values do not share one sequence")
+    v_labels = ["S", "kv", "D"]
+    out_labels = _dot_labels(dg, *((labels, v_labels) if probs_first else (v_labels, labels)))
+    t, kvh, group, d, dv = q.shape[0], q.shape[kv_axis], q.shape[3 - kv_axis], q.shape[3], \
+        vals.shape[2]
+    if kv_axis == 2:  # group-major heads: put the kv heads first
+        q = rw(ops.transpose, q, perm=(0, 2, 1, 3))
+    q4 = rw(ops.reshape, q, shape=(1, t, kvh * group, d))  # head = kv * G + g
+    k4 = rw(ops.reshape, k, shape=(1,) + k.shape)
+    v4 = rw(ops.reshape, vals, shape=(1,) + vals.shape)
+    out = rw(ops.attention, q4, k4, v4, scale=scale, causal=True, window=window,
+             softcap=softcap)  # [1, T, H, Dv]
+    out = rw(ops.reshape, out, shape=(t, kvh, group, dv))  # [T, kv, group, Dv]
+    order = tuple(["T", "kv", "group", "D"].index(x) for x in out_labels)
+    return out if order == (0, 1, 2, 3) else rw(ops.transpose, out, perm=order)
 
 
 # ---- rules ------------------------------------------------------------------------------------
