@@ -459,6 +459,12 @@ def _fit_llama3(inv: np.ndarray, head_dim: int, theta: float):
                  "low_freq_factor": float(low), "high_freq_factor": float(np.float32(high)),
                  "original_max_position": int(orig)}
         if orig >= 1 and _frequencies_match(inv, head_dim, attrs):
+            # written shortest, as configs do: factor 32, not the 31.999998 float32 gives
+            for f in _round_candidates(factor):
+                for h in _round_candidates(high):
+                    short = {**attrs, "factor": f, "high_freq_factor": h}
+                    if _frequencies_match(inv, head_dim, short):
+                        return short
             return attrs
     return None
 
