@@ -17,6 +17,7 @@ import numpy as np
 from jaxrt.ir import ops
 from jaxrt.ir.module import Value
 from jaxrt.ir.opdef import Trait
+from jaxrt.errors import SettingError
 from jaxrt.ir.types import DType
 
 from .manager import RewritePass, register_pass
@@ -215,4 +216,8 @@ class Canonicalize(RewritePass):
     rules = RULES
     fold_limit: int = FOLD_LIMIT
     no_signed_zeros: bool = False  # fold x + 0.0 and x - (-0.0) for floats too
+
+    def __post_init__(self):
+        if self.fold_limit < 0:
+            raise SettingError(f"canonicalize: fold-limit must be >= 0, got {self.fold_limit}")
 

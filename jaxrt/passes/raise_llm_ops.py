@@ -16,6 +16,7 @@ kernels see the same ops a hand-written builder emits:
     softmax    exp(x - max(x)) / sum(exp(x - max(x)))    -> softmax(x)
     linear     dot_general(x, w[in, out])                -> linear(x, @w.T)  (weight def)
                dot_general(x, transpose(w[out, in]))     -> linear(x, w)
+               linear(x, w) + b[out]                     -> linear(x, w, b)
     embedding  take(w[V, H], ids (negatives wrapped))    -> embedding(ids, w)
     rope       x*cos(E) + rotate_half(x)*sin(E), E = concat(p*f, p*f), f the frequencies
                of some theta (optionally / a linear factor)  -> rope(x, p) {theta, ...}
@@ -23,6 +24,8 @@ kernels see the same ops a hand-written builder emits:
                                                      -> rope(x, p) {style = interleaved}
     attention  softmax(mask(q.k * scale)) . v, causal mask from one positions vector, GQA
                by repeat (broadcast + reshape)       -> attention(q, k, v) {scale, causal}
+               or by reshape: q[T, KVH, G, D] . k[S, KVH, D] batched over KVH (gpt-fast,
+               MaxText; [T, G, KVH, D] too, its heads reordered kv-major)
                mask & (p[:, None] - p[None, :] < w)  -> ... {window = w}
                tanh(q.k * scale / c) * c             -> ... {softcap = c}
 
@@ -99,7 +102,7 @@ def raise_rms_norm(rw, x, sum, n, eps, normed, w):
         w, offset = strip_shape(w.owner.operands[0]), 1.0
     if w.shape != (h,) or w.dtype != x.dtype:
         return _miss(rw, "rms-norm", f"scale {w.type} is not a [{h}] vector")
-    return rw(ops.rms_norm, x, w, eps=float(splat_value(eps)), offset=offset)
+    return rw(ops.rms_norm, x, w, eps=_shortest(splat_value(eps)), offset=offset)
 
 
 # ---- layer-norm -------------------------------------------------------------------------------
@@ -162,7 +165,7 @@ def _inverse_std(v: Value, inverted: bool):
     if not _is(s, ops.add) or splat_value(s.owner.operands[1]) is None:
         return None
     x = _variance_of(s.owner.operands[0])
-    return None if x is None else (x, float(splat_value(s.owner.operands[1])))
+    return None if x is None else (x, _shortest(splat_value(s.owner.operands[1])))
 
 
 def _factors(v: Value, out: list, inverted: bool = False) -> list:
@@ -291,6 +294,18 @@ def raise_linear(rw, x, w):
     return rw(ops.linear, x, rw.weight(tname))
 
 
+def raise_linear_bias(rw, y, b):
+    """linear(x, w) + b[out] (a bias weight, broadcast over rows) -> linear(x, w, b)."""
+    op = y.owner
+    bias = strip_shape(b)
+    if len(op.operands) != 2 or not _is_weight(bias) or bias.shape != (y.shape[-1],) or \
+            bias.dtype != y.dtype:
+        return None
+    if rw.num_uses(y) != 1:  # another user needs the product without the bias
+        return _miss(rw, "linear-bias", "the product without its bias has other uses")
+    return rw(ops.linear, *op.operands, bias)
+
+
 def raise_embedding(rw, table, ids):
     if rw.root.owner.attrs.axis != 0 or table.type.rank != 2:
         return _miss(rw, "embedding", "not a row lookup in a [vocab, hidden] table")
@@ -373,23 +388,36 @@ def _fit_theta(inv: np.ndarray, head_dim: int):
     if inv.size != head_dim // 2 or inv.size < 2 or np.any(inv <= 0):
         return None
     ratio = inv[1] / inv[0]  # theta ** (-2 / d)
-    theta = float(np.float32(ratio ** (-head_dim / 2.0)))
     factor = float(1.0 / inv[0])
-    attrs = {"theta": theta}
-    if abs(factor - 1.0) > 1e-6:
-        attrs.update(scaling="linear", factor=float(np.float32(factor)))
-    if _frequencies_match(inv, head_dim, attrs):
-        return attrs
+    scaled = {"scaling": "linear", "factor": _shortest(factor)} \
+        if abs(factor - 1.0) > 1e-6 else {}
+    # the shortest decimal theta whose frequencies these are (10000, not the 9999.999 a
+    # float32 ratio raised to d/2 gives), as configs and the builders write it
+    for theta in _round_candidates(float(ratio ** (-head_dim / 2.0))):
+        attrs = {"theta": theta, **scaled}
+        if _frequencies_match(inv, head_dim, attrs):
+            return attrs
     # llama3 keeps the highest frequencies and scales the lowest: theta from either pair
     # (a float32 ratio raised to the d/2 leaves theta a few ulps * d off: round candidates)
     for a, b in ((0, 1), (-2, -1)):
         estimate = float((inv[b] / inv[a]) ** (-head_dim / 2.0))
-        for theta in dict.fromkeys([float(np.float32(estimate))] + [
-                float(f"{estimate:.{digits}g}") for digits in (2, 3, 4, 5, 6)]):
+        for theta in _round_candidates(estimate):
             attrs = _fit_llama3(inv, head_dim, theta)
             if attrs is not None:
                 return attrs
     return None
+
+
+def _round_candidates(estimate: float) -> list[float]:
+    """`estimate` rounded to 1..7 significant digits, then as a float32: shortest first."""
+    return list(dict.fromkeys([float(f"{estimate:.{digits}g}") for digits in range(1, 8)]
+                              + [float(np.float32(estimate))]))
+
+
+def _shortest(x: float) -> float:
+    """The shortest decimal with x's float32 value (a float32 constant's 9.99999974e-06
+    -> 1e-05): what the attribute means, as configs and the builders write it."""
+    return float(str(np.float32(x)))
 
 
 def _frequencies_match(inv: np.ndarray, head_dim: int, attrs: dict) -> bool:
@@ -431,6 +459,12 @@ def _fit_llama3(inv: np.ndarray, head_dim: int, theta: float):
                  "low_freq_factor": float(low), "high_freq_factor": float(np.float32(high)),
                  "original_max_position": int(orig)}
         if orig >= 1 and _frequencies_match(inv, head_dim, attrs):
+            # written shortest, as configs do: factor 32, not the 31.999998 float32 gives
+            for f in _round_candidates(factor):
+                for h in _round_candidates(high):
+                    short = {**attrs, "factor": f, "high_freq_factor": h}
+                    if _frequencies_match(inv, head_dim, short):
+                        return short
             return attrs
     return None
 
@@ -604,15 +638,10 @@ def _softcapped(v: Value):
     return v, None
 
 
-def raise_attention(rw, p, v):
-    dg = rw.root.owner.attrs
-    probs, vals, probs_first = (p, v, True) if _is(p, ops.softmax) else (v, p, False)
-    if not _is(probs, ops.softmax):
-        return None
-    pa = (dg.lhs_contract, dg.lhs_batch) if probs_first else (dg.rhs_contract, dg.rhs_batch)
-    va = (dg.rhs_contract, dg.rhs_batch) if probs_first else (dg.lhs_contract, dg.lhs_batch)
-    if probs.type.rank != 3 or vals.type.rank != 3 or pa != ((2,), (0,)) or va != ((0,), (1,)):
-        return _miss(rw, "attention", "probabilities [H, T, S] . values [S, H, D] expected")
+def _masked_scores(rw, probs: Value):
+    """softmax(select(causal mask, scores, -inf)) with scores soft-capped and scaled ->
+    (scores before the scale, positions, window, softcap, scale), else None (a recorded
+    miss)."""
     s = probs.owner.operands[0]
     if not _is(s, ops.select):
         return _miss(rw, "attention", "scores are not masked with select (a bidirectional "
@@ -633,6 +662,31 @@ def raise_attention(rw, p, v):
     if _is(scores, ops.mul) and splat_value(scores.owner.operands[1]) is not None:
         scale = float(splat_value(scores.owner.operands[1]))
         scores = scores.owner.operands[0]
+    return scores, pos, window, softcap, scale
+
+
+def _without_scale(q: Value, scale: float):
+    """q * c (a splat c) -> (q, scale * c), else (q, scale)."""
+    if _is(q, ops.mul) and splat_value(q.owner.operands[1]) is not None:
+        return q.owner.operands[0], scale * float(splat_value(q.owner.operands[1]))
+    return q, scale
+
+
+def raise_attention(rw, p, v):
+    dg = rw.root.owner.attrs
+    probs, vals, probs_first = (p, v, True) if _is(p, ops.softmax) else (v, p, False)
+    if not _is(probs, ops.softmax):
+        return None
+    if probs.type.rank == 4:
+        return _raise_grouped_attention(rw, probs, vals, probs_first)
+    pa = (dg.lhs_contract, dg.lhs_batch) if probs_first else (dg.rhs_contract, dg.rhs_batch)
+    va = (dg.rhs_contract, dg.rhs_batch) if probs_first else (dg.lhs_contract, dg.lhs_batch)
+    if probs.type.rank != 3 or vals.type.rank != 3 or pa != ((2,), (0,)) or va != ((0,), (1,)):
+        return _miss(rw, "attention", "probabilities [H, T, S] . values [S, H, D] expected")
+    parts = _masked_scores(rw, probs)
+    if parts is None:
+        return None
+    scores, pos, window, softcap, scale = parts
     if not _is(scores, ops.dot_general):
         return _miss(rw, "attention", "scores are not a dot_general")
     sa = scores.owner.attrs
@@ -640,9 +694,7 @@ def raise_attention(rw, p, v):
     if (sa.lhs_batch, sa.rhs_batch, sa.lhs_contract, sa.rhs_contract) != ((1,), (1,), (2,), (2,)) \
             or q.type.rank != 3 or k.type.rank != 3:
         return _miss(rw, "attention", "scores are not q[T, H, D] . k[S, H, D] over D")
-    if _is(q, ops.mul) and splat_value(q.owner.operands[1]) is not None:
-        scale *= float(splat_value(q.owner.operands[1]))
-        q = q.owner.operands[0]
+    q, scale = _without_scale(q, scale)
     (k, kshape), (vv, vshape) = _unrepeat(k), _unrepeat(vals)
     if kshape != vshape or pos.shape != q.shape[:1] or kshape[0] != q.shape[0]:
         return _miss(rw, "attention", "queries, keys and values do not share one sequence")
@@ -655,6 +707,87 @@ def raise_attention(rw, p, v):
     out = rw(ops.reshape, out, shape=(t, h, vshape[2]))
     # the dot_general's layout: [H, T, D] (probs first) or [H, D, T]
     return rw(ops.transpose, out, perm=(1, 0, 2) if probs_first else (1, 2, 0))
+
+
+def _dot_labels(op, lhs: list, rhs: list) -> list:
+    """The labels of dot_general's result axes (batch, lhs free, rhs free) from its
+    operands' axis labels."""
+    a = op.attrs
+    used_l, used_r = set(a.lhs_batch) | set(a.lhs_contract), set(a.rhs_batch) | set(a.rhs_contract)
+    return ([lhs[i] for i in a.lhs_batch] + [x for i, x in enumerate(lhs) if i not in used_l]
+            + [x for i, x in enumerate(rhs) if i not in used_r])
+
+
+def _raise_grouped_attention(rw, probs, vals, probs_first):
+    """GQA by reshape: q[T, KVH, G, D] (head kv * G + g; or [T, G, KVH, D], head
+    g * KVH + kv) . k[S, KVH, D] batched over the kv heads into scores [KVH, G, T, S]
+    (the two head axes in either order, through transposes), softmax, . v[S, KVH, D]
+    -> attention over q's heads in kv-major order. Which of q's head axes pairs with k's
+    kv heads (the dot_general's batch axis) decides the order, never the sizes."""
+    dg = rw.root.owner
+    parts = _masked_scores(rw, probs)
+    if parts is None:
+        return None
+    scores, pos, window, softcap, scale = parts
+    perm = (0, 1, 2, 3)  # scores axis j = the dot_general's axis perm[j]
+    while _is(scores, ops.transpose) or _is(scores, ops.mul):
+        if _is(scores, ops.mul):
+            scores, scale = _without_scale(scores, scale)
+            if _is(scores, ops.mul):
+                break
+        else:
+            perm = tuple(scores.owner.attrs.perm[i] for i in perm)
+            scores = scores.owner.operands[0]
+    if not _is(scores, ops.dot_general):
+        return _miss(rw, "attention", "grouped scores are not a dot_general")
+    sa = scores.owner.attrs
+    lhs, rhs = scores.owner.operands
+    if (lhs.type.rank, rhs.type.rank) == (4, 3):
+        q, k, qb, qc, kb, kc = lhs, rhs, sa.lhs_batch, sa.lhs_contract, sa.rhs_batch, \
+            sa.rhs_contract
+    elif (lhs.type.rank, rhs.type.rank) == (3, 4):
+        q, k, qb, qc, kb, kc = rhs, lhs, sa.rhs_batch, sa.rhs_contract, sa.lhs_batch, \
+            sa.lhs_contract
+    else:
+        return _miss(rw, "attention", "grouped scores are not q[T, KVH, G, D] . k[S, KVH, D]")
+    if qc != (3,) or kc != (2,) or kb != (1,) or qb not in ((1,), (2,)):
+        return _miss(rw, "attention", "grouped scores must contract head_dim and batch k's "
+                                      "kv heads with one head axis of q[T, ., ., D]")
+    kv_axis = qb[0]
+    q_labels = ["T", None, None, "D"]
+    q_labels[kv_axis], q_labels[3 - kv_axis] = "kv", "group"
+    k_labels = ["S", "kv", "D"]
+    dg_labels = _dot_labels(scores.owner, *((q_labels, k_labels) if q is lhs
+                                            else (k_labels, q_labels)))
+    labels = [dg_labels[i] for i in perm]
+    if labels[2:] != ["T", "S"] or set(labels[:2]) != {"kv", "group"}:
+        return _miss(rw, "attention", f"grouped scores are [{', '.join(labels)}], not "
+                                      f"[kv, group, T, S] (heads in either order)")
+    pa = (dg.attrs.lhs_batch, dg.attrs.lhs_contract) if probs_first else \
+        (dg.attrs.rhs_batch, dg.attrs.rhs_contract)
+    va = (dg.attrs.rhs_batch, dg.attrs.rhs_contract) if probs_first else \
+        (dg.attrs.lhs_batch, dg.attrs.lhs_contract)
+    if vals.type.rank != 3 or va != ((1,), (0,)) or \
+            pa != ((labels.index("kv"),), (labels.index("S"),)):
+        return _miss(rw, "attention", "grouped probabilities . values must contract the "
+                                      "keys and batch the kv heads of v[S, KVH, D]")
+    q, scale = _without_scale(q, scale)
+    if vals.shape[:2] != k.shape[:2] or k.shape[0] != q.shape[0] or pos.shape != q.shape[:1]:
+        return _miss(rw, "attention", "queries, keys and values do not share one sequence")
+    v_labels = ["S", "kv", "D"]
+    out_labels = _dot_labels(dg, *((labels, v_labels) if probs_first else (v_labels, labels)))
+    t, kvh, group, d, dv = q.shape[0], q.shape[kv_axis], q.shape[3 - kv_axis], q.shape[3], \
+        vals.shape[2]
+    if kv_axis == 2:  # group-major heads: put the kv heads first
+        q = rw(ops.transpose, q, perm=(0, 2, 1, 3))
+    q4 = rw(ops.reshape, q, shape=(1, t, kvh * group, d))  # head = kv * G + g
+    k4 = rw(ops.reshape, k, shape=(1,) + k.shape)
+    v4 = rw(ops.reshape, vals, shape=(1,) + vals.shape)
+    out = rw(ops.attention, q4, k4, v4, scale=scale, causal=True, window=window,
+             softcap=softcap)  # [1, T, H, Dv]
+    out = rw(ops.reshape, out, shape=(t, kvh, group, dv))  # [T, kv, group, Dv]
+    order = tuple(["T", "kv", "group", "D"].index(x) for x in out_labels)
+    return out if order == (0, 1, 2, 3) else rw(ops.transpose, out, perm=order)
 
 
 # ---- rules ------------------------------------------------------------------------------------
@@ -683,6 +816,9 @@ RULES = RuleSet([
     # dot_general(x, w) -> linear(x, w')
     Rule("linear", Pat(ops.dot_general, "x", Pat((ops.weight, ops.transpose), name="w")),
          raise_linear),
+    # linear(x, w) + b -> linear(x, w, b)
+    Rule("linear-bias", Pat(ops.add, Pat(ops.linear, name="y"), "b", commutative=True),
+         raise_linear_bias),
     # take(w, ids) -> embedding(ids, w)
     Rule("embedding", Pat(ops.take, Pat(ops.weight, name="table"), "ids"), raise_embedding),
     # softmax(causal(q.k * s)) . v -> attention(q, k, v)

@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxrt.errors import InputError, SettingError, check_text
+from jaxrt.errors import InputError, SettingError, check_text, short_repr
 from .block_manager import BlockManager
 from .detokenize import IncrementalDetokenizer
 from .request import (BeamOutput, Request, RequestOutput, SamplingParams, StreamDelta,
@@ -509,7 +509,12 @@ class Engine:
         if need > self.num_pages:
             raise InputError(f"the request needs up to {need} KV pages; the cache has "
                              f"{self.num_pages}")
-        rid = str(request_id) if request_id is not None else f"req-{next(self._ids)}"
+        if request_id is not None and not isinstance(request_id, str):
+            # ids are strings (outputs, abort and the server use them as given): 5 and "5"
+            # must not silently become one id
+            raise InputError(f"request_id must be a str, got {type(request_id).__name__} "
+                             f"{short_repr(request_id)}")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self._live:
             raise SettingError(f"request id {rid!r} is already in use")
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)

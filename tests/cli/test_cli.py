@@ -100,6 +100,7 @@ BAD_CASES = [
     (["opt", "{ir}", "-p", "canonicalise"], "unknown pass 'canonicalise'"),
     (["opt", "{ir}", "-p", "canonicalize{fold-limt=3}"], "no option 'fold-limt'"),
     (["opt", "{ir}", "-p", "canonicalize{fold-limit=x}"], "expects int"),
+    (["opt", "{ir}", "-p", "canonicalize{fold-limit=-1}"], "fold-limit must be >= 0, got -1"),
     (["opt", "{ir}", "-p", "cse", "--dump-after", "dce"], "no such pass in the pipeline"),
     (["opt", "{missing}", "-p", ""], "no such file"),
     (["opt", "{bad}", "-p", ""], ":6:18: undefined value %9"),

@@ -294,3 +294,102 @@ def test_linear_near_miss_contracting_the_token_axis():
     imported, names = _with_weights(fn, w, f32(6, 8))
     assert "llm.linear" not in names
     assert "last axis" in imported.module.attributes["raise_misses"]["linear"]
+
+
+def test_linear_bias_folded_and_near_misses():
+    rng = np.random.default_rng(3)
+    w = {"k": rng.normal(size=(8, 16)).astype(np.float32),
+         "b": rng.normal(size=16).astype(np.float32)}
+    fn = lambda p, x: x @ p["k"] + p["b"]  # noqa: E731
+    imported, names = _with_weights(fn, w, f32(T, 8))
+    assert names.count("llm.linear") == 1 and "add" not in names
+    x = rng.normal(size=(5, 8)).astype(np.float32)
+    np.testing.assert_allclose(run(imported.module, "forward", [x], imported.weights)[0],
+                               np.asarray(fn(w, x)), rtol=1e-5, atol=1e-5)
+    # near misses: the product is used without its bias too; the addend is an activation
+    both = lambda p, x: (x @ p["k"] + p["b"]) * (x @ p["k"])  # noqa: E731
+    imported, names = _with_weights(both, w, f32(T, 8))
+    assert "add" in names
+    assert "other uses" in imported.module.attributes["raise_misses"]["linear-bias"]
+    _, names = _with_weights(lambda p, x, y: x @ p["k"] + y, w, f32(T, 8), f32(T, 16))
+    assert "add" in names and names.count("llm.linear") == 1
+
+
+# GQA by reshape (gpt-fast, MaxText): q[T, H, D] -> [T, KVH, G, D], batched with k's kv
+# heads. H = 6, KVH = 2, G = 3 unless the sizes are made equal on purpose.
+
+def grouped_attn(q, k, v, *, kvh=2, kv_major=True, spec=("tkgd,skd->kgts", "kgts,skd->tkgd"),
+                 scale_q=False):
+    t, h, d = q.shape
+    g = h // kvh
+    qg = q.reshape(t, kvh, g, d) if kv_major else q.reshape(t, g, kvh, d)
+    if scale_q:
+        qg = qg * 0.25
+    s = jnp.einsum(spec[0], qg, k)
+    if not scale_q:
+        s = s * 0.25
+    pos = jnp.arange(t)
+    s = jnp.where(pos[:, None] >= pos[None, :], s, -jnp.inf)
+    o = jnp.einsum(spec[1], jax.nn.softmax(s, -1), v)
+    return o.reshape(t, h, d)
+
+
+GROUPED = {
+    "kv-major": dict(),
+    "heads-swapped-scores": dict(spec=("tkgd,skd->gkts", "gkts,skd->tkgd"), scale_q=True),
+    "output-transposed": dict(spec=("tkgd,skd->kgts", "kgts,skd->tgkd")),
+    "group-major": dict(kv_major=False, spec=("tgkd,skd->kgts", "kgts,skd->tgkd")),
+    # equal sizes: only the batch axis tells kv heads from groups (a wrong layout would
+    # pair head h with kv h // 2 instead of h % 2 and differ from jax.jit)
+    "group-major-equal-sizes": dict(kv_major=False, spec=("tgkd,skd->kgts",
+                                                          "kgts,skd->tgkd")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GROUPED))
+def test_gqa_by_reshape_raised_and_matches_jit(name):
+    kw = GROUPED[name]
+    h = 4 if name.endswith("equal-sizes") else 6
+    fn = lambda q, k, v: grouped_attn(q, k, v, **kw)  # noqa: E731
+    m, names = raised(fn, f32(T, h, 8), f32(T, 2, 8), f32(T, 2, 8))
+    assert names.count("llm.attention") == 1 and "dot_general" not in names, names
+    (op,) = [op for op in m.functions["forward"].ops if op.opdef.name == "llm.attention"]
+    assert op.attrs.scale == 0.25 and op.attrs.causal
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.normal(size=s).astype(np.float32) for s in ((7, h, 8), (7, 2, 8), (7, 2, 8)))
+    np.testing.assert_allclose(run(m, "forward", [q, k, v])[0],
+                               np.asarray(jax.jit(fn)(q, k, v)), rtol=1e-5, atol=1e-5)
+
+
+def test_gqa_by_broadcast_to_raised_and_matches_jit():
+    def fn(q, k, v):
+        t = q.shape[0]
+        k = jnp.broadcast_to(k[:, :, None, :], (t, 2, 3, 8)).reshape(t, 6, 8)
+        v = jnp.broadcast_to(v[:, :, None, :], (t, 2, 3, 8)).reshape(t, 6, 8)
+        return attn_repeated(q, k, v)
+    m, names = raised(fn, f32(T, 6, 8), f32(T, 2, 8), f32(T, 2, 8))
+    assert names.count("llm.attention") == 1 and "broadcast" not in names
+    rng = np.random.default_rng(6)
+    q, k, v = (rng.normal(size=s).astype(np.float32) for s in ((5, 6, 8), (5, 2, 8), (5, 2, 8)))
+    np.testing.assert_allclose(run(m, "forward", [q, k, v])[0],
+                               np.asarray(jax.jit(fn)(q, k, v)), rtol=1e-5, atol=1e-5)
+
+
+def attn_repeated(q, k, v):
+    s = jnp.einsum("thd,shd->hts", q, k) * 0.25
+    pos = jnp.arange(q.shape[0])
+    s = jnp.where((pos[:, None] >= pos[None, :])[None], s, -jnp.inf)
+    return jnp.einsum("hts,shd->thd", jax.nn.softmax(s, -1), v)
+
+
+@pytest.mark.parametrize("spec,why", [
+    # values batched with the group axis, not the kv heads the keys used (equal sizes)
+    (("tkgd,skd->kgts", "kgts,sgd->tkgd"), "batch the kv heads"),
+    # probabilities contracted over the queries, not the keys
+    (("tkgd,skd->kgts", "kgts,tkd->skgd"), "contract the keys"),
+])
+def test_gqa_by_reshape_near_misses(spec, why):
+    fn = lambda q, k, v: grouped_attn(q, k, v, spec=spec)  # noqa: E731
+    m, names = raised(fn, f32(T, 4, 8), f32(T, 2, 8), f32(T, 2, 8))
+    assert "llm.attention" not in names
+    assert why in m.attributes["raise_misses"]["attention"]

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from jaxrt.errors import InputError
 from jaxrt.frontends.chat import encode_chat
 from jaxrt.runtime.engine import Engine
 from jaxrt.runtime.request import SamplingParams
@@ -42,6 +43,18 @@ def test_duplicate_request_id_refused_under_concurrent_adds():
     while engine.has_unfinished():
         engine.step()
     assert engine.block_manager.stats().pages_in_use == 0
+
+
+def test_request_id_must_be_a_string():
+    """A non-str id is refused (5 and "5" must not silently become one id); a str id is
+    kept exactly as given."""
+    engine = make_engine()
+    for bad in (5, 5.0, b"5", ("a",)):
+        with pytest.raises(InputError, match=r"^request_id must be a str, got ") as e:
+            engine.add_request("abc", SamplingParams(max_tokens=2), request_id=bad)
+        assert "\n" not in str(e.value)
+    assert not engine.has_unfinished()
+    assert engine.add_request("abc", SamplingParams(max_tokens=2), request_id="5") == "5"
 
 
 def test_open_stream_deltas_equal_generate_and_abort_frees_pages():
