@@ -313,6 +313,16 @@ def attention_bandwidth(s, bw: float) -> list[dict]:
     return rows
 
 
+def git_commit() -> str | None:
+    import subprocess
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)),
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None  # a copy of the tree without its .git
+
+
 def chart(results: dict, peers: list[dict], path: str) -> None:
     try:
         suite_chart.draw(results, peers, path)
@@ -391,7 +401,7 @@ def main(argv=None) -> int:
     dev = jax.devices()[0]
     report = {"device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform,
               "jax": jax.__version__, "backends": list(default_backends()),
-              "kernels": os.environ.get("JAXRT_KERNELS", "auto"),
+              "kernels": os.environ.get("JAXRT_KERNELS", "auto"), "commit": git_commit(),
               "args": {k: v for k, v in vars(args).items() if k != "shapes"},
               "shapes": vars(s), "models": []}
     suite = Suite(args, report)
@@ -406,7 +416,11 @@ def main(argv=None) -> int:
         bench_model(suite, name, bw, peak)
         gc.collect()
     report["seconds"] = time.perf_counter() - start
-    report["peers"] = suite_chart.load_peers(args.peers)
+    try:  # peers that ran before this process, in the same lease
+        report["peers"] = suite_chart.load_peers(args.peers)
+    except (OSError, UnicodeDecodeError) as e:
+        print(f"peers not read ({e}); add them with --chart-only", flush=True)
+        report["peers"] = []
     suite.save()
     chart(report, report["peers"], args.chart)
     print_summary(report)
