@@ -116,7 +116,9 @@ def sample_ids(loaded, num_tokens: int, seed: int) -> list[int]:
     """`num_tokens` tokens the float model samples from BOS (temperature 1, top-k
     SAMPLE_TOP_K, numpy's PCG64 seeded with `seed`): data-free calibration text."""
     from .compiler import Target, compile_loaded
-    bos = loaded.tokenizer.bos_id
+    bos = getattr(loaded.tokenizer, "bos_id", None)
+    if bos is None:
+        bos = loaded.config.bos_token_id
     ids = [bos if bos is not None else 0]
     model = compile_loaded(loaded, target=Target.detect("float32"),
                            max_model_len=num_tokens, num_pages=math.ceil(num_tokens / PAGE_SIZE),

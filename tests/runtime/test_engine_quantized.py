@@ -2,6 +2,9 @@
 batched as alone, and with prefix caching on as off (test_engine_properties.py's
 near-tie rule, on a random tiny Llama quantized by the quantize pass in w8a8 mode).
 
+w8a8-smoothquant is w8a8 after smoothing (data-free calibration: the tiny model's own
+samples), whose factors are weights: the same property holds.
+
 w8a8 quantizes activations per token (each row's scale from that row alone), so batching
 cannot change a row's codes; its int8 weights go through the same definitions as the
 weight-only modes (tests/passes/test_quantize_pass.py runs every mode's lowering).
@@ -26,9 +29,9 @@ JOBS = [props.Job(tuple(p), q) for p, q in zip(PROMPTS, PARAMS)]
 SMALL = dict(max_num_seqs=2)
 
 
-@pytest.fixture(scope="module")
-def w8a8_factory():
-    factory = FACTORIES["tiny-llama-w8a8"]()
+@pytest.fixture(scope="module", params=["w8a8", "w8a8-smoothquant"])
+def w8a8_factory(request):
+    factory = FACTORIES[f"tiny-llama-{request.param}"]()
     factory.make = poisoned(factory.make)
     return factory
 
