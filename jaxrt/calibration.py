@@ -140,9 +140,9 @@ def sample_ids(loaded, num_tokens: int, seed: int) -> list[int]:
 
 def calibrate(model_spec: str, out_dir: str, *, data: str | None = None,
               alpha: float = DEFAULT_ALPHA, percentile: float = DEFAULT_PERCENTILE,
-              num_tokens: int | None = None, seed: int = 0) -> dict:
+              num_tokens: int | None = None, seed: int = 0, data_name: str = "") -> dict:
     """Calibrate `model_spec` (float weights) and write `out_dir`; returns the metadata.
-    `data`: the text itself (None: data-free)."""
+    `data`: the text itself (None: data-free), `data_name` where it came from."""
     from .frontends.sources import load_model, resolve_model
     check_options(alpha, percentile, num_tokens)
     if resolve_model(model_spec)[0] == "engine":
@@ -152,12 +152,13 @@ def calibrate(model_spec: str, out_dir: str, *, data: str | None = None,
         raise InputError("calibrate: the data text is empty")
     return calibrate_loaded(load_model(model_spec), out_dir, data=data, alpha=alpha,
                             percentile=percentile, num_tokens=num_tokens, seed=seed,
-                            model=model_spec)
+                            model=model_spec, data_name=data_name)
 
 
 def calibrate_loaded(loaded, out_dir: str, *, data: str | None = None,
                      alpha: float = DEFAULT_ALPHA, percentile: float = DEFAULT_PERCENTILE,
-                     num_tokens: int | None = None, seed: int = 0, model: str = "") -> dict:
+                     num_tokens: int | None = None, seed: int = 0, model: str = "",
+                     data_name: str = "") -> dict:
     from .ir.weights import smooth_factors
     check_options(alpha, percentile, num_tokens)
     limit = loaded.config.max_position
@@ -178,7 +179,7 @@ def calibrate_loaded(loaded, out_dir: str, *, data: str | None = None,
             tensors[f"{w}.smooth"] = s
     meta = {"format": FORMAT, "model": model or str(loaded.source), "arch": loaded.config.arch,
             "alpha": alpha, "percentile": percentile, "tokens": len(ids),
-            "data": "self-sampled" if data is None else "text", "seed": seed,
+            "data": "self-sampled" if data is None else (data_name or "text"), "seed": seed,
             "groups": groups}
     write_calibration(out_dir, tensors, meta)
     return meta

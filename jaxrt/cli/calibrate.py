@@ -43,7 +43,8 @@ def run(args) -> int:
             raise InputError(f"{args.data}: the calibration text file is empty")
     start = time.perf_counter()
     meta = calibrate(args.model, args.output, data=data, alpha=args.alpha,
-                     percentile=args.percentile, num_tokens=args.num_tokens, seed=args.seed)
+                     percentile=args.percentile, num_tokens=args.num_tokens, seed=args.seed,
+                     data_name=args.data or "")
     source = f"{args.data}" if data is not None else f"self-sampled text (seed {args.seed})"
     print(f"wrote {args.output}: {sum(map(len, meta['groups']))} linears in "
           f"{len(meta['groups'])} input groups, {meta['tokens']} tokens of {source}, "

@@ -29,11 +29,15 @@ JOBS = [props.Job(tuple(p), q) for p, q in zip(PROMPTS, PARAMS)]
 SMALL = dict(max_num_seqs=2)
 
 
-@pytest.fixture(scope="module", params=["w8a8", "w8a8-smoothquant"])
-def w8a8_factory(request):
-    factory = FACTORIES[f"tiny-llama-{request.param}"]()
+def _factory(mode: str):
+    factory = FACTORIES[f"tiny-llama-{mode}"]()
     factory.make = poisoned(factory.make)
     return factory
+
+
+@pytest.fixture(scope="module")
+def w8a8_factory():
+    return _factory("w8a8")
 
 
 def test_quantized_batched_equals_alone_and_caching_changes_nothing(w8a8_factory):
@@ -46,3 +50,11 @@ def test_quantized_batched_equals_alone_and_caching_changes_nothing(w8a8_factory
     props.assert_same(f, e.generate(PROMPTS, PARAMS), alone, "caching (warm)")
     assert e.stats().prefix_cache_hit_rate > 0
     assert all(len(o.ids) == p.max_tokens for o, p in zip(alone, PARAMS))
+
+
+def test_smoothquant_batched_equals_alone():
+    """The smoothing adds weights (folded norms, scale vectors) and per-channel scale ops,
+    nothing that depends on the batch: batched == alone (caching is w8a8's test above)."""
+    f = _factory("w8a8-smoothquant")
+    props.assert_same(f, props.batched(f, JOBS, enable_prefix_caching=False, **SMALL),
+                      props.one_at_a_time(f, JOBS), "batched vs alone")
