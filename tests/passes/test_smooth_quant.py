@@ -190,7 +190,8 @@ def test_a_calibration_of_another_model_is_refused(tiny_loaded, tmp_path):
 def test_smoothquant_model_lowers_as_the_interpreter_runs_it(tiny_loaded, tmp_path):
     """The whole pipeline (fusions, smoothing, int8 codes, outline-layers,
     fuse-add-rmsnorm) through XLA equals the interpreter (1e-5 of the logit range, as
-    test_quantize_pass.py), and an engine directory stores the folded result."""
+    test_quantize_pass.py); the smoothing's weight definitions round-trip in text; an
+    engine directory stores the folded result; quantizing again is refused."""
     from jaxrt.compiler import Target, compile_loaded, load_engine, save_engine
     from jaxrt.ir.substitute import bind_dims
     cal = _random_calibration(tmp_path / "cal", _module(tiny_loaded, "canonicalize,cse,dce"),
@@ -201,6 +202,8 @@ def test_smoothquant_model_lowers_as_the_interpreter_runs_it(tiny_loaded, tmp_pa
     q = model.module.attributes["quantization"]
     assert (q["mode"], q["alpha"], q["folded_inputs"], q["scaled_inputs"]) == \
         ("w8a8-smoothquant", 0.6, 4, 4)
+    from jaxrt.ir.parser import parse
+    assert str(parse(str(model.module), "smoothed.jxr")) == str(model.module)  # text form
     with pytest.raises(PipelineError, match="already quantized"):
         PassManager(f'quantize{{mode=w8a8-smoothquant calib="{cal.file}"}}').run(model.module)
     inputs = _step_inputs()
