@@ -25,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", required=True, help="UTF-8 text file to score")
     p.add_argument("-q", "--quantize", default=None, metavar="MODE",
                    help="quantize the linear projections first (per-channel scales; "
-                        "w8a8 and fp8 quantize activations per token at run time), or "
+                        "w8a8, w8a8-smoothquant and fp8 quantize activations per token at "
+                        "run time), or "
                         "the KV cache (kv-int8, kv-fp8: per token-head scales), or both "
                         "joined by +")
     p.add_argument("--calib", default=None, metavar="DIR",
