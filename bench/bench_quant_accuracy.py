@@ -5,8 +5,13 @@ window when the text fits the context), and greedy agreement with the float mode
 the first 32 new tokens of a few prompts (tokens equal before the first divergence, and
 how many prompts agree on all 32). Prints a table and writes JSON.
 
+w8a8-smoothquant calibrates data-free (the model's own samples, jaxrt/calibration.py);
+`w8a8-smoothquant:text` calibrates on --calib-text (bench/data/calibration.txt, other
+prose than the evaluated text).
+
     PYTHONPATH=. python bench/bench_quant_accuracy.py [--models smollm2-135m gemma3-270m]
-        [--modes int8-weight fp8-weight w8a8 fp8] [--out bench/results/quant_accuracy_cpu.json]
+        [--modes int8-weight fp8-weight w8a8 fp8 w8a8-smoothquant w8a8-smoothquant:text]
+        [--out bench/results/quant_accuracy_cpu.json]
 """
 from __future__ import annotations
 
@@ -24,7 +29,10 @@ PROMPTS = ["The capital of France is", "In a small village by the sea, there liv
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def measure(spec: str, modes: list[str], text: str) -> list[dict]:
+def measure(spec: str, modes: list[str], text: str, calib_text: str) -> list[dict]:
+    import tempfile
+
+    from jaxrt.calibration import calibrate_loaded
     from jaxrt.compiler import Target, compile_loaded
     from jaxrt.frontends.sources import load_model
     from jaxrt.lowering.executable import greedy_generate
@@ -38,9 +46,14 @@ def measure(spec: str, modes: list[str], text: str) -> list[dict]:
     rows, float_out = [], None
     for mode in ["", *modes]:
         start = time.perf_counter()
+        quantize, _, calib_on = mode.partition(":")
+        calib = ""
+        if calib_on == "text":
+            calib = tempfile.mkdtemp(prefix="calib-")
+            calibrate_loaded(loaded, calib, data=calib_text)
         model = compile_loaded(loaded, target=Target("cpu", 4 << 30, "f32"),
                                max_model_len=need, num_pages=math.ceil(need / 16),
-                               max_num_seqs=1, quantize=mode)
+                               max_num_seqs=1, quantize=quantize, calib=calib)
         exe = model.executable()
         ppl = perplexity(exe, ids, context=window)
         outs = [greedy_generate(exe, p, NEW_TOKENS) for p in prompts]
@@ -65,15 +78,19 @@ def measure(spec: str, modes: list[str], text: str) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
-    p.add_argument("--modes", nargs="+", default=["int8-weight", "fp8-weight", "w8a8", "fp8"])
+    p.add_argument("--modes", nargs="+", default=["int8-weight", "fp8-weight", "w8a8", "fp8",
+                                                  "w8a8-smoothquant", "w8a8-smoothquant:text"])
     p.add_argument("--text", default=os.path.join(HERE, "data", "english.txt"))
+    p.add_argument("--calib-text", default=os.path.join(HERE, "data", "calibration.txt"))
     p.add_argument("--out", default=os.path.join(HERE, "results", "quant_accuracy_cpu.json"))
     args = p.parse_args(argv)
     with open(args.text, encoding="utf-8") as f:
         text = f.read()
+    with open(args.calib_text, encoding="utf-8") as f:
+        calib_text = f.read()
     rows = []
     for spec in args.models:
-        rows += measure(spec, args.modes, text)
+        rows += measure(spec, args.modes, text, calib_text)
     print("\n| model | mode | perplexity | vs float | greedy prefix (of 32) | identical |")
     print("|---|---|---|---|---|---|")
     base = {}
@@ -86,6 +103,7 @@ def main(argv=None) -> int:
     with open(args.out, "w") as f:
         json.dump({"text": os.path.relpath(args.text, os.path.dirname(HERE)),
                    "device": "cpu", "dtype": "f32", "granularity": "channel",
+                   "calibration_text": os.path.relpath(args.calib_text, os.path.dirname(HERE)),
                    "new_tokens": NEW_TOKENS, "prompts": PROMPTS, "rows": rows}, f, indent=1)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0

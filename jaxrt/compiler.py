@@ -153,7 +153,7 @@ def default_pipeline(target: Target, *, page_size: int = 16, memory_fraction: fl
                      max_model_len: int = 0, max_num_seqs: int = 64,
                      max_num_batched_tokens: int = 2048, num_pages: int = 0,
                      outline_layers: bool | None = None, tensor_parallel: int = 1,
-                     data_parallel: int = 1, quantize: str = "",
+                     data_parallel: int = 1, quantize: str = "", calib: str = "",
                      fuse: bool | None = None) -> str:
     """The pipeline `load` runs. `outline_layers` compiles the repeated layers once (a scan
     over stacked weights); False keeps the stack unrolled. None picks by target: scan on
@@ -169,6 +169,8 @@ def default_pipeline(target: Target, *, page_size: int = 16, memory_fraction: fl
     (quantize-kv-cache, right before plan-kv-cache, which then sizes the smaller cache;
     the cache's per-head rows shard like a float cache's); a weight mode and a KV mode
     combine as `int8-weight+kv-int8` (the spelling `quantize_mode` reads back).
+    `calib` is the calibration directory (jaxrt calibrate) that w8a8-smoothquant needs;
+    the pass smooths at the alpha the calibration was made with.
 
     `fuse` runs the fusion passes: PROJECTION_FUSIONS right after dce, NORM_FUSIONS after
     outline-layers (with outlined layers they fuse within a layer only). None picks by
@@ -199,8 +201,11 @@ def default_pipeline(target: Target, *, page_size: int = 16, memory_fraction: fl
     kv_quant = [kv_quant_pass(m) for m in kv_modes]
     quantize = weight_modes[0] if weight_modes else ""
     if quantize:
-        passes += cast + [f"quantize{{mode={quantize}}}"]
+        passes += cast + [_quantize_pass(quantize, calib)]
         cast = []
+    elif calib:
+        raise SettingError("calib: a calibration is for quantize=w8a8-smoothquant; no "
+                           "weight quantization was asked for")
     if outline_layers:
         passes.append("outline-layers")
     if fuse:
@@ -220,6 +225,23 @@ def default_pipeline(target: Target, *, page_size: int = 16, memory_fraction: fl
         f"max-model-len={max_model_len} max-num-seqs={max_num_seqs} "
         f"max-num-batched-tokens={max_num_batched_tokens} num-pages={num_pages}}}")
     return ",".join(passes)
+
+
+def needs_calibration(quantize: str) -> bool:
+    from .passes.quantize import CALIBRATED_MODES
+    return any(m.strip() in CALIBRATED_MODES for m in (quantize or "").split("+"))
+
+
+def _quantize_pass(mode: str, calib: str) -> str:
+    """quantize{mode=...}, with the calibration and its alpha for a calibrated mode."""
+    from .passes.quantize import CALIBRATED_MODES, Quantize
+    if mode not in CALIBRATED_MODES:
+        return str(Quantize(mode=mode, calib=calib))  # refuses a stray calib
+    if not calib:
+        Quantize(mode=mode)  # the one-line refusal
+    from .calibration import read_calibration
+    cal = read_calibration(calib)
+    return str(Quantize(mode=mode, calib=os.path.abspath(calib), alpha=cal.alpha))
 
 
 def quantize_mode(module: Module) -> str:
@@ -301,6 +323,8 @@ def check_engine_settings(model: CompiledModel, spec: str, *, pipeline: str | No
         what = ("its KV cache planned" if fixed is None else f"no {name}" if fixed == ""
                 else f"{name}={fixed!r}")
         refuse(f"{name}={value!r}", what)
+    if given.pop("calib", ""):
+        refuse("calib", "its quantization (and any smoothing) fixed")
     unknown = set(given) - {"max_num_seqs", "max_num_batched_tokens"}  # runtime limits
     if unknown:
         raise SettingError(f"load: unknown option(s) {', '.join(sorted(unknown))}")
@@ -319,6 +343,10 @@ def compile_loaded(loaded, *, pipeline: str | None = None, target: Target | None
     target = target or Target.detect(dtype)
     module.attributes["target"] = target.to_dict()
     if pipeline is None:
+        if needs_calibration(plan_options.get("quantize", "")) and \
+                not plan_options.get("calib"):
+            from .calibration import default_calibration
+            plan_options["calib"] = default_calibration(loaded)  # data-free
         pipeline = default_pipeline(target, **plan_options)
     pm = PassManager(pipeline, [VerifyHook()])
     pm.run(module)

@@ -17,6 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="quantize the linear projections (per-channel scales) in the default "
                         "pipeline, or the KV cache (kv-int8, kv-fp8); with -p, write "
                         "quantize{mode=...} / quantize-kv-cache{dtype=...} in the pipeline")
+    p.add_argument("--calib", default=None, metavar="DIR",
+                   help="calibration (jaxrt calibrate) for -q w8a8-smoothquant (default: "
+                        "a data-free calibration, made once per model file)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: by device)")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="shard the engine over N devices (the shard pass; docs/parallelism.md)")
@@ -44,7 +47,8 @@ def run(args) -> int:
     model = load(args.model, pipeline=args.pipeline, dtype=args.dtype,
                  page_size=args.page_size, max_model_len=args.max_model_len,
                  max_num_seqs=args.max_num_seqs, outline_layers=layers_choice(args.layers),
-                 quantize=args.quantize or "", tensor_parallel=args.tensor_parallel,
+                 quantize=args.quantize or "", calib=args.calib or "",
+                 tensor_parallel=args.tensor_parallel,
                  data_parallel=args.data_parallel)
     save_engine(model, args.output)
     plan = model.module.attributes.get("kv_cache", {})

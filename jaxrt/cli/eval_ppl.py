@@ -4,7 +4,9 @@ The text is tokenized as plain text (special-token spellings stay text) with the
 tokenizer's own BOS; the windows are at most --context tokens (default: the model's
 context) every --stride tokens (default: half a window), so every token after the first
 is scored once. `-q MODE` quantizes the model first (jaxrt/passes/quantize.py), or
-its KV cache (kv-int8, kv-fp8: jaxrt/passes/quantize_kv_cache.py).
+its KV cache (kv-int8, kv-fp8: jaxrt/passes/quantize_kv_cache.py). w8a8-smoothquant
+smooths with the calibration `--calib DIR` (jaxrt calibrate), else with a data-free one
+(jaxrt/calibration.py): never with the evaluated text.
 """
 from __future__ import annotations
 
@@ -23,9 +25,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", required=True, help="UTF-8 text file to score")
     p.add_argument("-q", "--quantize", default=None, metavar="MODE",
                    help="quantize the linear projections first (per-channel scales; "
-                        "w8a8 and fp8 quantize activations per token at run time), or "
+                        "w8a8, w8a8-smoothquant and fp8 quantize activations per token at "
+                        "run time), or "
                         "the KV cache (kv-int8, kv-fp8: per token-head scales), or both "
                         "joined by +")
+    p.add_argument("--calib", default=None, metavar="DIR",
+                   help="calibration (jaxrt calibrate) for -q w8a8-smoothquant (default: "
+                        "data-free, the model's own samples)")
     p.add_argument("--context", type=int, default=None,
                    help="window length in tokens (default: the model's context length)")
     p.add_argument("--stride", type=int, default=None,
@@ -35,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def evaluate(model_spec: str, ids: list[int] | None = None, *, text: str | None = None,
-             quantize: str | None = None, context: int | None = None,
+             quantize: str | None = None, calib: str | None = None,
+             context: int | None = None,
              stride: int | None = None, dtype: str | None = None):
     """(Perplexity, compiled model) of `ids` (or `text`, tokenized here)."""
     from jaxrt.compiler import Target, compile_loaded, load_engine
@@ -52,8 +59,8 @@ def evaluate(model_spec: str, ids: list[int] | None = None, *, text: str | None 
         raise SettingError(f"--stride must be {where}, got {stride}")
     kind, path = resolve_model(model_spec)
     if kind == "engine":
-        if quantize or dtype:
-            raise SettingError(f"-q/--dtype: {model_spec} is an engine directory, compiled "
+        if quantize or dtype or calib:
+            raise SettingError(f"-q/--calib/--dtype: {model_spec} is an engine directory, compiled "
                                f"with its pipeline fixed (jaxrt compile -p ...)")
         source = load_engine(path)
         limit = source.kv_plan["max_model_len"]
@@ -76,7 +83,7 @@ def evaluate(model_spec: str, ids: list[int] | None = None, *, text: str | None 
     else:
         model = compile_loaded(source, target=Target.detect(dtype), max_model_len=window,
                                num_pages=math.ceil(window / PAGE_SIZE), page_size=PAGE_SIZE,
-                               max_num_seqs=1, quantize=quantize or "")
+                               max_num_seqs=1, quantize=quantize or "", calib=calib or "")
     exe = model.executable()
     return perplexity(exe, ids, context, stride), model
 
@@ -86,7 +93,7 @@ def run(args) -> int:
     if not text.strip():
         raise InputError(f"{args.text}: the text file is empty")
     start = time.perf_counter()
-    result, model = evaluate(args.model, text=text, quantize=args.quantize,
+    result, model = evaluate(args.model, text=text, quantize=args.quantize, calib=args.calib,
                              context=args.context, stride=args.stride, dtype=args.dtype)
     seconds = time.perf_counter() - start
     if args.json:

@@ -7,7 +7,9 @@ as a pure function of other weights:
     weight @"model.layers.0:30.mlp.up_proj.weight" : f32[30, 1536, 576] = stack(@a, @b, ...)
 
 Passes add definitions (outline-layers stacks per-layer weights, cast-float casts them,
-fusion will concatenate, `quantize` computes scales and codes); `materialize` evaluates the ones a
+fusion will concatenate, `quantize` computes scales and codes and, for SmoothQuant, the
+smoothing factors from calibrated activation ranges read from a calibration file:
+jaxrt/calibration.py); `materialize` evaluates the ones a
 module still uses, on the host, exactly once. Source data must already have the declared
 type: a mismatch is an error, never a silent cast.
 """
@@ -158,6 +160,91 @@ def _eval_quant_scale(d, xs):
     return compute_scale(xs[0], d.attr("dtype"), shape)
 
 
+def _infer_calibration(d, ts):
+    shape = _ints(d.attr("shape"), "calibration: shape")
+    for key in ("file", "tensor", "sha256"):
+        if not isinstance(d.attr(key), str):
+            raise VerifyError(f"calibration: {key} must be a string, got {d.attr(key)!r}")
+    return TensorType(shape, DType.f32)
+
+
+def _eval_calibration(d, xs):
+    from jaxrt.calibration import read_calibration_tensor
+    return read_calibration_tensor(d.attr("file"), d.attr("tensor"), d.attr("sha256"))
+
+
+def _vector_for(t: TensorType, s: TensorType, what: str) -> None:
+    if t.rank < 1 or s.rank != 1 or s.shape[0] != t.shape[-1] or s.dtype != DType.f32:
+        raise VerifyError(f"{what}: factors {s} must be f32[{t.shape[-1] if t.rank else '?'}]"
+                          f" for {t}")
+
+
+def _infer_smooth_factor(d, ts):
+    act, *ws = ts
+    alpha = d.attr("alpha")
+    if not isinstance(alpha, float) or not 0.0 <= alpha <= 1.0:
+        raise VerifyError(f"smooth_factor: alpha must be a float in [0, 1], got {alpha!r}")
+    if not ws:
+        raise VerifyError("smooth_factor: needs the activation range and >= 1 weight")
+    for w in ws:
+        if w.rank != 2 or not w.dtype.is_float or w.dtype in QUANT_DTYPES:
+            raise VerifyError(f"smooth_factor: expects float [out, in] weights, got {w}")
+        _vector_for(w, act, "smooth_factor")
+    return act
+
+
+SMOOTH_FLOOR = 1e-5  # SmoothQuant's clamp: a dead channel (max 0) never divides by 0
+
+
+def smooth_factors(act: np.ndarray, ws: list[np.ndarray], alpha: float) -> np.ndarray:
+    """s_j = max|X_j|^alpha / max|W_:j|^(1 - alpha), the weight max taken over the rows of
+    every weight reading that input (one factor per input: a fused qkv and unfused q, k,
+    v agree); both maxima floored at SMOOTH_FLOOR, as is s (SmoothQuant's reference)."""
+    wmax = np.max([np.abs(np.asarray(w, np.float32)).max(axis=0) for w in ws], axis=0)
+    a = np.maximum(np.asarray(act, np.float32), SMOOTH_FLOOR)
+    s = a ** alpha / np.maximum(wmax, SMOOTH_FLOOR) ** (1.0 - alpha)
+    return np.maximum(s, SMOOTH_FLOOR).astype(np.float32)
+
+
+def _eval_smooth_factor(d, xs):
+    return smooth_factors(xs[0], xs[1:], d.attr("alpha"))
+
+
+def _infer_scale_columns(d, ts):
+    w, s = ts
+    if w.rank != 2 or not w.dtype.is_float or w.dtype in QUANT_DTYPES:
+        raise VerifyError(f"scale_columns: expects a float [out, in] weight, got {w}")
+    _vector_for(w, s, "scale_columns")
+    return w.with_dtype(DType.f32)
+
+
+def _infer_smooth_norm(d, ts):
+    g, s = ts
+    if g.rank != 1 or not g.dtype.is_float or g.dtype in QUANT_DTYPES:
+        raise VerifyError(f"smooth_norm: expects a float [dim] norm weight, got {g}")
+    _vector_for(g, s, "smooth_norm")
+    if not isinstance(d.attr("offset", 0.0), float):
+        raise VerifyError(f"smooth_norm: offset must be a float, got {d.attr('offset')!r}")
+    return g
+
+
+def _eval_smooth_norm(d, xs):
+    """The norm weight g' with offset + g' = (offset + g) / s: the norm's output divided
+    by s channel-wise (rms_norm multiplies by offset + g)."""
+    g, s = xs
+    off = d.attr("offset", 0.0)
+    return ((off + g.astype(np.float32)) / s - off).astype(g.dtype)
+
+
+def _infer_reciprocal(d, ts):
+    (s,) = ts
+    dtype = d.attr("dtype")
+    if s.rank != 1 or s.dtype != DType.f32 or not isinstance(dtype, DType) or \
+            not dtype.is_float or dtype in QUANT_DTYPES:
+        raise VerifyError(f"reciprocal: expects f32[n] and a float dtype, got {s}, {dtype!r}")
+    return s.with_dtype(dtype)
+
+
 # name -> (number of sources (None: one or more), attribute keys, infer, evaluate)
 _DEFS: dict[str, tuple[int | None, tuple[str, ...], Callable, Callable]] = {
     "stack": (None, ("axis",), _infer_stack,
@@ -178,6 +265,21 @@ _DEFS: dict[str, tuple[int | None, tuple[str, ...], Callable, Callable]] = {
     # quantize(@w, @scale) {dtype}: the codes of w / scale (jaxrt/ir/quant.py)
     "quantize": (2, ("dtype",), _infer_quantize,
                  lambda d, xs: quantize(xs[0], xs[1], d.attr("dtype"))),
+    # calibration() {file, tensor, shape, sha256}: f32 data of a calibration file's tensor
+    # (jaxrt calibrate); sha256 is the file's, checked when read (and part of the weight
+    # cache's key, so a recalibrated file is never served from the cache)
+    "calibration": (0, ("file", "tensor", "shape", "sha256"), _infer_calibration,
+                    _eval_calibration),
+    # smooth_factor(@act_max, @w...) {alpha}: SmoothQuant's per-input-channel factors
+    "smooth_factor": (None, ("alpha",), _infer_smooth_factor, _eval_smooth_factor),
+    # scale_columns(@w, @s): w[:, j] * s[j] in f32 (the weight side of smoothing)
+    "scale_columns": (2, (), _infer_scale_columns,
+                      lambda d, xs: xs[0].astype(np.float32) * xs[1][None, :]),
+    # smooth_norm(@g, @s) {offset}: a norm weight whose output is divided by s
+    "smooth_norm": (2, ("offset",), _infer_smooth_norm, _eval_smooth_norm),
+    # reciprocal(@s) {dtype}: 1 / s in the activations' dtype (an explicit smoothing scale)
+    "reciprocal": (1, ("dtype",), _infer_reciprocal,
+                   lambda d, xs: (1.0 / xs[0]).astype(d.attr("dtype").to_numpy())),
 }
 
 WEIGHT_DEF_OPS = tuple(_DEFS)

@@ -16,8 +16,13 @@ quantized as one: per-tensor granularity gives the fused weight a single scale.
 
 Modes: `int8-weight` and `fp8-weight` quantize weights only (activations stay in the
 compute dtype); `w8a8` (int8) and `fp8` also quantize activations, per token at run
-time (dynamic: no calibration). `w8a8-smoothquant` needs calibrated smoothing factors
-(`jaxrt calibrate`), which do not exist yet: refused.
+time (dynamic: no calibration). `w8a8-smoothquant` is `w8a8` after SmoothQuant's
+smoothing (jaxrt/passes/smooth_quant.py): the activations' per-channel ranges from a
+calibration (`jaxrt calibrate`, named by `calib=DIR`) give factors s (at `alpha`) that
+divide the activation (folded into the preceding norm's weight, or an explicit scale)
+and multiply the weight's columns before its int8 codes are taken; activations are then
+quantized per token at run time, as in w8a8 (no static activation scales). Without
+`calib` it is refused.
 
 Not quantized: the embedding table and the LM head (`llm.embedding`, `llm.logits`).
 An embedding lookup reads one row per token (quantizing it saves memory, not time), and
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jaxrt.calibration import read_calibration
 from jaxrt.errors import SettingError
 from jaxrt.ir import ops
 from jaxrt.ir.module import Module, Op, make_op
@@ -42,10 +48,13 @@ from jaxrt.ir.weights import WeightDef, infer_def, prune_weights
 
 from .manager import Pass, PassContext, PipelineError, register_pass
 from .name_pattern import compile_name_pattern
+from .smooth_quant import Smoother, check_calibration
 
 # mode -> (code dtype, activation quantization of quant.linear)
 MODES = {"int8-weight": (DType.int8, "none"), "fp8-weight": (DType.f8e4m3, "none"),
-         "w8a8": (DType.int8, "token"), "fp8": (DType.f8e4m3, "token")}
+         "w8a8": (DType.int8, "token"), "fp8": (DType.f8e4m3, "token"),
+         "w8a8-smoothquant": (DType.int8, "token")}
+CALIBRATED_MODES = ("w8a8-smoothquant",)
 QUANT_OPS = (ops.quantize, ops.dequantize, ops.quantized_linear)
 
 
@@ -62,12 +71,18 @@ class Quantize(Pass):
     granularity: str = "channel"
     group_size: int = 128  # input elements per scale (granularity=group)
     exclude: str = ""  # name pattern (a linear-time regex) of weights left in float
+    calib: str = ""  # calibration directory (jaxrt calibrate), for w8a8-smoothquant
+    alpha: float = 0.5  # SmoothQuant's migration strength: s = max|X|^a / max|W|^(1-a)
 
     def __post_init__(self):
-        if self.mode == "w8a8-smoothquant":
-            raise SettingError("quantize: mode w8a8-smoothquant needs SmoothQuant smoothing "
-                               "factors from calibration, which is not implemented; use w8a8 "
-                               "(dynamic per-token activation scales)")
+        if self.mode in CALIBRATED_MODES and not self.calib:
+            raise SettingError(f"quantize: mode {self.mode} needs a calibration: run "
+                               f"`jaxrt calibrate MODEL -o DIR` and give calib=DIR (--calib)")
+        if self.calib and self.mode not in CALIBRATED_MODES:
+            raise SettingError(f"quantize: calib is for mode "
+                               f"{'/'.join(CALIBRATED_MODES)}, not {self.mode}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise SettingError(f"quantize: alpha must be in [0, 1], got {self.alpha}")
         if self.mode not in MODES:
             raise SettingError(f"quantize: mode must be one of {', '.join(MODES)}, got "
                                f"{self.mode!r}")
@@ -94,18 +109,31 @@ class Quantize(Pass):
         exclude = compile_name_pattern(self.exclude) if self.exclude else None
         made: dict[str, tuple[str, str]] = {}  # float weight -> (codes, scales)
         excluded: set[str] = set()
+        smoother = None
+        if self.mode in CALIBRATED_MODES:
+            cal = read_calibration(self.calib)
+            check_calibration(module, cal)
+            smoother = Smoother(module, cal, self.alpha)
+
+        def candidate(op: Op) -> bool:
+            src = op.operands[1].owner if op.opdef is ops.linear else None
+            if src is None or src.opdef is not ops.weight:
+                return False
+            if exclude is not None and exclude.search(src.attrs.name):
+                excluded.add(src.attrs.name)
+                return False
+            return True
+
         for fn in module.functions.values():
+            linears = [op for op in fn.ops if candidate(op)]
+            smoothed = smoother.run(fn, linears) if smoother and linears else {}
+            chosen = set(linears)
             new_ops: list[Op] = []
             for op in fn.ops:
-                src = op.operands[1].owner if op.opdef is ops.linear else None
-                if src is None or src.opdef is not ops.weight:
+                if op not in chosen:
                     new_ops.append(op)
                     continue
-                wname = src.attrs.name
-                if exclude is not None and exclude.search(wname):
-                    excluded.add(wname)
-                    new_ops.append(op)
-                    continue
+                wname = smoothed.get(op) or op.operands[1].owner.attrs.name
                 if wname not in made:
                     made[wname] = self._define(module, wname, dtype)
                 qname, sname = made[wname]
@@ -125,6 +153,12 @@ class Quantize(Pass):
             "mode": self.mode, "granularity": self.granularity,
             "group_size": self.group_size if self.granularity == "group" else 0,
             "weights": len(made), "excluded": sorted(excluded)}
+        if smoother is not None:
+            module.attributes["quantization"].update(
+                alpha=self.alpha, folded_inputs=smoother.folded,
+                scaled_inputs=smoother.scaled)
+            ctx.count("smoothing_folded_into_norms", smoother.folded)
+            ctx.count("smoothing_scale_ops", smoother.scaled)
         ctx.count("quantized_weights", len(made))
         ctx.count("excluded_weights", len(excluded))
 

@@ -79,7 +79,7 @@ def test_quantized_projection_computes_its_reference():
 
 
 @pytest.mark.parametrize("pipeline, error, message", [
-    ("quantize{mode=w8a8-smoothquant}", PipelineError, "needs SmoothQuant smoothing factors"),
+    ("quantize{mode=w8a8-smoothquant}", PipelineError, "w8a8-smoothquant needs a calibration"),
     ("quantize{mode=int4}", PipelineError, "mode must be one of int8-weight, fp8-weight"),
     ("quantize{granularity=row}", PipelineError, "granularity must be one of tensor"),
     ("quantize{granularity=group group-size=0}", PipelineError, "group-size must be >= 1"),

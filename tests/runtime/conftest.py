@@ -110,7 +110,8 @@ FACTORIES: dict[str, Callable[[], RunnerFactory]] = {
     "fake": _fake, "tiny-llama": _tiny_llama, "smollm2": _smollm2, "flax-llama": _flax_llama,
     # opt-in (not in the default list): test_engine_quantized.py runs them itself
     **{f"tiny-llama-{mode}": (lambda mode=mode: _tiny_llama(mode))
-       for mode in ("int8-weight", "fp8-weight", "w8a8", "fp8", "kv-int8", "kv-fp8")}}
+       for mode in ("int8-weight", "fp8-weight", "w8a8", "fp8", "kv-int8", "kv-fp8",
+                    "w8a8-smoothquant")}}
 
 
 def _selected() -> list[str]:

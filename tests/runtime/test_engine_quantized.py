@@ -2,6 +2,9 @@
 batched as alone, and with prefix caching on as off (test_engine_properties.py's
 near-tie rule, on a random tiny Llama quantized by the quantize pass in w8a8 mode).
 
+w8a8-smoothquant is w8a8 after smoothing (data-free calibration: the tiny model's own
+samples), whose factors are weights: the same property holds.
+
 w8a8 quantizes activations per token (each row's scale from that row alone), so batching
 cannot change a row's codes; its int8 weights go through the same definitions as the
 weight-only modes (tests/passes/test_quantize_pass.py runs every mode's lowering).
@@ -26,11 +29,15 @@ JOBS = [props.Job(tuple(p), q) for p, q in zip(PROMPTS, PARAMS)]
 SMALL = dict(max_num_seqs=2)
 
 
-@pytest.fixture(scope="module")
-def w8a8_factory():
-    factory = FACTORIES["tiny-llama-w8a8"]()
+def _factory(mode: str):
+    factory = FACTORIES[f"tiny-llama-{mode}"]()
     factory.make = poisoned(factory.make)
     return factory
+
+
+@pytest.fixture(scope="module")
+def w8a8_factory():
+    return _factory("w8a8")
 
 
 def test_quantized_batched_equals_alone_and_caching_changes_nothing(w8a8_factory):
@@ -43,3 +50,11 @@ def test_quantized_batched_equals_alone_and_caching_changes_nothing(w8a8_factory
     props.assert_same(f, e.generate(PROMPTS, PARAMS), alone, "caching (warm)")
     assert e.stats().prefix_cache_hit_rate > 0
     assert all(len(o.ids) == p.max_tokens for o, p in zip(alone, PARAMS))
+
+
+def test_smoothquant_batched_equals_alone():
+    """The smoothing adds weights (folded norms, scale vectors) and per-channel scale ops,
+    nothing that depends on the batch: batched == alone (caching is w8a8's test above)."""
+    f = _factory("w8a8-smoothquant")
+    props.assert_same(f, props.batched(f, JOBS, enable_prefix_caching=False, **SMALL),
+                      props.one_at_a_time(f, JOBS), "batched vs alone")
