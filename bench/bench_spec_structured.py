@@ -72,7 +72,8 @@ ENUM_SCHEMA = {"type": "array", "items": {
         "colour": {"enum": ["red", "green", "blue", "cyan", "magenta", "yellow"]},
         "size": {"enum": ["small", "medium", "large"]},
         "ok": {"type": "boolean"}},
-    "required": ["colour", "size", "ok"], "additionalProperties": False}}
+    "required": ["colour", "size", "ok"], "additionalProperties": False},
+    "minItems": 100}  # rows run to out_len, as the unconstrained ones do
 
 
 def structured(model, tokenizer, batch: int, out_len: int, reps: int = 1) -> dict:

@@ -16,7 +16,9 @@ ceil(V/32)] (bit v % 32 of word v // 32: token v is allowed) and the sampled ste
 it to the logits on the device before sampling (`apply_token_bitmask`: -inf outside).
 After a token is sampled the host advances the request's matcher (`advance`); EOS is in
 the mask only where the grammar accepts, and once the matcher has stopped (nothing may
-follow) the request finishes with reason "stop".
+follow) the request finishes with reason "stop". Decode steps split where the runner
+allows (`Engine._dispatch_forward`): the forward is queued first, the mask is filled
+while it runs, and `sample_masked` samples its logits under the mask.
 
 Why llguidance and not xgrammar (bench/structured_libs.py, bench/results/
 structured_libs_cpu.json; SmolLM2's 49,152 tokens, a nested JSON schema, 2-core CPU):
