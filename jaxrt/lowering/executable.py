@@ -264,6 +264,12 @@ class StepExecutable:
                     S, MP, num_steps, self._weight_structs, self._kv_struct, dense=False)
         return seconds
 
+    def compile_decode_forward(self, S: int, MP: int) -> float:
+        """Compile the decode forward of S sequences (see `decode_forward`)."""
+        return self._programs.compile_decode_forward(S, MP, self._weight_structs,
+                                                     self._kv_struct,
+                                                     dense=self._dense(S, MP))
+
     def memory_analysis(self, T: int, S: int, Q: int, MP: int, N: int):
         """XLA's memory statistics of a bucket (compiling it if needed): argument, output,
         alias (the donated cache) and temp bytes, for sizing the cache against activations."""
@@ -331,6 +337,26 @@ class StepExecutable:
             s, mp, num_steps, self._placed(), packed, feed, self._cache())
         return out_tokens, out_lp
 
+
+    def decode_forward(self, tokens, positions, page_table, steps_left, feed=None,
+                       feed_at=None) -> jax.Array:
+        """One decode step of S = len(tokens) sequences as `decode`'s first (rows with
+        steps_left 0 are padding), returning its logits f32[S, vocab] on the device
+        instead of sampling them; `feed` an earlier call's tokens [1, S] (structured
+        output samples them with its mask: `jaxrt.runtime.structured.sample_masked`)."""
+        from ..runtime.programs import greedy_sampling, pack
+        s = len(tokens)
+        if feed_at is None:
+            feed_at = np.full((2, s), -1, np.int32)
+        args = [np.asarray(a, np.int32) for a in (tokens, positions, page_table,
+                                                  steps_left, feed_at)]
+        s, mp = args[2].shape
+        if not self._programs.has(("decode-forward", s, mp)):
+            self.compile_decode_forward(s, mp)
+        packed = pack([*args, *greedy_sampling(s)])
+        logits, self._kv = self._programs.run_decode_forward(
+            s, mp, self._placed(), packed, feed, self._cache())
+        return logits
 
 def _bucket(tokens, positions, slot_mapping, page_table, context_lens, q_index,
             logit_index) -> tuple[int, int, int, int, int]:

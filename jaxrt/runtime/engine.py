@@ -78,9 +78,11 @@ _NO_TOP_LOGPROBS = np.zeros(0, np.float32)  # a background warm-up waits this lo
 @dataclass(frozen=True)
 class _DecodeCall:
     """A decode loop on the device: row i is rows[i] (num_tokens steps from start);
-    out = (tokens [K, S], logprobs [K, S]), device arrays."""
+    out = (tokens [K, S], logprobs [K, S]), device arrays. `masked`: one step, the split
+    decode step of structured output (`Engine._dispatch_forward`)."""
     rows: list
     out: tuple
+    masked: bool = False
 
 
 @dataclass(frozen=True)
@@ -239,6 +241,9 @@ class Engine:
         # Runners with the step programs (jaxrt.runtime.programs) sample on the device and
         # run decode loops; others return logits to the sampler and step one at a time.
         self._fused = callable(getattr(model, "run_sampled", None))
+        # Structured output's split decode step (`_dispatch_forward`): runners with a
+        # decode forward; else constrained batches take the masked sampled step.
+        self._split_masked = self._fused and callable(getattr(model, "decode_forward", None))
         self.decode_steps = decode_steps if callable(getattr(model, "decode", None)) else 1
         self._pad_slot = int(model.num_pages) * ps
         # Requests without a seed draw theirs from here: from the OS unless `seed` is given
@@ -312,6 +317,8 @@ class Engine:
             return self.runner.compile_for(*task[1].as_tuple())
         if task[0] == "decode":
             return self.runner.compile_decode(task[1], task[2], self.decode_steps)
+        if task[0] == "decode-forward":
+            return self.runner.compile_decode_forward(task[1], task[2])
         if task[0] == "draft":
             return self.drafter.runner.compile_for(*task[1].as_tuple())
         if task[0] == "draft-decode":
@@ -579,7 +586,12 @@ class Engine:
         if self._inflight is not None:  # a decode call queued by the last step
             call, self._inflight = self._inflight, None
             return self._advance(call)
-        if self.decode_steps > 1:
+        if self._split_masked and any(r.grammar is not None for r in self.scheduler.running):
+            rows = self.scheduler.schedule_decode_steps(
+                1, lambda r: self._loop_serves(r, grammar=True), min_steps=1)
+            if rows is not None:  # constrained decoding, pipelined one step at a time
+                return self._advance(self._sample_masked(self._dispatch_forward(rows, None)))
+        elif self.decode_steps > 1:
             rows = self.scheduler.schedule_decode_steps(self.decode_steps,
                                                         self._loop_serves)
             if rows is not None:
@@ -625,21 +637,21 @@ class Engine:
                 self._compiled.add(_task_key(task))
 
     @staticmethod
-    def _can_decode_on_device(req: Request) -> bool:
+    def _can_decode_on_device(req: Request, grammar: bool = False) -> bool:
         """The decode loops' own sampling serves this request: no penalties, no top-n
         logprobs, no beams, and no truncation (top-k/top-p/min-p take the sampled step,
         whose sampler branches on them; see `sample_tokens(truncate=False)`). Nor a
         structured-output constraint: the host advances its grammar after every token,
-        and the next token's mask depends on it, so such a request takes the single
-        sampled step (which applies the mask)."""
+        and the next token's mask depends on it, so such a request decodes one step a
+        call (`grammar=True`: the split decode step, `_dispatch_forward`)."""
         p = req.params
         return not (p.uses_penalties or p.logprobs or p.is_beam_search or p.truncates
-                    or req.grammar is not None)
+                    or (req.grammar is not None and not grammar))
 
-    def _loop_serves(self, req: Request) -> bool:
+    def _loop_serves(self, req: Request, grammar: bool = False) -> bool:
         """Decode loops serve the request: their sampling does, and speculation does not
         (a loop of K device steps cannot verify proposals)."""
-        return self._can_decode_on_device(req) and not (
+        return self._can_decode_on_device(req, grammar) and not (
             self.speculative is not None and spec.eligible(req))
 
     def _propose(self, req: Request, seq, k: int) -> list[int]:
@@ -740,17 +752,28 @@ class Engine:
         the host's bookkeeping overlaps the device's next call. A request that stops in
         this call leaves its row of the next call wasted; that row's tokens are dropped."""
         rows = self._next_decode_rows(call) if self.pipeline_decode else None
-        if rows is not None:
+        if rows is None:
+            return self._apply_decode(call)
+        if not call.masked:
             self._inflight = self._dispatch_decode(rows, call)
-        return self._apply_decode(call)
+            return self._apply_decode(call)
+        # structured output: the next forward is queued, this call's tokens advance the
+        # grammars while it runs, then the next tokens are sampled under their masks
+        forward = self._dispatch_forward(rows, call)
+        outs = self._apply_decode(call)
+        self._inflight = self._sample_masked(forward)
+        return outs
 
     def _next_decode_rows(self, call: "_DecodeCall") -> list[ScheduledSeq] | None:
         """The rows of the call after `call`, assuming no request in it stops before its
         last step, with their slots reserved; None when the batch must go back to the
         scheduler (a request waits or stopped, or the cache is short of pages)."""
-        sched, k = self.scheduler, self.decode_steps
+        sched, k = self.scheduler, call.out[0].shape[0]
         if sched.waiting or len(sched.running) != len(call.rows):
             return None
+        if call.masked and not any(r.request.grammar is not None
+                                   and not r.request.is_finished for r in call.rows):
+            return None  # no constraint left: back to the decode loops
         rows = []
         for r in call.rows:
             req, seq = r.request, r.seq
@@ -786,12 +809,47 @@ class Engine:
                          feed: "_DecodeCall | None") -> "_DecodeCall":
         """Queue one decode loop over `rows` (row i runs rows[i].num_tokens steps from
         position rows[i].start); with `feed`, rows start from its tokens on the device."""
-        bm, k = self.block_manager, self.decode_steps
+        s, mp, args, sampling = self._decode_inputs(rows, feed, "decode")
+        with self._run_lock:
+            out = self.runner.decode(*args[:4], self.decode_steps, sampling.packed(),
+                                     feed=feed.out[0] if feed else None, feed_at=args[4])
+        self._decode_loops += 1
+        return _DecodeCall(rows, out)
+
+    def _dispatch_forward(self, rows: list[ScheduledSeq],
+                          feed: "_DecodeCall | None") -> tuple:
+        """Queue the decode forward of `rows` (one step each; structured output): its
+        logits stay on the device for `_sample_masked`."""
+        s, mp, args, sampling = self._decode_inputs(rows, feed, "decode-forward")
+        with self._run_lock:
+            logits = self.runner.decode_forward(*args[:4],
+                                                feed=feed.out[0] if feed else None,
+                                                feed_at=args[4])
+        return rows, logits, sampling
+
+    def _sample_masked(self, forward: tuple) -> "_DecodeCall":
+        """Sample a decode forward's logits under the bitmask of its rows' grammars, as
+        they stand once every earlier token is applied (a row whose request finished
+        meanwhile is dropped when the call is applied)."""
+        rows, logits, sampling = forward
+        mask = structured.fill_bitmask(
+            [(i, r.request.grammar) for i, r in enumerate(rows)
+             if r.request.grammar is not None and not r.request.is_finished],
+            logits.shape[0], self.vocab_size)
+        out = structured.sample_masked(logits, mask, sampling.packed())
+        return _DecodeCall(rows, out, masked=True)
+
+    def _decode_inputs(self, rows: list[ScheduledSeq], feed: "_DecodeCall | None",
+                       program: str) -> tuple:
+        """(S, MP, [tokens, positions, page_table, steps_left, feed_at], SamplingBatch)
+        of a decode call over `rows` (see `_dispatch_decode`); `program` ("decode" or
+        "decode-forward") compiled for them."""
+        bm = self.block_manager
         s = self._decode_size(len(rows))
         # the narrowest table that holds every row's context at its last step
         need = max(-(-(r.start + r.num_tokens) // self.page_size) for r in rows)
         mp = next(w for w in self._decode_widths(s) if w >= need)
-        self._ensure_compiled(("decode", s, mp))
+        self._ensure_compiled((program, s, mp))
         i32 = np.int32
         tokens, positions = np.zeros(s, i32), np.zeros(s, i32)
         page_table, steps_left = np.zeros((s, mp), i32), np.zeros(s, i32)
@@ -812,12 +870,7 @@ class Engine:
             made = r.start + 1 - r.seq.prompt_len
             sampling_rows.append((r.request.params, r.request.seed, made, (), ()))
         sampling = SamplingBatch.build(sampling_rows, s, self.vocab_size)
-        with self._run_lock:
-            out = self.runner.decode(tokens, positions, page_table, steps_left, k,
-                                     sampling.packed(), feed=feed.out[0] if feed else None,
-                                     feed_at=feed_at)
-        self._decode_loops += 1
-        return _DecodeCall(rows, out)
+        return s, mp, [tokens, positions, page_table, steps_left, feed_at], sampling
 
     def _apply_decode(self, call: "_DecodeCall") -> list[RequestOutput]:
         """Read a decode call's tokens and apply them one step at a time, as `_step`
@@ -826,7 +879,7 @@ class Engine:
         out_tokens, out_lp = jax.device_get(call.out)                    # [K, S]
         now = time.perf_counter()
         finished: list[Request] = []
-        for step in range(self.decode_steps):
+        for step in range(out_tokens.shape[0]):
             live = [(i, r) for i, r in enumerate(call.rows)
                     if step < r.num_tokens and not r.request.is_finished]
             if not live:
@@ -1086,6 +1139,8 @@ def _describe(task: tuple, i: int, n: int) -> str:
         return f"step {i + 1}/{n} (T={b.T} S={b.S} Q={b.Q} MP={b.MP} N={b.N})"
     if task[0] == "decode":
         return f"decode loop {i + 1}/{n} (S={task[1]} MP={task[2]})"
+    if task[0] == "decode-forward":
+        return f"decode forward {i + 1}/{n} (S={task[1]} MP={task[2]})"
     if task[0] == "draft":
         b = task[1]
         return f"draft step {i + 1}/{n} (T={b.T} S={b.S} Q={b.Q} N={b.N})"

@@ -14,7 +14,12 @@ docs/architecture.md). `StepPrograms` compiles two programs around it, per shape
   outputs per `num_steps` tokens. Row s runs `steps_left[s]` steps (the slots the host
   reserved for it); after that it writes to the padding slot and attends to nothing.
   A loop may start from the tokens of an earlier loop still on the device (`feed`), so
-  the host can queue the next call before it reads the last one's tokens.
+  the host can queue the next call before it reads the last one's tokens;
+- the **decode forward**: the decode loop's first step, its logits returned instead of
+  sampled. Structured output splits its decode step in two: the forward is queued (from
+  the last call's tokens on the device), the host advances the grammars and fills the
+  token bitmask meanwhile, and a small masked sampling program
+  (`structured.sample_masked`) draws the tokens.
 
 Every call takes its integer and float inputs packed into one int32 buffer (floats as
 their bits), so a call is one host-to-device copy, whatever the number of arrays.
@@ -88,6 +93,41 @@ def sampled_step(step: StepFn, layout, masked: bool = False) -> Callable:
     return run
 
 
+def _decode_step_inputs(positions, page_table, steps_left, k, *, page_size: int,
+                        pad_slot: int):
+    """Decode step k's positions, slots, context lengths, q_index and logit rows from the
+    rows' first positions and page tables (rows past their steps_left write the padding
+    slot and attend to nothing)."""
+    s, mp = page_table.shape
+    rows = jnp.arange(s, dtype=jnp.int32)
+    pos = positions + k                                                   # [S]
+    live = k < steps_left
+    page = jnp.take_along_axis(
+        page_table, jnp.minimum(pos // page_size, mp - 1)[:, None], axis=1)[:, 0]
+    slots = jnp.where(live, page * page_size + pos % page_size, pad_slot)
+    ctx = jnp.where(live, pos + 1, 0)
+    q_index = jnp.where(live, rows, s)[:, None]  # finished rows are padding
+    return pos, slots, ctx, q_index, rows
+
+
+def _fed_tokens(tokens, feed, feed_at):
+    """tokens[s], or feed[feed_at[0, s], feed_at[1, s]] where feed_at[0, s] >= 0."""
+    fed = feed[jnp.maximum(feed_at[0], 0), jnp.maximum(feed_at[1], 0)]
+    return jnp.where(feed_at[0] >= 0, fed, tokens)
+
+
+def decode_forward(step: StepFn, layout, *, page_size: int, pad_slot: int) -> Callable:
+    """(params, packed, feed, kv) -> (logits f32[S, V], kv): the decode loop's first step
+    (the loop's layout, its sampling columns unused), logits returned, not sampled."""
+    def run(params, packed, feed, kv):
+        tokens, positions, page_table, steps_left, feed_at, _, _ = _unpack(packed, layout)
+        tokens = _fed_tokens(tokens, feed, feed_at)
+        pos, slots, ctx, q_index, rows = _decode_step_inputs(
+            positions, page_table, steps_left, 0, page_size=page_size, pad_slot=pad_slot)
+        return step(params, tokens, pos, slots, page_table, ctx, q_index, rows, kv)
+    return run
+
+
 def decode_loop(step: StepFn, layout, *, page_size: int, pad_slot: int,
                 num_steps: int) -> Callable:
     """(params, packed, feed, kv) -> (tokens i32[K, S], logprobs f32[K, S], kv): K =
@@ -101,22 +141,16 @@ def decode_loop(step: StepFn, layout, *, page_size: int, pad_slot: int,
     def run(params, packed, feed, kv):
         tokens, positions, page_table, steps_left, feed_at, floats, ints = \
             _unpack(packed, layout)
-        fed = feed[jnp.maximum(feed_at[0], 0), jnp.maximum(feed_at[1], 0)]
-        tokens = jnp.where(feed_at[0] >= 0, fed, tokens)
+        tokens = _fed_tokens(tokens, feed, feed_at)
         temperature, top_k, top_p, min_p, seed_lo, seed_hi, step0 = \
             unpack_sampling(floats, ints)
-        s, mp = page_table.shape
-        rows = jnp.arange(s, dtype=jnp.int32)
+        s = page_table.shape[0]
 
         def body(k, carry):
             tok, kv, out_tokens, out_lp = carry
-            pos = positions + k                                           # [S]
-            live = k < steps_left
-            page = jnp.take_along_axis(
-                page_table, jnp.minimum(pos // page_size, mp - 1)[:, None], axis=1)[:, 0]
-            slots = jnp.where(live, page * page_size + pos % page_size, pad_slot)
-            ctx = jnp.where(live, pos + 1, 0)
-            q_index = jnp.where(live, rows, s)[:, None]  # finished rows are padding
+            pos, slots, ctx, q_index, rows = _decode_step_inputs(
+                positions, page_table, steps_left, k, page_size=page_size,
+                pad_slot=pad_slot)
             logits, kv = step(params, tok, pos, slots, page_table, ctx, q_index, rows, kv)
             new, lp, _ = sample_tokens(logits, temperature, top_k, top_p, min_p, seed_lo,
                                        seed_hi, step0 + k, truncate=False)
@@ -223,7 +257,33 @@ class StepPrograms:
                 return self._trace(fn, layout, params_struct, kv_struct, feed)
         return self._finish(key, trace)
 
-    def _trace(self, fn, layout, params_struct, kv_struct, *extra):
+    def compile_decode_forward(self, S: int, MP: int, params_struct, kv_struct, *,
+                               dense: bool = False) -> float:
+        """Compile the decode forward (`decode_forward`) of S rows and MP table pages."""
+        key = ("decode-forward", S, MP)
+        if key in self._compiled:
+            return 0.0
+        from ..lowering.xla.attention import dense_decode
+        layout = decode_layout(S, MP)
+        fn = decode_forward(self._step, layout, page_size=self.page_size,
+                            pad_slot=self.pad_slot)
+        feed = jax.ShapeDtypeStruct((1, S), jnp.int32)
+
+        def trace():
+            with dense_decode(dense):
+                return self._trace(fn, layout, params_struct, kv_struct, feed, outputs=1)
+        return self._finish(key, trace)
+
+    def run_decode_forward(self, S: int, MP: int, params, packed: np.ndarray, feed, kv):
+        """-> (logits [S, V], kv) on the device; `feed`: an earlier call's tokens [1, S],
+        or None."""
+        if feed is None:
+            feed = self._no_feed(1, S)
+        return self._compiled[("decode-forward", S, MP)](params, packed, feed, kv)
+
+    def _trace(self, fn, layout, params_struct, kv_struct, *extra,
+               outputs: int | None = None):
+        """`outputs`: how many outputs precede the cache (default 3 less the extras)."""
         buf = jax.ShapeDtypeStruct((buffer_size(layout),), jnp.int32)
         if self.mesh is None:
             return jax.jit(fn, donate_argnums=(2 + len(extra),)).trace(
@@ -231,7 +291,8 @@ class StepPrograms:
         rep = self.mesh.replicated
         buf = jax.ShapeDtypeStruct(buf.shape, buf.dtype, sharding=rep)
         extra = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep) for x in extra]
-        outs = (rep,) * (3 - len(extra)) + (self.mesh.kv(),)
+        outs = (rep,) * (3 - len(extra) if outputs is None else outputs) \
+            + (self.mesh.kv(),)
         return jax.jit(fn, donate_argnums=(2 + len(extra),), out_shardings=outs).trace(
             params_struct, buf, *extra, kv_struct)
 

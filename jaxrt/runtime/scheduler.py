@@ -199,15 +199,15 @@ class Scheduler:
             return ()
         return draft
 
-    def schedule_decode_steps(self, num_steps: int, eligible: Callable[[Request], bool]
-                              ) -> list[ScheduledSeq] | None:
+    def schedule_decode_steps(self, num_steps: int, eligible: Callable[[Request], bool],
+                              min_steps: int = 2) -> list[ScheduledSeq] | None:
         """Several decode steps at once, or None for a regular `schedule()`.
 
         Only when nothing waits (a multi-step call delays admissions by its length), every
         running request is `eligible` and decodes one sequence with one uncomputed token,
         and the cache has the slots: entry i then covers `num_tokens` steps of its
         sequence (at most `num_steps`, fewer where max_tokens or max_model_len end it
-        sooner), whose slots are reserved here. The caller applies the tokens with
+        sooner; some row at least `min_steps`), whose slots are reserved here. The caller applies the tokens with
         `update`, one step at a time."""
         if self.waiting or not self.running:
             return None
@@ -221,7 +221,7 @@ class Scheduler:
             steps = min(num_steps, req.params.max_tokens - len(seq.output_ids),
                         self.config.max_model_len - len(seq.tokens))
             rows.append(ScheduledSeq(req, seq, seq.num_computed, max(steps, 1), True))
-        if max(r.num_tokens for r in rows) < 2:
+        if max(r.num_tokens for r in rows) < min_steps:
             return None
         for r in rows:  # slots already reserved stay with their sequences
             if not self.bm.append_slots(r.seq.seq_id, r.start + r.num_tokens):

@@ -253,6 +253,34 @@ class FakeRunner:
         self.runs += 1
         return out_tokens, out_lp
 
+    def compile_decode_forward(self, S: int, MP: int) -> float:
+        return self._programs.compile_decode_forward(S, MP, self._params(), self._kv)
+
+    def decode_forward(self, tokens, positions, page_table, steps_left, feed=None,
+                       feed_at=None):
+        """As StepExecutable.decode_forward, its step's inputs checked as in `decode`."""
+        s, mp = page_table.shape
+        ps, pad = self.page_size, self.num_pages * self.page_size
+        rows = np.arange(s, dtype=np.int32)
+        live = steps_left > 0
+        page = page_table[rows, np.minimum(positions // ps, mp - 1)]
+        slots = np.where(live, page * ps + positions % ps, pad).astype(np.int32)
+        ctx = np.where(live, positions + 1, 0).astype(np.int32)
+        q_index = np.where(live, rows, s).astype(np.int32)[:, None]
+        self._check((np.zeros(s, np.int32), positions.astype(np.int32), slots, page_table,
+                     ctx, q_index, rows))
+        if not self._programs.has(("decode-forward", s, mp)):
+            self.compiles_in_run += 1
+            self.compile_decode_forward(s, mp)
+        if feed_at is None:
+            feed_at = np.full((2, s), -1, np.int32)
+        packed = pack([tokens, positions, page_table, steps_left, feed_at,
+                       *greedy_sampling(s)])
+        logits, self._kv = self._programs.run_decode_forward(s, mp, self._params(), packed,
+                                                             feed, self._kv)
+        self.runs += 1
+        return logits
+
     def _check(self, args) -> None:
         if self.check:
             check_step_inputs(args, num_pages=self.num_pages, page_size=self.page_size,

@@ -121,6 +121,36 @@ def test_constrained_request_never_uses_the_decode_loop():
     assert e.stats().decode_loops > 0   # while an unconstrained batch does
 
 
+def test_split_decode_step_matches_the_masked_sampled_step():
+    """Constrained batches decode through the split step (decode forward queued from the
+    last tokens on the device, grammars advanced and masks filled meanwhile, then masked
+    sampling): the same tokens as the masked sampled step of a runner without a decode
+    forward, for constrained rows and their unconstrained neighbours, greedy and seeded,
+    with rows finishing at different steps."""
+    split = FakeRunner(num_pages=64, page_size=4)
+    whole = FakeRunner(num_pages=64, page_size=4)
+    whole.decode_forward = None          # this runner has only the masked sampled step
+    prompts = ["abc", "hello", "Q9x", "zz"]
+    params = [SamplingParams(regex="[a-z]{3,9}", max_tokens=12),
+              SamplingParams(max_tokens=9, temperature=1.0, seed=3),
+              SamplingParams(regex="(ab|cd)+x", max_tokens=14, temperature=1.0, seed=7),
+              SamplingParams(choice=["red", "green", "blue"], max_tokens=12)]
+    forwards = []
+    forward = split.decode_forward
+    split.decode_forward = lambda *a, **k: forwards.append(k["feed"]) or forward(*a, **k)
+    got = {}
+    for name, runner in (("split", split), ("whole", whole)):
+        e = Engine(runner, tokenizer=alphabet_tokenizer(), decode_steps=4, **CONFIG)
+        got[name] = [(o.ids, o.finish_reason) for o in e.generate(prompts, params)]
+        assert e.stats().decode_loops == 0
+    assert got["split"] == got["whole"]
+    assert got["split"][3][1] == "stop" and got["split"][1][1] == "length"
+    # the decode steps ran split, most forwards queued from the last call's tokens on
+    # the device (the pipeline restarts from the host where a request finishes)
+    assert len(forwards) >= 8 and forwards[0] is None
+    assert sum(f is not None for f in forwards) > len(forwards) // 2
+
+
 def test_eos_only_when_the_grammar_accepts(engine):
     grammars = [SamplingParams(regex="[a-z]{3,6}", max_tokens=10, temperature=1.0, seed=s)
                 for s in range(6)]
