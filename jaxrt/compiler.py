@@ -236,7 +236,8 @@ def _quantize_pass(mode: str, calib: str) -> str:
     """quantize{mode=...}, with the calibration and its alpha for a calibrated mode."""
     from .passes.quantize import CALIBRATED_MODES, Quantize
     if mode not in CALIBRATED_MODES:
-        return str(Quantize(mode=mode, calib=calib))  # refuses a stray calib
+        Quantize(mode=mode, calib=calib)  # refuses a stray calib
+        return f"quantize{{mode={mode}}}"  # spelled out, the default mode too
     if not calib:
         Quantize(mode=mode)  # the one-line refusal
     from .calibration import read_calibration
