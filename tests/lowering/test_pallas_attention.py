@@ -89,6 +89,7 @@ def test_the_kernel_is_chosen_only_where_it_applies(monkeypatch):
     assert not pallas.attention_kernel_applies(bf16, bf16, 32, 8, 128, 8, 1)
     assert not pallas.attention_kernel_applies(bf16, bf16, 32, 8, 128, 48, 1)
     assert not pallas.attention_kernel_applies(bf16, bf16, 32, 8, 128, 16, 1, causal=False)
+    monkeypatch.setenv("JAXRT_KERNELS", "on")
     assert pallas.default_backends() == ("xla",)  # this CPU
     monkeypatch.setattr(pallas, "hopper", lambda: True)
     assert pallas.default_backends() == ("pallas", "xla")
