@@ -201,3 +201,24 @@ def test_speculation_with_a_grammar_is_token_identical(method):
     assert [o.ids for o in got] == [o.ids for o in want]
     assert re.fullmatch("(abc){2,8}", got[0].text) and got[2].text in params[2].choice
     assert specd.stats().spec_accepted_tokens > 0
+
+
+def test_matchers_of_one_grammar_are_copies_of_one_template_and_independent(engine):
+    grammars = engine.grammars
+    grammar = SamplingParams(regex="ab|ac").constraint
+    built = grammars.built
+    first, second = grammars.matcher(grammar), grammars.matcher(grammar)
+    assert grammars.built == built + 1  # built once, copied for the second
+    assert first is not second
+    a, b, c = (ALPHABET.index(x) for x in "abc")
+    assert first.consume_token(a) and first.consume_token(b) and first.is_accepting()
+    # the copy is untouched by the first matcher's tokens
+    bits = np.unpackbits(fill_bitmask([(0, second)], 1, VOCAB).view(np.uint8),
+                         bitorder="little")[:VOCAB]
+    assert np.flatnonzero(bits).tolist() == [a]
+    assert second.consume_token(a) and second.consume_token(c) and second.is_accepting()
+    # bounded: the oldest template goes once TEMPLATES others were built
+    for i in range(grammars.TEMPLATES):
+        grammars.matcher(SamplingParams(regex=f"a{{{i + 1}}}").constraint)
+    assert grammar not in grammars._templates
+    assert len(grammars._templates) == grammars.TEMPLATES
