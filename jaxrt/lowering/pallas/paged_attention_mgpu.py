@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 
 ROWS = 64            # one wgmma tile of query rows
+SMEM_BYTES = 220 * 1024  # of the 227 KiB a block may use on Hopper (alignment padding)
 LOG2E = math.log2(math.e)
 
 
@@ -82,19 +83,24 @@ def paged_attention(q, kv, layer, page_table, context_lens, q_start, *, scale: f
     cfg = dataclasses.replace(config, block_kv=bk)
     splits, per = _split_layout(b, kvh, mp * ps, cfg)
     split_pages = per * ppb
-    # the page table padded to whole splits (and to 32 entries, a 128-byte TMA row)
-    pt_cols = -(-split_pages // 32) * 32
+    # the page table padded to whole splits, each split's slice as rows of 32 entries
+    # (a 128-byte TMA row; a TMA box holds <= 256 elements a dimension)
+    pt_rows = -(-split_pages // 32)
+    pt_cols = pt_rows * 32
     table = jnp.pad(page_table.astype(jnp.int32),
                     ((0, 0), (0, splits * split_pages - mp)))
     table = table.reshape(b, splits, split_pages)
     table = jnp.pad(table, ((0, 0), (0, 0), (0, pt_cols - split_pages)))
+    table = table.reshape(b, splits, pt_rows, 32)
     # rows: (query token t, head r) -> t * R + r, padded to ROWS
     qr = q.reshape(b, n_q, kvh, r, d).transpose(0, 2, 1, 3, 4).reshape(b, kvh, n_q * r, d)
     qr = jnp.pad(qr, ((0, 0), (0, 0), (0, ROWS - n_q * r), (0, 0)))
     flat = kv.reshape(n_layers * 2 * pages, ps, kvh, d)   # a bitcast: row-major
     scalars = jnp.stack([jnp.asarray(layer, jnp.int32), jnp.int32(pages)])
     seq = jnp.stack([context_lens.astype(jnp.int32), q_start.astype(jnp.int32)])  # [2, B]
-    stages = cfg.stages
+    # shared memory (227 KiB a block on Hopper): q + K/V rings + the table slice + lse
+    fixed = ROWS * d * 2 + pt_cols * 4 + ROWS * 4 + 1024
+    stages = max(1, min(cfg.stages, (SMEM_BYTES - fixed) // (2 * bk * d * 2)))
     dtype = q.dtype
     if interpret is None:
         layout_cast, iota = plgpu.layout_cast, plgpu.broadcasted_iota
@@ -196,7 +202,8 @@ def paged_attention(q, kv, layer, page_table, context_lens, q_start, *, scale: f
 
             def issue(j, slot):
                 for p in range(ppb):
-                    page = pt_smem[j * ppb + p]
+                    at = j * ppb + p
+                    page = pt_smem[at // 32, at % 32]
                     dst = pl.ds(p * ps, ps)
                     plgpu.copy_gmem_to_smem(kv_ref.at[k_base + page, :, hd],
                                             k_smem.at[slot, dst], k_bars.at[slot])
@@ -222,7 +229,7 @@ def paged_attention(q, kv, layer, page_table, context_lens, q_start, *, scale: f
             plgpu.SMEM((ROWS, d), dtype, transforms=(tiling, swizzle)),
             plgpu.SMEM((stages, bk, d), dtype, transforms=(tiling, swizzle)),
             plgpu.SMEM((stages, bk, d), dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((pt_cols,), jnp.int32),
+            plgpu.SMEM((pt_rows, 32), jnp.int32),
             plgpu.SMEM((ROWS,), jnp.float32),
         )
         bars = (
