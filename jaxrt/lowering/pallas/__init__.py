@@ -84,6 +84,16 @@ def attention_kernel_applies(kv_dtype, q_dtype, heads: int, kv_heads: int, head_
             and 16 <= page_size <= 128 and (64 % page_size == 0 or page_size % 64 == 0))
 
 
+# One jitted function for every layer's call: a step's layers share one lowered kernel
+# (a function called per layer) instead of embedding a Mosaic GPU module per layer. A
+# 16-layer step cross-lowered for CUDA: 0.6 s and one module against 3.6 s and 16
+# (4.2 MB of HLO text); on the H100 the unwrapped form compiled 1 of an engine's 20
+# buckets in ~100 s.
+_paged_attention_jit = jax.jit(
+    _mgpu.paged_attention,
+    static_argnames=("scale", "softcap", "window", "config", "interpret"))
+
+
 @rule(ops.paged_attention, backend="pallas")
 def _paged_attention(ctx, q, kv, page_table, context_lens, q_index, positions, *base,
                      attrs, out_types):
@@ -104,9 +114,9 @@ def _paged_attention(ctx, q, kv, page_table, context_lens, q_index, positions, *
     table = jnp.clip(page_table, 0, pages - 1)
     ctx_len = jnp.where(rows[:, 0] < t, jnp.minimum(context_lens, mp * page_size), 0)
     interpret, config = _INTERPRET.get() or (None, _mgpu.Config())
-    out = _mgpu.paged_attention(qg, kv, layer, table, ctx_len, q_start, scale=attrs.scale,
-                                softcap=attrs.softcap, window=attrs.window, config=config,
-                                interpret=interpret)
+    out = _paged_attention_jit(qg, kv, jnp.asarray(layer, jnp.int32), table, ctx_len,
+                               q_start, scale=attrs.scale, softcap=attrs.softcap,
+                               window=attrs.window, config=config, interpret=interpret)
     out = cast(out.reshape(s * n_q, h, d), out_types[0])
     flat = jnp.zeros((t, h, d), out.dtype)
     return flat.at[rows.reshape(-1)].set(out, mode="drop")
