@@ -145,3 +145,19 @@ def test_layers_share_one_lowered_kernel():
     text = jax.jit(lambda *xs: fn({}, *xs)).trace(*structs).lower(
         lowering_platforms=("cuda",)).as_text()
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+
+
+@pytest.mark.parametrize("head_dim, block_kv, entries, want", [
+    (128, 64, 32, 4),    # the default: 4 stages fit
+    (256, 64, 32, 2),    # 4 stages overflowed on the H100 (299,152 > 232,448 bytes), and
+                         # so did 3 (233,584: padding beyond this count); 2 ran
+    (128, 128, 32, 3),   # 128-token pages: 4 overflowed (282,768 bytes); 3 ran
+    (256, 128, 32, 1),
+    (128, 64, 8192, 4),  # a 131k-token split's page table (32 KiB) still leaves 4
+])
+def test_ring_depth_fits_shared_memory(head_dim, block_kv, entries, want):
+    stages = mgpu.ring_stages(4, head_dim, block_kv, entries)
+    assert stages == want
+    assert mgpu.smem_bytes(stages, head_dim, block_kv, entries) <= mgpu.SMEM_BYTES
+    if stages < 4:
+        assert mgpu.smem_bytes(stages + 1, head_dim, block_kv, entries) > mgpu.SMEM_BYTES

@@ -54,6 +54,23 @@ def _split_layout(b, kvh, mp_tokens, cfg: Config):
     return splits, per
 
 
+def smem_bytes(stages: int, head_dim: int, block_kv: int, table_entries: int,
+               itemsize: int = 2) -> int:
+    """Shared memory of one program: the query tile, the K and V rings, the page-table
+    slice, the lse row and ~1 KiB for barriers and alignment."""
+    return (ROWS * head_dim * itemsize + 2 * stages * block_kv * head_dim * itemsize
+            + table_entries * 4 + ROWS * 4 + 1024)
+
+
+def ring_stages(want: int, head_dim: int, block_kv: int, table_entries: int,
+                itemsize: int = 2) -> int:
+    """The K/V ring depth: `want`, or fewer where that would not fit SMEM_BYTES (head_dim
+    256 or 128-token blocks at 4 stages overflowed an H100's 227 KiB)."""
+    per_stage = 2 * block_kv * head_dim * itemsize
+    fixed = smem_bytes(0, head_dim, block_kv, table_entries, itemsize)
+    return max(1, min(want, (SMEM_BYTES - fixed) // per_stage))
+
+
 def paged_attention(q, kv, layer, page_table, context_lens, q_start, *, scale: float,
                     softcap: float | None = None, window: int | None = None,
                     config: Config = Config(), interpret=None):
@@ -98,9 +115,7 @@ def paged_attention(q, kv, layer, page_table, context_lens, q_start, *, scale: f
     flat = kv.reshape(n_layers * 2 * pages, ps, kvh, d)   # a bitcast: row-major
     scalars = jnp.stack([jnp.asarray(layer, jnp.int32), jnp.int32(pages)])
     seq = jnp.stack([context_lens.astype(jnp.int32), q_start.astype(jnp.int32)])  # [2, B]
-    # shared memory (227 KiB a block on Hopper): q + K/V rings + the table slice + lse
-    fixed = ROWS * d * 2 + pt_cols * 4 + ROWS * 4 + 1024
-    stages = max(1, min(cfg.stages, (SMEM_BYTES - fixed) // (2 * bk * d * 2)))
+    stages = ring_stages(cfg.stages, d, bk, pt_cols, jnp.dtype(q.dtype).itemsize)
     dtype = q.dtype
     if interpret is None:
         layout_cast, iota = plgpu.layout_cast, plgpu.broadcasted_iota
