@@ -396,12 +396,12 @@ def main(argv=None) -> int:
 
     import jax
 
-    from jaxrt.lowering.pallas import default_backends
+    from jaxrt.lowering.pallas import default_backends, kernels_mode
     start = time.perf_counter()
     dev = jax.devices()[0]
     report = {"device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform,
               "jax": jax.__version__, "backends": list(default_backends()),
-              "kernels": os.environ.get("JAXRT_KERNELS", "auto"), "commit": git_commit(),
+              "kernels": kernels_mode(), "commit": git_commit(),
               "args": {k: v for k, v in vars(args).items() if k != "shapes"},
               "shapes": vars(s), "models": []}
     suite = Suite(args, report)
