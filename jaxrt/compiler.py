@@ -154,7 +154,8 @@ def default_pipeline(target: Target, *, page_size: int = 16, memory_fraction: fl
                      max_num_batched_tokens: int = 2048, num_pages: int = 0,
                      outline_layers: bool | None = None, tensor_parallel: int = 1,
                      data_parallel: int = 1, quantize: str = "", calib: str = "",
-                     fuse: bool | None = None) -> str:
+                     fuse: bool | None = None, kv_reserve_gib: float = 0.0,
+                     kv_companion_bytes_per_token: int = 0) -> str:
     """The pipeline `load` runs. `outline_layers` compiles the repeated layers once (a scan
     over stacked weights); False keeps the stack unrolled. None picks by target: scan on
     CPUs, where compile time dominates start-up, unrolled on accelerators, where it decodes
@@ -171,6 +172,11 @@ def default_pipeline(target: Target, *, page_size: int = 16, memory_fraction: fl
     combine as `int8-weight+kv-int8` (the spelling `quantize_mode` reads back).
     `calib` is the calibration directory (jaxrt calibrate) that w8a8-smoothquant needs;
     the pass smooths at the alpha the calibration was made with.
+
+    `kv_reserve_gib` / `kv_companion_bytes_per_token`: memory another model on the device
+    holds besides its cache, and the bytes per token of its cache, which shares this
+    plan's pages (a speculative draft; plan-kv-cache's reserve-gib and
+    companion-bytes-per-token). Left out of the pipeline at 0.
 
     `fuse` runs the fusion passes: PROJECTION_FUSIONS right after dce, NORM_FUSIONS after
     outline-layers (with outlined layers they fuse within a layer only). None picks by
@@ -220,10 +226,13 @@ def default_pipeline(target: Target, *, page_size: int = 16, memory_fraction: fl
         # plan, which budgets per device.
         passes.append(f"shard{{tp={tensor_parallel} dp={data_parallel}}}")
     passes += kv_quant
+    shared = (f" reserve-gib={kv_reserve_gib!r}" if kv_reserve_gib else "") + \
+        (f" companion-bytes-per-token={int(kv_companion_bytes_per_token)}"
+         if kv_companion_bytes_per_token else "")
     passes.append(
         f"plan-kv-cache{{page-size={page_size} memory-fraction={memory_fraction} "
         f"max-model-len={max_model_len} max-num-seqs={max_num_seqs} "
-        f"max-num-batched-tokens={max_num_batched_tokens} num-pages={num_pages}}}")
+        f"max-num-batched-tokens={max_num_batched_tokens} num-pages={num_pages}{shared}}}")
     return ",".join(passes)
 
 
@@ -312,6 +321,8 @@ def check_engine_settings(model: CompiledModel, spec: str, *, pipeline: str | No
         ("page_size", None, plan["page_size"], None),
         ("num_pages", 0, plan["num_pages"], None),
         ("memory_fraction", 0.9, None, None),
+        ("kv_reserve_gib", 0.0, None, None),
+        ("kv_companion_bytes_per_token", 0, None, None),
         ("max_model_len", 0, plan["max_model_len"], lambda v, fixed: v > fixed),
         ("outline_layers", None, outlined, None),
         ("fuse", None, fused, None))

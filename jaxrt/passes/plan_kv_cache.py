@@ -86,6 +86,11 @@ class PlanKVCache(Pass):
     max_num_batched_tokens: int = 2048
     num_pages: int = 0  # explicit page count; 0 = size from the budget
     max_cache_gib: float = 0.0  # cap on the cache alone; 0 = target's kv_cache_cap_bytes
+    # Another model sharing the device and the page ids (a speculative draft): the memory
+    # it holds besides its cache (weights, activations), and its cache's bytes per token,
+    # which every page of this plan also costs. 0 = none.
+    reserve_gib: float = 0.0
+    companion_bytes_per_token: int = 0
 
     def __post_init__(self):
         if self.page_size < 2 or self.page_size > 256 or self.page_size & (self.page_size - 1):
@@ -95,10 +100,11 @@ class PlanKVCache(Pass):
             raise SettingError(f"memory-fraction must be in (0, 1], got {self.memory_fraction}")
         if self.dtype != "auto":
             unscaled_float_dtype(self.dtype, "a scaled (quantized) cache", QUANTIZE_INSTEAD)
-        for opt in ("memory_gib", "max_model_len", "num_pages", "max_cache_gib"):
+        for opt in ("memory_gib", "max_model_len", "num_pages", "max_cache_gib",
+                    "reserve_gib", "companion_bytes_per_token"):
             if getattr(self, opt) < 0:
                 raise SettingError(f"{opt.replace('_', '-')} must be >= 0")
-        for opt in ("memory_gib", "max_cache_gib"):  # nan and inf would plan nan pages
+        for opt in ("memory_gib", "max_cache_gib", "reserve_gib"):  # nan, inf: nan pages
             value = getattr(self, opt)
             if not math.isfinite(value) or value > MAX_MEMORY_GIB:
                 raise SettingError(f"{opt.replace('_', '-')} must be a finite number of GiB "
@@ -166,19 +172,24 @@ class PlanKVCache(Pass):
                 # split between them.
                 devices = math.prod(mesh.values())
                 device, cap = device / devices, cap / devices
-            page_bytes = ps * device_bytes_per_token
-            free = device * self.memory_fraction - weight_bytes - activation
+            page_bytes = ps * (device_bytes_per_token + self.companion_bytes_per_token)
+            reserve = self.reserve_gib * _GIB
+            free = device * self.memory_fraction - weight_bytes - activation - reserve
             pages = max(0, int(free // page_bytes))
             budget.update(device_bytes=int(device), memory_fraction=self.memory_fraction,
                           cache_budget_bytes=int(max(free, 0)))
+            if reserve or self.companion_bytes_per_token:
+                budget.update(reserve_bytes=int(reserve),
+                              companion_bytes_per_token=self.companion_bytes_per_token)
             need = (f"one sequence of {max_len} tokens needs {pages_per_seq} pages of {ps} "
                     f"({_fmt(pages_per_seq * page_bytes)})")
             if pages < pages_per_seq:
+                held = f" - reserved {_fmt(reserve)}" if reserve else ""
                 raise KVPlanError(
                     f"plan-kv-cache: {need} but the budget leaves {pages}: {_fmt(device)} x "
                     f"{self.memory_fraction} - weights {_fmt(weight_bytes)} - activations "
-                    f"{_fmt(activation)} = {_fmt(free)}; {shorter} or raise memory-fraction "
-                    f"(--kv-cache-memory-fraction)")
+                    f"{_fmt(activation)}{held} = {_fmt(free)}; {shorter} or raise "
+                    f"memory-fraction (--kv-cache-memory-fraction)")
             if cap:
                 budget["cache_cap_bytes"] = int(cap)
                 if int(cap // page_bytes) < pages_per_seq:

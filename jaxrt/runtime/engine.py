@@ -150,13 +150,20 @@ class Engine:
             raise SettingError(f"chat_template must be a string (jinja2) or None, got "
                                f"{type(chat_template).__name__}")
         if isinstance(model, (str, os.PathLike)):
+            # a draft loaded by name shares the device and the page ids: the target's
+            # cache is planned with the draft's weights and its cache counted
+            shared = _draft_share(self.speculative, os.fspath(model), dtype=dtype,
+                                  page_size=page_size, num_pages=num_pages,
+                                  max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                                  max_num_batched_tokens=max_num_batched_tokens,
+                                  outline_layers=outline_layers)
             model, tok, eos, model_len, template = _load(
                 os.fspath(model), dtype=dtype, page_size=page_size, num_pages=num_pages,
                 memory_fraction=kv_cache_memory_fraction, max_cache_gib=kv_cache_max_gib,
                 max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                 max_num_batched_tokens=max_num_batched_tokens, outline_layers=outline_layers,
                 tensor_parallel=tensor_parallel, data_parallel=data_parallel,
-                quantize=quantize, fuse=fuse)
+                quantize=quantize, fuse=fuse, shared=shared)
             tokenizer = tokenizer if tokenizer is not None else tok
             eos_token_ids = eos_token_ids if eos_token_ids is not None else eos
             chat_template = chat_template if chat_template is not None else template
@@ -1192,14 +1199,42 @@ def _default_growth() -> int:
 
 # ---- loading (the one place that knows the compiler) -----------------------------------
 
+def _draft_share(config, target: str, *, dtype, page_size, num_pages, max_model_len,
+                 max_num_seqs, max_num_batched_tokens, outline_layers) -> tuple[float, int]:
+    """(GiB, bytes per token) a speculative draft loaded by name will hold beside the
+    target's cache: its weights and activations, and its own cache's bytes per token (it
+    keeps a cache of the target's page count). (0, 0) where nothing is to plan: no draft
+    by name, an explicit num_pages, or a target that is an engine directory (planned when
+    compiled). The draft's pipeline runs once here to read its plan's numbers."""
+    from ..compiler import Target, load
+    from ..frontends.sources import resolve_model
+    if config is None or config.method != "draft" \
+            or not isinstance(config.model, (str, os.PathLike)) or num_pages is not None \
+            or resolve_model(target)[0] == "engine":
+        return (0.0, 0)
+    draft = os.fspath(config.model)
+    target_plan = Target.detect(dtype) if resolve_model(draft)[0] != "engine" else None
+    compiled = load(draft, target=target_plan, dtype=dtype, page_size=page_size or 16,
+                    max_model_len=max_model_len or 0, max_num_seqs=max_num_seqs,
+                    max_num_batched_tokens=max_num_batched_tokens or 2048,
+                    outline_layers=outline_layers)
+    plan = compiled.kv_plan
+    budget = plan.get("budget", {})
+    held = int(budget.get("weight_bytes", 0)) + int(budget.get("activation_bytes", 0))
+    return (held / 2**30, int(plan["bytes_per_token"]))
+
+
 def _load(model: str, *, dtype, page_size: int | None, num_pages: int | None,
           memory_fraction: float, max_cache_gib: float | None, max_num_seqs: int,
           max_model_len: int | None, max_num_batched_tokens: int | None,
           outline_layers: bool | None = None, tensor_parallel: int = 1,
-          data_parallel: int = 1, quantize: str = "", fuse: bool | None = None):
+          data_parallel: int = 1, quantize: str = "", fuse: bool | None = None,
+          shared: tuple[float, int] = (0.0, 0)):
     """Path or alias -> (StepExecutable, tokenizer, eos ids, the planned max length).
     The plan-kv-cache pass sizes the cache (num_pages) from these options and the target
-    (device memory; on a CPU the available host memory and a cap on the cache)."""
+    (device memory; on a CPU the available host memory and a cap on the cache).
+    `shared` = (GiB, bytes per token) another model on the device holds besides its
+    cache, and its cache's cost per token of these pages (a speculative draft's)."""
     from ..compiler import Target, load
     from ..frontends.sources import resolve_model
     if resolve_model(model)[0] == "engine":
@@ -1218,7 +1253,9 @@ def _load(model: str, *, dtype, page_size: int | None, num_pages: int | None,
                     max_num_batched_tokens=max_num_batched_tokens or 2048,
                     num_pages=num_pages or 0, outline_layers=outline_layers,
                     tensor_parallel=tensor_parallel, data_parallel=data_parallel,
-                    quantize=quantize, fuse=fuse)
+                    quantize=quantize, fuse=fuse,
+                    **({"kv_reserve_gib": shared[0],
+                        "kv_companion_bytes_per_token": shared[1]} if any(shared) else {}))
     if target is None:  # an engine directory: its mesh and quantization were compiled in
         mesh = dict(compiled.module.attributes.get("mesh") or {})
         have = (int(mesh.get("tp", 1)), int(mesh.get("dp", 1)))

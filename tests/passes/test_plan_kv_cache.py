@@ -183,3 +183,23 @@ def test_one_full_context_gemma3_270m_sequence_fits_the_default_cpu_cap():
     p = plan(m, "plan-kv-cache{max-num-seqs=32}")
     assert p["bytes_per_token"] == 36 * 1024 and p["num_pages"] >= 2048
     assert p["cache_bytes"] <= CPU_KV_CACHE_CAP_GIB * GIB
+
+
+def test_a_companion_cache_and_reserved_memory_share_the_budget():
+    # A speculative draft keeps a cache of the same page ids and holds its weights beside
+    # it: each page costs both caches' bytes, and the reserve leaves the budget first.
+    base = plan(tiny_module(), "plan-kv-cache{page-size=32 memory-gib=0.05 "
+                               "memory-fraction=0.5 max-num-seqs=1000}")
+    m = tiny_module()
+    p = plan(m, "plan-kv-cache{page-size=32 memory-gib=0.05 memory-fraction=0.5 "
+                "max-num-seqs=1000 reserve-gib=0.002 companion-bytes-per-token=256}")
+    b = p["budget"]
+    free = 0.05 * GIB * 0.5 - b["weight_bytes"] - b["activation_bytes"] - 0.002 * GIB
+    assert b["reserve_bytes"] == int(0.002 * GIB) and b["companion_bytes_per_token"] == 256
+    assert p["num_pages"] == int(free // (32 * (p["bytes_per_token"] + 256)))
+    assert p["num_pages"] < base["num_pages"]
+    assert "reserve_bytes" not in base["budget"]
+    with pytest.raises(PipelineError, match="reserve-gib must be >= 0"):
+        plan(tiny_module(), "plan-kv-cache{memory-gib=1 reserve-gib=-1}")
+    with pytest.raises(KVPlanError, match="reserved"):  # the reserve named in the failure
+        plan(tiny_module(), "plan-kv-cache{page-size=16 memory-gib=0.05 reserve-gib=0.05}")

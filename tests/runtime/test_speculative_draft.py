@@ -294,3 +294,31 @@ def test_tiny_llama_as_its_own_draft():
     assert [o.ids for o in engine.generate(prompts, params)] == want
     s = engine.stats()
     assert s.spec_proposed_tokens > 0 and s.spec_acceptance_rate >= 0.9
+
+
+def test_a_draft_loaded_by_name_is_counted_in_the_targets_plan(tmp_path):
+    # The draft keeps its own cache of the target's page count and its weights on the
+    # same device: the target's plan reserves its weights and activations and costs each
+    # page both caches' bytes (here the cap on the cache binds: 1 MiB for both).
+    from tests.frontends.frontends_synth import tiny_hf_config, write_tiny_hf_dir
+    config = tiny_hf_config(vocab_size=64, hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2)
+    target = write_tiny_hf_dir(tmp_path / "target", config)
+    draft = write_tiny_hf_dir(tmp_path / "draft", dict(config, num_hidden_layers=1))
+    kw = dict(max_model_len=32, max_num_seqs=256, kv_cache_max_gib=1 / 1024, log=None,
+              warmup=False)
+    alone = Engine(target, **kw)
+    paired = Engine(target, speculative={"method": "draft", "model": draft,
+                                         "num_tokens": 2}, **kw)
+    plan = paired.runner.module.attributes["kv_cache"]
+    budget = plan["budget"]
+    draft_plan = paired.drafter.runner.module.attributes["kv_cache"]
+    assert budget["companion_bytes_per_token"] == draft_plan["bytes_per_token"] > 0
+    assert budget["reserve_bytes"] > 0
+    assert paired.num_pages == (1 << 20) // (plan["page_size"] * (
+        plan["bytes_per_token"] + draft_plan["bytes_per_token"])) < alone.num_pages
+    assert "reserve_bytes" not in alone.runner.module.attributes["kv_cache"]["budget"]
+    out = paired.generate([[3, 4, 5]], SamplingParams(max_tokens=4, ignore_eos=True))
+    assert out[0].ids == alone.generate([[3, 4, 5]],
+                                        SamplingParams(max_tokens=4, ignore_eos=True))[0].ids
