@@ -31,6 +31,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="list every rewrite rule of the pipeline with its attempts, matches "
                         "and rewrites (models: the pipeline just run; IR text: what jaxrt "
                         "opt --stats recorded)")
+    p.add_argument("--quant-error", action="store_true",
+                   help="per-layer quantization error against the float model: a quantized "
+                        "engine directory, or a model with -q MODE (reference interpreter, "
+                        "f32)")
+    p.add_argument("-q", "--quantize", default="", metavar="MODE",
+                   help="with --quant-error: the mode to measure (int8-weight, fp8-weight, "
+                        "w8a8, fp8, w8a8-smoothquant, kv-int8, kv-fp8, WEIGHT+KV)")
+    p.add_argument("--calib", default="", metavar="DIR",
+                   help="with --quant-error -q w8a8-smoothquant: the calibration "
+                        "(default: data-free)")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="with --quant-error: the text (default: text the float model "
+                        "samples itself)")
+    p.add_argument("--num-tokens", type=int, default=128, metavar="N",
+                   help="with --quant-error: tokens of the text to run (2..512, default 128)")
 
 
 def _bindings(items: list[str]) -> dict[str, int]:
@@ -48,6 +63,10 @@ def run(args) -> int:
     from jaxrt.ir.analysis.summary import format_rule_stats, format_summary, module_summary
 
     bindings = _bindings(args.bind)
+    if args.quant_error:
+        return _quant_error(args)
+    if args.quantize or args.calib or args.data is not None:
+        raise SettingError("-q, --calib and --data go with --quant-error")
     if is_ir_file(args.target):
         module = read_ir(args.target)
         model_info = None
@@ -87,4 +106,33 @@ def run(args) -> int:
         print(format_summary(summary))
         if args.stats:
             print(format_rule_stats(summary))
+    return 0
+
+
+def _quant_error(args) -> int:
+    """`--quant-error`: jaxrt.quant_error's report, as text or JSON."""
+    from jaxrt.calibration import sample_ids
+    from jaxrt.errors import InputError, read_text_file
+    from jaxrt.frontends.sources import load_model
+    from jaxrt.quant_error import format_report, models_for, quant_error
+    if is_ir_file(args.target):
+        raise SettingError("--quant-error takes a model or an engine directory, not IR text")
+    if not 2 <= args.num_tokens <= 512:
+        raise SettingError(f"--num-tokens must be in [2, 512], got {args.num_tokens}")
+    float_model, quant, mode = models_for(args.target, args.quantize, calib=args.calib)
+    if args.data is not None:
+        text = read_text_file(args.data, "--data")
+        if not text.strip():
+            raise InputError(f"--data {args.data}: the file is empty")
+        ids = list(float_model.tokenizer.encode(text))[:args.num_tokens]
+    else:
+        ids = sample_ids(load_model(float_model.source), args.num_tokens, seed=0)
+    ids = ids[:float_model.kv_plan["max_model_len"]]
+    report = quant_error(float_model, quant, ids)
+    report["mode"] = mode
+    if args.format == "json":
+        json.dump(report, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(format_report(report, mode))
     return 0
