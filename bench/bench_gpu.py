@@ -88,15 +88,21 @@ def matmul_peak() -> float:
     return n * 2 * 8192 ** 3 / (time.perf_counter() - t)
 
 
-def prefill_mfu(exe, config, n: int, params: float, peak: float) -> dict:
-    """One step prefilling an n-token prompt; MFU counts 2 * params * n matmul flops plus
-    causal attention (2 * 2 * layers * heads * head_dim * n^2 / 2) over the measured peak."""
+def prefill_args(exe, config, n: int) -> tuple:
+    """`exe.run` inputs of one step prefilling an n-token random prompt (one sequence,
+    pages 0.., the last position's logits)."""
     pos = np.arange(n, dtype=np.int32)
     pages = np.arange(-(-n // exe.page_size), dtype=np.int32)[None]
     tokens = np.random.default_rng(0).integers(16, config.vocab_size, n).astype(np.int32)
-    args = (tokens, pos, pos, pages, np.asarray([n], np.int32), pos[None],
+    return (tokens, pos, pos, pages, np.asarray([n], np.int32), pos[None],
             np.asarray([n - 1], np.int32))
-    compile_s = exe.compile_for(n, 1, n, pages.shape[1], 1)
+
+
+def prefill_mfu(exe, config, n: int, params: float, peak: float) -> dict:
+    """One step prefilling an n-token prompt; MFU counts 2 * params * n matmul flops plus
+    causal attention (2 * 2 * layers * heads * head_dim * n^2 / 2) over the measured peak."""
+    args = prefill_args(exe, config, n)
+    compile_s = exe.compile_for(n, 1, n, args[3].shape[1], 1)
     exe.run(*args).block_until_ready()
     times = []
     for _ in range(5):

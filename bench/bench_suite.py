@@ -132,13 +132,10 @@ def prefill_mfu(exe, config, n: int, peak: float, reps: int = 5) -> dict:
     """One step prefilling an n-token prompt (one sequence); MFU as the module docstring
     states."""
     import jax
+    from bench.bench_gpu import prefill_args
     total, layer_params = param_counts(config)
-    pos = np.arange(n, dtype=np.int32)
-    pages = np.arange(-(-n // exe.page_size), dtype=np.int32)[None]
-    tokens = np.random.default_rng(0).integers(16, config.vocab_size, n).astype(np.int32)
-    args = (tokens, pos, pos, pages, np.asarray([n], np.int32), pos[None],
-            np.asarray([n - 1], np.int32))
-    compile_s = exe.compile_for(n, 1, n, pages.shape[1], 1)
+    args = prefill_args(exe, config, n)
+    compile_s = exe.compile_for(n, 1, n, args[3].shape[1], 1)
     jax.block_until_ready(exe.run(*args))
     times = []
     for _ in range(reps):

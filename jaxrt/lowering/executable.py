@@ -108,6 +108,7 @@ class StepExecutable:
             from .pallas import default_backends
             backends = default_backends(sharded=self.mesh is not None)
         self.backends = (backends,) if isinstance(backends, str) else tuple(backends)
+        self._kernel_decode: bool | None = None  # `_decode_kernel`, once asked
         self._programs = StepPrograms(lower_function(bound, "step", backends=backends),
                                       page_size=page_size, pad_slot=num_pages * page_size,
                                       mesh=self.mesh)
@@ -195,7 +196,13 @@ class StepExecutable:
                             self.kv_bytes_per_token // self.num_layers // parts)
 
     def _decode_kernel(self) -> bool:
-        """Whether decode steps' paged attention runs the Pallas kernel."""
+        """Whether decode steps' paged attention runs the Pallas kernel (worked out once:
+        it walks the module)."""
+        if self._kernel_decode is None:
+            self._kernel_decode = self._kernel_covers_decode()
+        return self._kernel_decode
+
+    def _kernel_covers_decode(self) -> bool:
         if "pallas" not in self.backends:
             return False
         from .pallas import attention_kernel_applies
@@ -324,12 +331,7 @@ class StepExecutable:
         call's tokens, on the device), row s starts from feed[feed_at[0, s], feed_at[1,
         s]] where feed_at[0, s] >= 0 (jaxrt.runtime.programs.decode_loop)."""
         from ..runtime.programs import pack
-        s = len(tokens)
-        if feed_at is None:
-            feed_at = np.full((2, s), -1, np.int32)
-        args = [np.asarray(a, np.int32) for a in (tokens, positions, page_table,
-                                                  steps_left, feed_at)]
-        s, mp = args[2].shape
+        s, mp, args = _decode_args(tokens, positions, page_table, steps_left, feed_at)
         if not self._programs.has(("decode", s, mp, num_steps)):
             self.compile_decode(s, mp, num_steps)
         packed = pack([*args, *sampling])
@@ -345,12 +347,7 @@ class StepExecutable:
         instead of sampling them; `feed` an earlier call's tokens [1, S] (structured
         output samples them with its mask: `jaxrt.runtime.structured.sample_masked`)."""
         from ..runtime.programs import greedy_sampling, pack
-        s = len(tokens)
-        if feed_at is None:
-            feed_at = np.full((2, s), -1, np.int32)
-        args = [np.asarray(a, np.int32) for a in (tokens, positions, page_table,
-                                                  steps_left, feed_at)]
-        s, mp = args[2].shape
+        s, mp, args = _decode_args(tokens, positions, page_table, steps_left, feed_at)
         if not self._programs.has(("decode-forward", s, mp)):
             self.compile_decode_forward(s, mp)
         packed = pack([*args, *greedy_sampling(s)])
@@ -409,3 +406,13 @@ def greedy_generate(exe: StepExecutable, prompt_ids: Sequence[int], max_new_toke
         logits = exe.run(np.asarray([token], np.int32), p, p, page_table,
                          np.asarray([n + 1], np.int32), one[None], one)
         n += 1
+
+
+def _decode_args(tokens, positions, page_table, steps_left, feed_at):
+    """(S, MP, the int32 inputs of a decode call: tokens, positions, page table, steps
+    left, feed_at (default: every row from its own token))."""
+    if feed_at is None:
+        feed_at = np.full((2, len(tokens)), -1, np.int32)
+    args = [np.asarray(a, np.int32) for a in (tokens, positions, page_table, steps_left,
+                                              feed_at)]
+    return (*args[2].shape, args)
