@@ -7,7 +7,7 @@
 
 `quant.linear` is the canonical form of a quantized projection, rather than `llm.linear`
 fed by a `quant.dequantize`: the lowering must see activation, codes and scales
-together to choose the contraction (dequantize-then-dot for weight-only, an int8 x int8
+together to choose the contraction ((x . codes^T) * scale for weight-only, an int8 x int8
 -> int32 or fp8 x fp8 -> f32 dot for `act = token`), and one op cannot be split by
 other rewrites (CSE could share a dequantize between uses, DCE could not tell a
 dequantized weight from a float one). `act = token` quantizes x per token at run time
@@ -71,9 +71,9 @@ def _infer_qlinear(types, attrs):
 def _ref_qlinear(x, w, scale, b=None, *, attrs, out_types):
     out_dtype = out_types[0]
     if attrs.act == "none":
-        # The dequantized weight is rounded to the compute dtype, as the lowering's is.
-        wf = as_compute(cast_to(Q.dequantize(w, scale), out_dtype))
-        y = as_compute(x) @ wf.T
+        # The dequantized weight in f32, unrounded: the lowering contracts the codes and
+        # scales the f32 result, (x . w^T) * scale per group, which is this product.
+        y = as_compute(x) @ Q.dequantize(w, scale).T
     else:
         y = token_linear(as_compute(x), w, scale)
     if b is not None:
