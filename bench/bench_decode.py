@@ -71,12 +71,13 @@ def bench_model(name: str, args, bw: float) -> dict:
                            max_num_seqs=256 if offline else 32,
                            max_num_batched_tokens=4096 if offline else 512,
                            fuse={"on": True, "off": False}[args.fuse],
-                           num_pages=args.num_pages)
+                           num_pages=args.num_pages, quantize=args.quantize)
     exe = model.executable()
     from jaxrt.ir.weights import resident_weights
     # what a decode step reads: the weights on the device, at their compute dtype
     weight_bytes = sum(exe.module.weights[n].nbytes() for n in resident_weights(exe.module))
-    out = {"model": name, "fuse": args.fuse, "num_pages": exe.num_pages,
+    out = {"model": name, "fuse": args.fuse, "quantize": args.quantize,
+           "num_pages": exe.num_pages,
            "weight_bytes": weight_bytes,
            "load_s": time.perf_counter() - t0,
            "roofline_tok_s": bw / weight_bytes, "runs": []}
@@ -134,6 +135,8 @@ def main():
                    help="the fusion passes (fuse-qkv, fuse-gate-up, fuse-add-rmsnorm)")
     p.add_argument("--num-pages", type=int, default=0,
                    help="KV cache pages (0: planned from device memory)")
+    p.add_argument("--quantize", default="",
+                   help="a quantize mode (e.g. int8-weight): the roofline reads its weights")
     p.add_argument("--profile", action="store_true",
                    help="trace one batch-1 generation per run (bench/profile_trace.py)")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "bench/results"),
