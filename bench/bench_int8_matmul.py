@@ -22,25 +22,15 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.bench_suite import samples as timed  # noqa: E402
+
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
           "down": (4096, 14336)}  # (out, in) of Llama-3.1-8B's fused projections
-
-
-def timed(fn, *args, inner: int = 20, outer: int = 5) -> float:
-    import jax
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(outer):
-        t = time.perf_counter()
-        for _ in range(inner):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t) / inner)
-    return float(np.median(times))
 
 
 def configs(quick: bool):
