@@ -150,7 +150,20 @@ def main() -> None:
     ap.add_argument("--random", default=None,
                     help="random weights of this model's shapes (e.g. llama-3.2-1b) with "
                          "SmolLM2's tokenizer (its ids below the model's vocabulary)")
+    ap.add_argument("--tokenizer", default=None,
+                    help="with --random: SmolLM2's tokenizer from this JSON file "
+                         "({tokenizer, bos_id, eos_ids}, written by --save-tokenizer) "
+                         "instead of the model package (a GPU run without the GGUF)")
+    ap.add_argument("--save-tokenizer", default=None,
+                    help="write SmolLM2's tokenizer for --tokenizer here and exit")
     args = ap.parse_args()
+    if args.save_tokenizer:
+        from jaxrt.compiler import load
+        tok = load("smollm2-135m", max_model_len=64, max_num_seqs=1).tokenizer
+        with open(args.save_tokenizer, "w") as f:
+            json.dump({"tokenizer": tok.to_json_str(), "bos_id": tok.bos_id,
+                       "eos_ids": list(tok.eos_ids)}, f)
+        return
     import jax
     from jaxrt.compiler import load
     if args.random:  # random weights of a model's shapes, SmolLM2's tokenizer
@@ -159,7 +172,14 @@ def main() -> None:
         from bench.bench_gpu import config_for
         from bench.bench_layers import ViewWeights
         from jaxrt.compiler import compile_loaded
-        tokenizer = load("smollm2-135m", max_model_len=64, max_num_seqs=1).tokenizer
+        if args.tokenizer:
+            from jaxrt.frontends.tokenizer import Tokenizer
+            with open(args.tokenizer) as f:
+                saved = json.load(f)
+            tokenizer = Tokenizer.from_json_str(saved["tokenizer"], bos_id=saved["bos_id"],
+                                                eos_ids=saved["eos_ids"])
+        else:
+            tokenizer = load("smollm2-135m", max_model_len=64, max_num_seqs=1).tokenizer
         config = config_for(args.random, 64 + max(args.out_len, 448))
         compiled = compile_loaded(SimpleNamespace(
             config=config, weights=ViewWeights(config), tokenizer=tokenizer,
