@@ -232,3 +232,24 @@ def test_every_op_has_a_rule_and_a_case():
     covered.add("scan")  # needs a body function: its cases are in tests/lowering/test_scan.py
     assert sorted(set(OPS) - covered) == []
 
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_weight_only_linear_contracts_the_codes(groups):
+    """Weight-only quant.linear feeds the dot a bare convert of the codes (which XLA fuses
+    into the dot) and scales the dot's result: no multiply over a weight-shaped array
+    (scaling the weights first ran 0.70x bf16 on an H200, bench/bench_int8_matmul.py)."""
+    x, w = normal(5, 64).astype(BF16.to_numpy()), ints(-127, 128, 32, 64).astype(np.int8)
+    scale = np.abs(normal(32, groups)) * 0.01
+    module = one_op_module(ops.quantized_linear, [x, w, scale], {"act": "none"}, None, None,
+                           F32)  # x stays bf16, the scales f32
+    jaxpr = jax.make_jaxpr(lower_function(module, "f"))({}, x, w, scale).jaxpr
+    eqns = {e.outvars[0]: e for e in jaxpr.eqns}
+    dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert len(dots) == 1
+    rhs = eqns[dots[0].invars[1]]
+    while rhs.primitive.name in ("reshape", "broadcast_in_dim"):
+        rhs = eqns[rhs.invars[0]]
+    assert rhs.primitive.name == "convert_element_type" and rhs.invars[0] is jaxpr.invars[1]
+    muls = [e for e in jaxpr.eqns if e.primitive.name == "mul"]
+    assert muls and all(e.outvars[0].aval.size < w.size for e in muls)
