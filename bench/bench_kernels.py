@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.bench_suite import FULL, copy_bandwidth, decode_point, matmul_peak, \
+from bench.bench_suite import FULL, TINY, copy_bandwidth, decode_point, matmul_peak, \
     prefill_mfu  # noqa: E402
 
 
@@ -127,7 +127,6 @@ def main(argv=None) -> int:
                                                  "kernels.json"))
     args = p.parse_args(argv)
     import jax
-    from bench.bench_suite import TINY
     args.shapes = s = TINY if args.tiny else FULL
     bw, peak = copy_bandwidth(s.copy_mib), matmul_peak(s.matmul)
     report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
@@ -167,9 +166,10 @@ def main(argv=None) -> int:
             if "error" in r:
                 print(f"{m['model']:<20} {r['kernels']:>7} error: {r['error'][:120]}")
                 continue
+            widest = [k for k in r if k.startswith("decode_b")][-1]  # b16 tiny, b64 full
             print(f"{m['model']:<20} {r['kernels']:>7} {r['engine_warmup_s']:>8.1f} "
                   f"{r['buckets']:>7} {r['decode_b1']['output_tok_s']:>9.0f} "
-                  f"{r[[k for k in r if k.startswith('decode_b')][-1]]['output_tok_s']:>9.0f} {r['prefill']['mfu']:>11.1%}")
+                  f"{r[widest]['output_tok_s']:>9.0f} {r['prefill']['mfu']:>11.1%}")
         if "greedy" in m:
             print(f"  parity: prefill logits {m['prefill_logits']}, decode logits "
                   f"{m['decode_logits']}, greedy {m['greedy']['identical_rows']}/"

@@ -86,16 +86,7 @@ def _quantized_linear(ctx, x, w, scale, b=None, *, attrs, out_types):
 
 def _weight_only_linear(x, w, scale):
     """f32 x . dequantize(w)^T as (x . w^T) * scale per scale group."""
-    wx = w.astype(x.dtype)  # exact
-    out, n = w.shape
-    g = scale.shape[-1]
-    if g == 1:
-        return contract(x, wx, (x.ndim - 1,), (1,)) * jnp.broadcast_to(scale, (out, 1))[:, 0]
-    xg = x.reshape(x.shape[:-1] + (g, n // g))  # [..., G, gs]
-    lead = xg.ndim - 2
-    acc = contract(xg, wx.reshape(out, g, n // g), (xg.ndim - 1,), (2,), (lead,), (1,))
-    ws = jnp.broadcast_to(scale, (out, g)).T.reshape((g,) + (1,) * lead + (out,))
-    return jnp.sum(acc * ws, axis=0)  # [..., out]
+    return _scaled_dot(x, w.astype(x.dtype), scale, contract)  # the convert is exact
 
 
 def _token_linear(x, w, scale):
@@ -105,18 +96,24 @@ def _token_linear(x, w, scale):
     xs = token_scale(x, dtype)  # f32[..., 1]
     xq = quantize(x, xs, dtype)  # [..., in]
     acc_t = jnp.int32 if dtype == DType.int8 else F32
+
+    def dot(a, b, lc, rc, lb, rb):
+        return lax.dot_general(a, b, ((lc, rc), (lb, rb)), preferred_element_type=acc_t)
+    return _scaled_dot(xq, w, scale, dot) * xs
+
+
+def _scaled_dot(x, w, scale, dot):
+    """f32 (x[..., in] . w[out, in]^T) times `scale` [out, G]: one dot, or with G > 1 a
+    batched dot over the groups, each group's result scaled, then summed. `dot(a, b,
+    lhs_contract, rhs_contract, lhs_batch, rhs_batch)` makes the accumulator."""
     out, n = w.shape
     g = scale.shape[-1]
     if g == 1:
-        acc = lax.dot_general(xq, w, (((x.ndim - 1,), (1,)), ((), ())),
-                              preferred_element_type=acc_t)  # [..., out]
-        y = acc.astype(F32) * jnp.broadcast_to(scale, (out, 1))[:, 0]
-    else:
-        xg = xq.reshape(xq.shape[:-1] + (g, n // g))  # [..., G, gs]
-        wg = w.reshape(out, g, n // g)  # [out, G, gs]
-        lead = xg.ndim - 2
-        acc = lax.dot_general(xg, wg, (((xg.ndim - 1,), (2,)), ((lead,), (1,))),
-                              preferred_element_type=acc_t)  # [G, ..., out]
-        ws = jnp.broadcast_to(scale, (out, g)).T.reshape((g,) + (1,) * lead + (out,))
-        y = jnp.sum(acc.astype(F32) * ws, axis=0)  # [..., out]
-    return y * xs
+        acc = dot(x, w, (x.ndim - 1,), (1,), (), ())  # [..., out]
+        return acc.astype(F32) * jnp.broadcast_to(scale, (out, 1))[:, 0]
+    xg = x.reshape(x.shape[:-1] + (g, n // g))  # [..., G, gs]
+    lead = xg.ndim - 2
+    wg = w.reshape(out, g, n // g)  # [out, G, gs]
+    acc = dot(xg, wg, (xg.ndim - 1,), (2,), (lead,), (1,))  # [G, ..., out]
+    ws = jnp.broadcast_to(scale, (out, g)).T.reshape((g,) + (1,) * lead + (out,))
+    return jnp.sum(acc.astype(F32) * ws, axis=0)  # [..., out]
