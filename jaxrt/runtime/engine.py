@@ -406,6 +406,7 @@ class Engine:
                                             args=(tasks[k:], start), daemon=True,
                                             name="jaxrt-warmup")
         _WARMING.add(self)
+        _register_stop_hook()
         self._background.start()
 
     def _background_main(self, tasks: list[tuple], start: float) -> None:
@@ -1129,10 +1130,25 @@ def _warmup_mode(warmup: bool | str, strict: bool) -> bool | str:
 _WARMING: "weakref.WeakSet[Engine]" = weakref.WeakSet()
 
 
-@atexit.register
 def _stop_warmups() -> None:
     for engine in list(_WARMING):
         engine.close()
+
+
+_STOP_HOOK = threading.Lock()
+_STOP_HOOK_SET = False
+
+
+def _register_stop_hook() -> None:
+    """At exit, stop background warm-ups before JAX's own exit handlers clear its
+    backends under a compile in progress (which failed with a bare `Var(id=...)` message).
+    atexit runs handlers last-registered first, and JAX registers its handlers when a
+    backend starts: registered here, once a warm-up has compiled, ours runs first."""
+    global _STOP_HOOK_SET
+    with _STOP_HOOK:
+        if not _STOP_HOOK_SET:
+            atexit.register(_stop_warmups)
+            _STOP_HOOK_SET = True
 
 
 def _task_key(task: tuple):

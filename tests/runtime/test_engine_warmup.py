@@ -150,3 +150,41 @@ def test_invalid_compile_threads_env_is_refused(monkeypatch):
     monkeypatch.setenv("JAXRT_COMPILE_THREADS", "many")
     with pytest.raises(ValueError, match="JAXRT_COMPILE_THREADS"):
         Engine(FakeRunner(num_pages=64, page_size=4), **CONFIG)
+
+
+
+
+
+@pytest.mark.xdist_group("smollm2")
+def test_exit_stops_a_background_warmup_before_the_finalizers_run(tmp_path):
+    """A script that makes an Engine and ends at once. At exit, `weakref.finalize`'s
+    handler runs pending finalizers, JAX's cache entries among them; under a compile in
+    progress that failed with a bare `background warm-up stopped: Var(id=...)` (a KeyError
+    inside JAX's lowering). jaxrt's exit handler must stop the warm-up first: the script's
+    own finalizer records whether the warm-up thread is still running when they run."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = ("import sys, threading, weakref\n"
+              "from jaxrt.runtime import engine\n"
+              "class Kept: pass\n"
+              "kept = Kept()\n"
+              "def probe():\n"
+              "    alive = any(t.name == 'jaxrt-warmup' for t in threading.enumerate())\n"
+              "    print('warm-up running at exit finalizers:', alive, file=sys.stderr)\n"
+              "weakref.finalize(kept, probe)\n"
+              "e = engine.Engine('smollm2-135m', speculative={'method': 'draft', "
+              "'model': 'smollm2-135m', 'num_tokens': 4})\n"
+              "print('made')\n")
+    # the weight cache on (in tmp_path), as users have it: without it the race did not
+    # show here (the thread had stopped by then for another reason)
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "JAXRT_CACHE_DIR": str(tmp_path), "JAXRT_WEIGHT_CACHE": "on"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "made" in done.stdout
+    assert "more shapes in the background" in done.stderr  # exited mid-warm-up
+    assert "warm-up running at exit finalizers: False" in done.stderr, done.stderr[-2000:]
+    assert "warm-up stopped" not in done.stderr, done.stderr[-2000:]
