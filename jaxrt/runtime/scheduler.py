@@ -112,6 +112,9 @@ class Scheduler:
         self.proposer: Callable[[Request, Sequence, int], list[int]] | None = None
         self.spec_tokens = 0
         self.spec_stats = SpeculativeStats()
+        # a regular step just tried to admit waiting requests: the next multi-step decode
+        # call may run although requests still wait (`schedule_decode_steps`)
+        self._loop_owed = False
 
     # ---- requests -------------------------------------------------------------------
 
@@ -178,6 +181,7 @@ class Scheduler:
                         continue
                     if not schedule_seq(req, seq, n):
                         break
+        self._loop_owed = bool(self.waiting)
         if not preempted:  # vLLM: never admit in a step that had to preempt
             self._admit(plan, budget)
         entries = [s for req in self.running for s in plan.get(req.request_id, ())]
@@ -203,13 +207,23 @@ class Scheduler:
                               min_steps: int = 2) -> list[ScheduledSeq] | None:
         """Several decode steps at once, or None for a regular `schedule()`.
 
-        Only when nothing waits (a multi-step call delays admissions by its length), every
-        running request is `eligible` and decodes one sequence with one uncomputed token,
-        and the cache has the slots: entry i then covers `num_tokens` steps of its
-        sequence (at most `num_steps`, fewer where max_tokens or max_model_len end it
-        sooner; some row at least `min_steps`), whose slots are reserved here. The caller applies the tokens with
-        `update`, one step at a time."""
-        if self.waiting or not self.running:
+        Only when every running request is `eligible` and decodes one sequence with one
+        uncomputed token, and the cache has the slots: entry i then covers `num_tokens`
+        steps of its sequence (at most `num_steps`, fewer where max_tokens or max_model_len
+        end it sooner; some row at least `min_steps`), whose slots are reserved here. The
+        caller applies the tokens with `update`, one step at a time.
+
+        Waiting requests (a multi-step call delays their admission by its length): the
+        first that max_num_seqs has room for gets a regular step first, which admits what
+        the token budget and the cache allow; after such a step one multi-step call may
+        run although requests still wait. So arrivals that come one by one (a server's)
+        cost at most one single-token step per multi-step call, instead of every step
+        decoding one token while they trickle in; and requests that cannot be admitted
+        (max_num_seqs full: offline queues) never hold the running ones to one token a
+        step."""
+        if not self.running:
+            return None
+        if self.waiting and not self._loop_owed and self._admissible(self.waiting[0]):
             return None
         rows = []
         for req in self.running:
@@ -226,7 +240,13 @@ class Scheduler:
         for r in rows:  # slots already reserved stay with their sequences
             if not self.bm.append_slots(r.seq.seq_id, r.start + r.num_tokens):
                 return None
+        self._loop_owed = False
         return rows
+
+    def _admissible(self, req: Request) -> bool:
+        """max_num_seqs has room for `req` (the token budget and the cache decide the rest)."""
+        slots = sum(r.num_seq_slots for r in self.running)
+        return slots + req.num_seq_slots <= self.config.max_num_seqs
 
     def _admit(self, plan: dict[str, list[ScheduledSeq]], budget: int) -> None:
         cfg, bm = self.config, self.bm

@@ -358,9 +358,14 @@ def test_abort_from_another_thread_mid_step_is_safe(fake_runner):
             _time.sleep(0.01)
             return self._inner.run_sampled(*args)
 
+        def decode(self, *args, **kwargs):  # a multi-step decode call: as slow
+            self.in_run.set()
+            _time.sleep(0.01)
+            return self._inner.decode(*args, **kwargs)
+
     runner = SlowRun(fake_runner)
     engine = make_engine(runner)
-    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    params = SamplingParams(max_tokens=18, ignore_eos=True)
     ids = [engine.add_request(p, params) for p in PROMPTS]
     victim, results = ids[1], {}
 
@@ -380,7 +385,7 @@ def test_abort_from_another_thread_mid_step_is_safe(fake_runner):
     assert victim not in got
     for rid, prompt in zip(ids, PROMPTS):
         if rid != victim:
-            assert got[rid] == reference_greedy(prompt, 12, ignore_eos=True)
+            assert got[rid] == reference_greedy(prompt, 18, ignore_eos=True)
     assert engine.stats().pages_in_use == 0
 
 

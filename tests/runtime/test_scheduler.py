@@ -306,3 +306,35 @@ def test_abort_between_schedule_and_update_is_safe(data):
         assert with_abort[str(victim)] is not None
         del with_abort[str(victim)]
         assert with_abort == alone
+
+
+def test_multi_step_decode_runs_while_requests_wait_for_a_seat():
+    """max_num_seqs full: the waiting request cannot be admitted, so it must not hold the
+    running ones to one token a step (an offline queue's whole first wave did)."""
+    sch = make(max_num_seqs=2, budget=32)
+    for i in range(3):
+        sch.add(req(i, [5, 6, 7], max_tokens=10))
+    step(sch)  # admits two: their prompts, first tokens
+    assert len(sch.running) == 2 and len(sch.waiting) == 1
+    rows = sch.schedule_decode_steps(8, lambda r: True)
+    assert rows is not None and [r.num_tokens for r in rows] == [8, 8]
+
+
+def test_arrivals_get_one_admission_step_per_multi_step_call():
+    """Admissible waiting requests get a regular step first; after it one multi-step call
+    runs although another waits (it arrived during the step, as from a server), then
+    the next regular step admits it."""
+    sch = make(max_num_seqs=8, budget=32)
+    sch.add(req(0, [5, 6, 7], max_tokens=30))
+    step(sch)
+    assert sch.schedule_decode_steps(4, lambda r: True) is not None  # nothing waits
+    sch.add(req(1, [8, 9], max_tokens=30))
+    assert sch.schedule_decode_steps(4, lambda r: True) is None  # admit it first
+    step(sch)
+    assert len(sch.running) == 2 and not sch.waiting
+    sch.add(req(2, [10, 11], max_tokens=30))  # arrived during the admission step
+    rows = sch.schedule_decode_steps(4, lambda r: True)  # owed: the running ones advance
+    assert rows is not None and len(rows) == 2 and len(sch.waiting) == 1
+    assert sch.schedule_decode_steps(4, lambda r: True) is None  # then req 2's turn
+    batch, _ = step(sch)
+    assert len(sch.running) == 3 and not sch.waiting
