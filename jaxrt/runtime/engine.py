@@ -272,6 +272,9 @@ class Engine:
         self._compiles_after_warmup = self._steps = self._generated = 0
         self._decode_loops = 0
         self._inflight: _DecodeCall | None = None  # a decode call queued, not yet applied
+        # structured output: the decode forward queued behind `_inflight` (a masked call),
+        # fed its tokens on the device; its mask is filled once they are applied
+        self._queued_forward: tuple | None = None
         self._widths: dict[int, tuple[int, ...]] = {}  # decode rows -> table widths
         self.pipeline_decode = True  # queue the next decode call before applying one
         self._compile_lock = threading.RLock()   # one compile at a time, either thread
@@ -593,12 +596,16 @@ class Engine:
     def _step_locked(self) -> list[RequestOutput]:
         if self._inflight is not None:  # a decode call queued by the last step
             call, self._inflight = self._inflight, None
+            if call.masked:
+                forward, self._queued_forward = self._queued_forward, None
+                return self._advance_masked(call, forward)
             return self._advance(call)
         if self._split_masked and any(r.grammar is not None for r in self.scheduler.running):
             rows = self.scheduler.schedule_decode_steps(
                 1, lambda r: self._loop_serves(r, grammar=True), min_steps=1)
             if rows is not None:  # constrained decoding, pipelined one step at a time
-                return self._advance(self._sample_masked(self._dispatch_forward(rows, None)))
+                return self._advance_masked(
+                    self._sample_masked(self._dispatch_forward(rows, None)), None)
         elif self.decode_steps > 1:
             rows = self.scheduler.schedule_decode_steps(self.decode_steps,
                                                         self._loop_serves)
@@ -762,14 +769,31 @@ class Engine:
         rows = self._next_decode_rows(call) if self.pipeline_decode else None
         if rows is None:
             return self._apply_decode(call)
-        if not call.masked:
-            self._inflight = self._dispatch_decode(rows, call)
-            return self._apply_decode(call)
-        # structured output: the next forward is queued, this call's tokens advance the
-        # grammars while it runs, then the next tokens are sampled under their masks
-        forward = self._dispatch_forward(rows, call)
+        self._inflight = self._dispatch_decode(rows, call)
+        return self._apply_decode(call)
+
+    def _advance_masked(self, call: "_DecodeCall", forward: tuple | None
+                        ) -> list[RequestOutput]:
+        """Structured output's pipeline (vLLM V1's asynchronous scheduling): `call`
+        samples step t, and `forward` (step t + 1, fed call's tokens on the device) is
+        queued behind it. Step t's tokens are read and advance the grammars while that
+        forward runs; then step t + 1 is sampled under the masks they give, and the
+        forward of step t + 2 is queued at once behind it, fed its tokens on the device,
+        so the device has work queued while the host returns, is called again and waits
+        for step t + 1. Without `forward` (the first call of a run) it is queued here."""
+        if forward is None:
+            rows = self._next_decode_rows(call) if self.pipeline_decode else None
+            forward = self._dispatch_forward(rows, call) if rows is not None else None
         outs = self._apply_decode(call)
-        self._inflight = self._sample_masked(forward)
+        if forward is None:
+            return outs
+        if all(r.request.is_finished for r in forward[0]):
+            return outs   # every row stopped in `call`: the forward's logits are not read
+        sampled = self._sample_masked(forward)
+        rows = self._next_decode_rows(sampled) if self.pipeline_decode else None
+        self._inflight = sampled
+        if rows is not None:
+            self._queued_forward = self._dispatch_forward(rows, sampled)
         return outs
 
     def _next_decode_rows(self, call: "_DecodeCall") -> list[ScheduledSeq] | None:

@@ -18,7 +18,10 @@ After a token is sampled the host advances the request's matcher (`advance`); EO
 the mask only where the grammar accepts, and once the matcher has stopped (nothing may
 follow) the request finishes with reason "stop". Decode steps split where the runner
 allows (`Engine._dispatch_forward`): the forward is queued first, the mask is filled
-while it runs, and `sample_masked` samples its logits under the mask.
+while it runs, and `sample_masked` samples its logits under the mask. The next forward
+is queued right behind that sample, fed its tokens on the device (vLLM V1's
+asynchronous scheduling, `Engine._advance_masked`), so the host's return, bookkeeping,
+token read and grammar advance of one step overlap the device's next forward.
 
 Why llguidance and not xgrammar (bench/structured_libs.py, bench/results/
 structured_libs_cpu.json; SmolLM2's 49,152 tokens, a nested JSON schema, 2-core CPU):

@@ -151,6 +151,64 @@ def test_split_decode_step_matches_the_masked_sampled_step():
     assert sum(f is not None for f in forwards) > len(forwards) // 2
 
 
+def _split_engine(**kw):
+    return Engine(FakeRunner(num_pages=64, page_size=4), tokenizer=alphabet_tokenizer(),
+                  decode_steps=4, **{**CONFIG, **kw})
+
+
+PIPELINE_PROMPTS = ["abc", "hello", "Q9x", "zz"]
+PIPELINE_PARAMS = [SamplingParams(regex="[a-z]{3,9}", max_tokens=12, temperature=1.0, seed=1),
+                   SamplingParams(max_tokens=9, temperature=1.0, seed=3),
+                   SamplingParams(regex="(ab|cd)+x", max_tokens=14, temperature=1.0, seed=7),
+                   SamplingParams(choice=["red", "green", "blue"], max_tokens=12)]
+
+
+def test_queued_forward_changes_no_output():
+    """The split step queues step t + 2's forward as soon as step t + 1 is sampled
+    (`Engine._advance_masked`): the same tokens and finish reasons as without pipelining
+    (`pipeline_decode=False`: every call applied before the next is queued), batched and
+    each request alone."""
+    got = {}
+    for pipelined in (True, False):
+        e = _split_engine()
+        e.pipeline_decode = pipelined
+        batched = [(o.ids, o.finish_reason) for o in e.generate(PIPELINE_PROMPTS,
+                                                                PIPELINE_PARAMS)]
+        alone = [(o.ids, o.finish_reason) for pr, p in zip(PIPELINE_PROMPTS, PIPELINE_PARAMS)
+                 for o in e.generate(pr, p)]
+        assert batched == alone
+        got[pipelined] = batched
+        assert e._inflight is None and e._queued_forward is None
+    assert got[True] == got[False]
+
+
+def test_abort_and_arrival_while_a_forward_is_queued():
+    """A request aborted, or one added, between steps while a constrained forward is
+    queued behind the last sampled call: the others' tokens are unchanged, the aborted
+    request's output stops where it was, and the new one decodes as it would alone."""
+    want = _split_engine().generate(PIPELINE_PROMPTS, PIPELINE_PARAMS)
+    late = SamplingParams(regex="[0-9]{4}", max_tokens=8, temperature=1.0, seed=11)
+    want_late = _split_engine().generate("late", late)[0]
+    e = _split_engine(max_num_seqs=5)
+    ids = [e.add_request(pr, p) for pr, p in zip(PIPELINE_PROMPTS, PIPELINE_PARAMS)]
+    outs = {}
+    while e._queued_forward is None:  # until the pipeline runs ahead
+        assert e.has_unfinished()
+        outs.update((o.request_id, o) for o in e.step())
+    aborted = e.abort(ids[2])
+    assert aborted.finish_reason == "abort"
+    n = len(aborted.ids)
+    assert aborted.ids == want[2].ids[:n]
+    late_id = e.add_request("late", late)
+    while e.has_unfinished():
+        outs.update((o.request_id, o) for o in e.step())
+    for i in (0, 1, 3):
+        assert (outs[ids[i]].ids, outs[ids[i]].finish_reason) == \
+            (want[i].ids, want[i].finish_reason)
+    assert ids[2] not in outs
+    assert outs[late_id].ids == want_late.ids
+
+
 def test_eos_only_when_the_grammar_accepts(engine):
     grammars = [SamplingParams(regex="[a-z]{3,6}", max_tokens=10, temperature=1.0, seed=s)
                 for s in range(6)]
