@@ -287,8 +287,10 @@ class StepExecutable:
                     q_index, logit_index, sampling: tuple[np.ndarray, np.ndarray],
                     token_bitmask: np.ndarray | None = None):
         """One step and its sampling on the device (see docs/architecture.md): returns
-        (tokens i32[N], logprobs f32[N], logits f32[N, vocab]), all on the device.
-        `sampling` is `SamplingBatch.packed()` of N rows.
+        (sampled i32[2, N], logits f32[N, vocab]), both on the device; `sampled` holds
+        the tokens and their logprobs' bits, read in one transfer
+        (`jaxrt.runtime.programs.unpack_sampled`). `sampling` is `SamplingBatch.packed()`
+        of N rows.
 
         Compiles on the first call for a new shape bucket; the cache is donated and
         replaced, so only this object should keep a reference to it. `token_bitmask`
@@ -310,9 +312,9 @@ class StepExecutable:
                 self.compile_for(*key)  # recorded in compiled_shapes
         extra = [] if token_bitmask is None else [np.asarray(token_bitmask, np.int32)]
         packed = pack([*args, *sampling, *extra])
-        tokens, token_lp, logits, self._kv = self._programs.run_step(
+        sampled, logits, self._kv = self._programs.run_step(
             key, self._placed(), packed, self._cache(), words)
-        return tokens, token_lp, logits
+        return sampled, logits
 
     def run(self, tokens, positions, slot_mapping, page_table, context_lens, q_index,
             logit_index) -> jax.Array:
@@ -320,7 +322,7 @@ class StepExecutable:
         rows, whose tokens are dropped)."""
         from ..runtime.programs import greedy_sampling
         return self.run_sampled(tokens, positions, slot_mapping, page_table, context_lens,
-                                q_index, logit_index, greedy_sampling(len(logit_index)))[2]
+                                q_index, logit_index, greedy_sampling(len(logit_index)))[1]
 
     def decode(self, tokens, positions, page_table, steps_left, num_steps: int,
                sampling: tuple[np.ndarray, np.ndarray], feed=None, feed_at=None):

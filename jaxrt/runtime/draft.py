@@ -52,7 +52,7 @@ import jax
 import numpy as np
 
 from jaxrt.errors import SettingError
-from .programs import greedy_sampling
+from .programs import greedy_sampling, unpack_sampled
 from .scheduler import BucketPolicy, ScheduledBatch, ScheduledSeq, build_step_inputs
 from . import speculative as spec
 
@@ -336,9 +336,10 @@ class DraftProposer:
         n = len(inputs.logit_seqs)
         with self._lock if self._lock is not None else contextlib.nullcontext():
             if callable(getattr(self.runner, "run_sampled", None)):
-                tokens = self.runner.run_sampled(*inputs.args(),
-                                                 greedy_sampling(inputs.bucket.N))[0]
+                sampled = self.runner.run_sampled(*inputs.args(),
+                                                  greedy_sampling(inputs.bucket.N))[0]
+                tokens = unpack_sampled(np.asarray(sampled))[0]
             else:
                 tokens = np.argmax(np.asarray(self.runner.run(*inputs.args())), axis=-1)
         self.steps += 1
-        return [int(t) for t in np.asarray(jax.device_get(tokens))[:n]]
+        return [int(t) for t in tokens[:n]]

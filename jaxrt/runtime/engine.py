@@ -59,7 +59,7 @@ from .detokenize import IncrementalDetokenizer
 from .request import (BeamOutput, Request, RequestOutput, SamplingParams, StreamDelta,
                       validate_prompt_ids)
 from .sampler import SampledToken, Sampler, SamplingBatch
-from .programs import greedy_sampling
+from .programs import greedy_sampling, unpack_sampled
 from . import prompt_logprobs
 from . import draft as draft_model, speculative as spec, structured
 from .scheduler import (BucketPolicy, ScheduledBatch, ScheduledSeq, Scheduler,
@@ -721,15 +721,14 @@ class Engine:
                 self._note_compile(f"masked step {inputs.bucket}")
                 self._masked_buckets.add(inputs.bucket)
             with self._run_lock:
-                tokens, token_lp, logits = self.runner.run_sampled(
+                sampled, logits = self.runner.run_sampled(
                     *inputs.args(), batch.packed(), **({"token_bitmask": mask} if masked
                                                        else {}))
             self._collect_prompt_logprobs(inputs, logits)  # raw logits (vLLM)
             if mask is not None and not masked:   # mask, then sample on the host's side
                 logits, full = structured.mask_logits(logits, mask), True
-            if not full:
-                import jax
-                tokens, token_lp = jax.device_get((tokens, token_lp))
+            if not full:  # tokens and logprobs: one read
+                tokens, token_lp = unpack_sampled(np.asarray(sampled))
                 return spec.by_seq(seqs, [SampledToken(int(tokens[i]), float(token_lp[i]),
                                                        _NO_TOP_IDS, _NO_TOP_LOGPROBS)
                                           for i in range(len(seqs))])

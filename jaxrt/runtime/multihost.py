@@ -120,13 +120,13 @@ class LeaderRunner:
                                                                           np.int32))
         with self._lock:
             _send("run_sampled", [], [*arrays, floats.view(np.int32), ints])
-            tokens, lp, logits = self._exe.run_sampled(*arrays, (floats, ints))
+            sampled, logits = self._exe.run_sampled(*arrays, (floats, ints))
         local = jax.device_put(np.asarray(logits), jax.local_devices()[0])
-        return tokens, lp, local
+        return sampled, local
 
     def run(self, *args):
         from .programs import greedy_sampling
-        return self.run_sampled(*args, greedy_sampling(len(args[6])))[2]
+        return self.run_sampled(*args, greedy_sampling(len(args[6])))[1]
 
     def decode(self, tokens, positions, page_table, steps_left, num_steps: int,
                sampling, feed=None, feed_at=None):

@@ -6,8 +6,9 @@ docs/architecture.md). `StepPrograms` compiles two programs around it, per shape
 
 - the **sampled step**: one step, then sampling (`sampler.sample_tokens`: greedy,
   temperature, min-p/top-k/top-p, seeds) on the device. It returns the sampled tokens and
-  their logprobs, and keeps the logits on the device for the requests that need the full
-  sampler (penalties, top-n logprobs, beams);
+  their logprobs packed in one array (`unpack_sampled`: one device-to-host read a step),
+  and keeps the logits on the device for the requests that need the full sampler
+  (penalties, top-n logprobs, beams);
 - the **decode loop**: `num_steps` decode steps of S sequences in one call. Step k feeds
   step k-1's sampled tokens back on the device and derives the slots and context lengths
   from the page table, so the host sends one batch of inputs and reads one batch of
@@ -77,10 +78,23 @@ def buffer_size(layout) -> int:
     return sum(int(np.prod(shape, dtype=np.int64)) for shape, _ in layout)
 
 
+def pack_sampled(tokens, token_lp):
+    """tokens i32[N], logprobs f32[N] -> i32[2, N] (the logprobs as their bits): what the
+    host reads of a sampled step, in one transfer (`unpack_sampled`)."""
+    return jnp.stack([tokens, lax.bitcast_convert_type(token_lp, jnp.int32)])
+
+
+def unpack_sampled(sampled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A sampled step's i32[2, N] on the host -> (tokens i32[N], logprobs f32[N])."""
+    sampled = np.asarray(sampled)
+    return sampled[0], sampled[1].view(np.float32)
+
+
 def sampled_step(step: StepFn, layout, masked: bool = False) -> Callable:
-    """(params, packed, kv) -> (tokens i32[N], logprobs f32[N], logits f32[N, V], kv).
-    `masked`: the layout ends with a token bitmask, applied to the logits (-inf where a
-    bit is clear) before sampling; the logits returned are the masked ones."""
+    """(params, packed, kv) -> (sampled i32[2, N], logits f32[N, V], kv): `sampled` is
+    the tokens and their logprobs (`pack_sampled`). `masked`: the layout ends with a
+    token bitmask, applied to the logits (-inf where a bit is clear) before sampling;
+    the logits returned are the masked ones."""
     def run(params, packed, kv):
         parts = _unpack(packed, layout)
         *args, floats, ints = parts[:9]
@@ -89,7 +103,7 @@ def sampled_step(step: StepFn, layout, masked: bool = False) -> Callable:
             from .structured import apply_token_bitmask
             logits = apply_token_bitmask(logits, parts[9])
         tokens, token_lp, _ = sample_tokens(logits, *unpack_sampling(floats, ints))
-        return tokens, token_lp, logits, kv
+        return pack_sampled(tokens, token_lp), logits, kv
     return run
 
 
@@ -225,7 +239,7 @@ class StepPrograms:
         layout = step_layout(*shape, mask_words)
         with dense_decode(dense):
             return self._trace(sampled_step(self._step, layout, masked=mask_words > 0),
-                               layout, params_struct, kv_struct)
+                               layout, params_struct, kv_struct, outputs=2)
 
     @staticmethod
     def step_key(shape, mask_words: int = 0) -> tuple:
@@ -283,7 +297,8 @@ class StepPrograms:
 
     def _trace(self, fn, layout, params_struct, kv_struct, *extra,
                outputs: int | None = None):
-        """`outputs`: how many outputs precede the cache (default 3 less the extras)."""
+        """`outputs`: how many outputs precede the cache (default 3 less the extras: a
+        decode loop's tokens and logprobs)."""
         buf = jax.ShapeDtypeStruct((buffer_size(layout),), jnp.int32)
         if self.mesh is None:
             return jax.jit(fn, donate_argnums=(2 + len(extra),)).trace(
@@ -304,7 +319,7 @@ class StepPrograms:
         return seconds
 
     def run_step(self, shape, params, packed: np.ndarray, kv, mask_words: int = 0):
-        """-> (tokens, logprobs, logits, kv), all on the device."""
+        """-> (sampled i32[2, N] (`unpack_sampled`), logits, kv), all on the device."""
         return self._compiled[self.step_key(shape, mask_words)](params, packed, kv)
 
     def run_decode(self, S: int, MP: int, num_steps: int, params, packed: np.ndarray,

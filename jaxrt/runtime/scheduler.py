@@ -28,6 +28,7 @@ lists every shape, |decode| + |mixed| compilations in all.
 """
 from __future__ import annotations
 
+import functools
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
@@ -346,7 +347,13 @@ class Scheduler:
         accepted = accepted_length(s.draft, [t.token for t in targets])
         computed = s.start + 1 + accepted
         seq.num_computed = computed
-        self.bm.commit(seq.seq_id, seq.tokens + list(s.draft[:accepted]), computed)
+        # the accepted tokens' pages are committed with those tokens in place: appended
+        # for the commit and taken off again (no copy of the whole sequence a step);
+        # `_append_token` appends them for good below, with its stop checks
+        known = len(seq.tokens)
+        seq.tokens += s.draft[:accepted]
+        self.bm.commit(seq.seq_id, seq.tokens, computed)
+        del seq.tokens[known:]
         self.bm.trim(seq.seq_id, computed + 1)
         for st in (self.spec_stats, req.spec_stats):  # the engine's and the request's
             st.verifies, st.proposed, st.accepted = \
@@ -520,11 +527,12 @@ class BucketPolicy:
                 raise SettingError(f"{_SETTING_NAMES.get(name, name)} must be an integer "
                                    f">= {least}, got {value!r}")
 
-    @property
+    # (cached: every step picks a bucket from them; a frozen instance never changes them)
+    @functools.cached_property
     def decode_sizes(self) -> tuple[int, ...]:
         return _ladder(1, min(self.max_num_seqs, self.max_num_batched_tokens), self.growth)
 
-    @property
+    @functools.cached_property
     def token_sizes(self) -> tuple[int, ...]:
         return _ladder(min(self.token_floor, self.max_num_batched_tokens),
                        self.max_num_batched_tokens, self.growth)

@@ -160,12 +160,15 @@ def cut_to_grammar(req: Any, draft: list[int]) -> list[int]:
 
 def sampling_rows(seqs: Sequence[Any]) -> list:
     """`SamplingBatch.build` rows for the logit rows of a step: a verified proposal's
-    j-th row samples output position len(output) + j (its seed's draw there)."""
+    j-th row samples output position len(output) + j (its seed's draw there). The
+    prompt and output ids (a copy of the output each) only where penalties read them."""
     rows, at = [], {}
     for s in seqs:
         j = at[id(s)] = at.get(id(s), -1) + 1
-        rows.append((s.request.params, s.request.seed, len(s.seq.output_ids) + j,
-                     s.request.prompt_ids, s.seq.output_ids))
+        seq, params = s.seq, s.request.params
+        made = len(seq.tokens) - seq.prompt_len
+        rows.append((params, s.request.seed, made + j, s.request.prompt_ids,
+                     seq.output_ids if params.uses_penalties else ()))
     return rows
 
 
@@ -180,22 +183,68 @@ def by_seq(seqs: Sequence[Any], tokens: Sequence[Any]) -> dict:
     return out
 
 
+# Candidates `propose_ngram` extends one by one before it hands the rest to numpy: the
+# latest few occurrences of the last token settle nearly every real sequence; a sequence
+# with thousands of short matches would cost a Python iteration each.
+_SCAN_CANDIDATES = 32
+
+
 def propose_ngram(tokens: Sequence[int], k: int, max_ngram: int, min_ngram: int
                   ) -> list[int]:
     """Up to k tokens that followed the most recent earlier occurrence of the longest
-    suffix of `tokens` (n in [min_ngram, max_ngram]); [] when none occurs."""
+    suffix of `tokens` (n in [min_ngram, max_ngram]); [] when none occurs.
+
+    Every step proposes, so this is on the host's path of each speculative step: the
+    latest occurrences of the last token are found by `list.index` on the reversed
+    tokens (C speed) and extended backwards in Python, latest first, stopping at the
+    first that matches max_ngram tokens (~3 us for a few hundred tokens, where a
+    sliding-window pass per n cost ~35 us)."""
     size = len(tokens)
     if k <= 0 or size < 2:
         return []
-    arr = np.asarray(tokens, np.int64)
-    for n in range(min(max_ngram, size - 1), min_ngram - 1, -1):
-        # windows starting at 0 .. size-1-n: each ends before the suffix's last token
-        windows = np.lib.stride_tricks.sliding_window_view(arr[:size - 1], n)
-        hits = np.flatnonzero((windows == arr[size - n:]).all(axis=1))
-        if hits.size:
-            start = int(hits[-1]) + n
-            return arr[start:start + k].tolist()
-    return []
+    top = min(max_ngram, size - 1)  # a match ends before the suffix's last token
+    if top < min_ngram:
+        return []
+    # rev[i] = tokens[size - 1 - i]: the suffix is rev[:n]
+    rev = tokens[::-1] if isinstance(tokens, list) else list(tokens)[::-1]
+    last = rev[0]
+    best_n = best_i = 0
+    i = 0
+    for _ in range(_SCAN_CANDIDATES):
+        try:
+            i = rev.index(last, i + 1)  # an occurrence ending at size - 1 - i
+        except ValueError:
+            break
+        n = 1
+        while n < top and i + n < size and rev[i + n] == rev[n]:
+            n += 1
+        if n > best_n:
+            best_n, best_i = n, i
+            if n == top:
+                break
+    else:  # candidates left to look at: all at once
+        best_n, best_i = _longest_match(rev, top)
+    if best_n < min_ngram:
+        return []
+    # the k tokens after the match: tokens[size - best_i:][:k], read off `rev`
+    return [int(t) for t in rev[max(best_i - k, 0):best_i][::-1]]
+
+
+def _longest_match(rev: list[int], top: int) -> tuple[int, int]:
+    """(n, i): the longest n <= top such that rev[i:i + n] == rev[:n] for some i >= 1,
+    and the least such i (the latest occurrence); (0, 0) when rev[0] never recurs."""
+    arr = np.asarray(rev, np.int64)
+    hits = np.flatnonzero(arr[1:] == arr[0]) + 1  # ascending i: latest occurrence first
+    if not hits.size:
+        return 0, 0
+    n, best = 1, int(hits[0])
+    while n < top:
+        hits = hits[hits + n < arr.size]
+        hits = hits[arr[hits + n] == arr[n]]
+        if not hits.size:
+            break
+        n, best = n + 1, int(hits[0])
+    return n, best
 
 
 def accepted_length(draft: Sequence[int], target: Sequence[int]) -> int:

@@ -216,15 +216,15 @@ class FakeRunner:
             self.compiles_in_run += 1
             self._programs.compile_step(shape, self._params(), self._kv, words)
         extra = [] if token_bitmask is None else [token_bitmask]
-        out_tokens, out_lp, logits, self._kv = self._programs.run_step(
+        sampled, logits, self._kv = self._programs.run_step(
             shape, self._params(), pack([*args, *sampling, *extra]), self._kv, words)
         self.runs += 1
-        return out_tokens, out_lp, logits
+        return sampled, logits
 
     def run(self, tokens, positions, slot_mapping, page_table, context_lens, q_index,
             logit_index) -> jax.Array:
         return self.run_sampled(tokens, positions, slot_mapping, page_table, context_lens,
-                                q_index, logit_index, greedy_sampling(len(logit_index)))[2]
+                                q_index, logit_index, greedy_sampling(len(logit_index)))[1]
 
     def decode(self, tokens, positions, page_table, steps_left, num_steps, sampling,
                feed=None, feed_at=None):

@@ -49,6 +49,40 @@ def test_proposal_continues_the_latest_longest_match(tokens, k, lo, width):
     assert out == tokens[i + n:i + n + k]
 
 
+def _sliding_window_proposal(tokens, k, max_ngram, min_ngram):
+    """The proposal by definition: for n from max_ngram down, every window of n tokens
+    ending before the last one compared with the suffix; the latest hit wins."""
+    size = len(tokens)
+    if k <= 0 or size < 2:
+        return []
+    for n in range(min(max_ngram, size - 1), min_ngram - 1, -1):
+        hits = [i for i in range(size - n) if tokens[i:i + n] == tokens[size - n:]]
+        if hits:
+            return tokens[hits[-1] + n:hits[-1] + n + k]
+    return []
+
+
+@given(st.lists(st.integers(0, 3), min_size=0, max_size=80), st.integers(0, 5),
+       st.integers(1, 4), st.integers(0, 3), st.sampled_from([0, 1, 2, 32]))
+@settings(max_examples=300, deadline=None)
+def test_proposal_is_the_same_whichever_search_finds_it(tokens, k, lo, width, scan):
+    """`propose_ngram` extends the last token's latest `_SCAN_CANDIDATES` occurrences in
+    Python and hands the rest to a vectorized search: every split (0: numpy alone) gives
+    the proposal of the plain sliding-window definition, as Python ints, for lists,
+    tuples and arrays alike."""
+    import numpy as np
+    from jaxrt.runtime import speculative
+    want = _sliding_window_proposal(tokens, k, lo + width, lo)
+    saved = speculative._SCAN_CANDIDATES
+    speculative._SCAN_CANDIDATES = scan
+    try:
+        for form in (tokens, tuple(tokens), np.asarray(tokens, np.int32)):
+            got = propose_ngram(form, k, lo + width, lo)
+            assert got == want and all(type(t) is int for t in got)
+    finally:
+        speculative._SCAN_CANDIDATES = saved
+
+
 PATTERNS = st.lists(st.integers(2, 63), min_size=1, max_size=4)
 
 
