@@ -342,25 +342,33 @@ def test_stream_interleaved_with_generate(fake_runner):
 
 def test_abort_from_another_thread_mid_step_is_safe(fake_runner):
     """abort() while a step is running (a server's disconnect handler): it waits for the
-    step, the other requests' tokens are unchanged, and the pages all come back."""
+    step, the other requests' tokens are unchanged, and the pages all come back. The
+    first runner call waits until the aborting thread is about to call abort(), so the
+    abort lands during (or just after) that step whatever the machine's load, long
+    before the victim could finish."""
     import threading
     import time as _time
 
     class SlowRun:
         def __init__(self, inner):
             self._inner, self.in_run = inner, threading.Event()
+            self.abort_called = threading.Event()
 
         def __getattr__(self, name):
             return getattr(self._inner, name)
 
-        def run_sampled(self, *args):  # the step the engine runs
-            self.in_run.set()
-            _time.sleep(0.01)
-            return self._inner.run_sampled(*args)
+        def _slow(self):
+            if not self.in_run.is_set():
+                self.in_run.set()
+                assert self.abort_called.wait(30)
+                _time.sleep(0.01)  # abort() blocks on the step meanwhile
 
-        def decode(self, *args, **kwargs):  # a multi-step decode call: as slow
-            self.in_run.set()
-            _time.sleep(0.01)
+        def run_sampled(self, *args, **kwargs):  # the steps the engine runs
+            self._slow()
+            return self._inner.run_sampled(*args, **kwargs)
+
+        def decode(self, *args, **kwargs):
+            self._slow()
             return self._inner.decode(*args, **kwargs)
 
     runner = SlowRun(fake_runner)
@@ -371,7 +379,7 @@ def test_abort_from_another_thread_mid_step_is_safe(fake_runner):
 
     def aborter():
         runner.in_run.wait()
-        _time.sleep(0.005)  # inside a step's run
+        runner.abort_called.set()
         results["abort"] = engine.abort(victim)
 
     t = threading.Thread(target=aborter)
