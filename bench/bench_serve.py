@@ -8,7 +8,8 @@ in-process, so the HTTP layer's overhead is measured and nothing else.
 One Engine is built; each scenario (Poisson arrivals at each request rate, then a fixed
 concurrency) runs twice on it: through `jaxrt.serve` (uvicorn on 127.0.0.1, streaming
 /v1/completions, token-id prompts, greedy, ignore_eos so every request makes exactly
---output-len tokens) and in-process (the same `EngineLoop` the server uses, no HTTP).
+--output-len tokens; the HTTP client runs in a child process, as a load generator does,
+so its Python shares neither the server's interpreter nor its GIL) and in-process (the same `EngineLoop` the server uses, no HTTP).
 Per scenario: TTFT and TPOT p50/p99 (ms) and output tok/s for both, and the HTTP
 overhead (HTTP tok/s / in-process tok/s; TTFT difference). A table is printed and
 JSON written (--out).
@@ -100,6 +101,37 @@ async def run_http(url, model, prompts, starts, concurrency, output_len):
         return await _drive(starts, concurrency, one)
 
 
+def run_http_client(url, model, prompts, starts, concurrency, output_len):
+    """`run_http` in a child process, as a load generator is (`vllm bench serve` too): the
+    client's request building and SSE parsing do not share the server's interpreter and
+    its GIL. -> (results, wall) as `run_http` gives them (times on the child's clock)."""
+    import subprocess
+    import tempfile
+    spec = {"url": url, "model": model, "prompts": prompts, "starts": starts,
+            "concurrency": concurrency, "output_len": output_len}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    try:
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), "--http-client",
+                               f.name], capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
+    if done.returncode != 0:
+        raise RuntimeError(f"the HTTP client failed: {done.stderr[-2000:]}")
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    return [tuple(r) for r in out["results"]], out["wall"]
+
+
+def _client_main(spec_file: str) -> int:
+    with open(spec_file) as f:
+        spec = json.load(f)
+    results, wall = asyncio.run(run_http(spec["url"], spec["model"], spec["prompts"],
+                                         spec["starts"], spec["concurrency"],
+                                         spec["output_len"]))
+    print(json.dumps({"results": results, "wall": wall}))
+    return 0
+
+
 async def run_inprocess(loop, prompts, starts, concurrency, output_len):
     from jaxrt.runtime.request import SamplingParams
     from jaxrt.serve.engine_loop import Submission
@@ -154,7 +186,10 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--http-client", default=None, help=argparse.SUPPRESS)  # the child
     args = p.parse_args(argv)
+    if args.http_client:
+        return _client_main(args.http_client)
     if args.max_num_seqs is None:
         args.max_num_seqs = max(args.concurrency, 8)
     rates = [float(r) for r in args.rates.split(",") if r]
@@ -169,10 +204,10 @@ def main(argv=None) -> int:
     rows = []
     with ServerThread(engine, model_name="bench", max_pending=len(prompts) + 8) as srv:
         # one warm-up request per path: first-call costs stay out of the numbers
-        asyncio.run(run_http(srv.url, "bench", prompts[:1], [0.0], 1, 2))
+        run_http_client(srv.url, "bench", prompts[:1], [0.0], 1, 2)
         for name, starts, conc in scenarios:
-            res, wall = asyncio.run(run_http(srv.url, "bench", prompts, starts, conc,
-                                             args.output_len))
+            res, wall = run_http_client(srv.url, "bench", prompts, starts, conc,
+                                        args.output_len)
             rows.append({"scenario": name, "path": "http", **summarize(res, wall)})
     loop = EngineLoop(engine, max_pending=len(prompts) + 8)
     loop.start()
