@@ -338,7 +338,7 @@ class DraftProposer:
             if callable(getattr(self.runner, "run_sampled", None)):
                 sampled = self.runner.run_sampled(*inputs.args(),
                                                   greedy_sampling(inputs.bucket.N))[0]
-                tokens = unpack_sampled(np.asarray(sampled))[0]
+                tokens = unpack_sampled(sampled)[0]
             else:
                 tokens = np.argmax(np.asarray(self.runner.run(*inputs.args())), axis=-1)
         self.steps += 1

@@ -728,7 +728,7 @@ class Engine:
             if mask is not None and not masked:   # mask, then sample on the host's side
                 logits, full = structured.mask_logits(logits, mask), True
             if not full:  # tokens and logprobs: one read
-                tokens, token_lp = unpack_sampled(np.asarray(sampled))
+                tokens, token_lp = unpack_sampled(sampled)
                 return spec.by_seq(seqs, [SampledToken(int(tokens[i]), float(token_lp[i]),
                                                        _NO_TOP_IDS, _NO_TOP_LOGPROBS)
                                           for i in range(len(seqs))])
@@ -1158,20 +1158,14 @@ def _stop_warmups() -> None:
         engine.close()
 
 
-_STOP_HOOK = threading.Lock()
-_STOP_HOOK_SET = False
-
-
 def _register_stop_hook() -> None:
-    """At exit, stop background warm-ups before JAX's own exit handlers clear its
-    backends under a compile in progress (which failed with a bare `Var(id=...)` message).
-    atexit runs handlers last-registered first, and JAX registers its handlers when a
-    backend starts: registered here, once a warm-up has compiled, ours runs first."""
-    global _STOP_HOOK_SET
-    with _STOP_HOOK:
-        if not _STOP_HOOK_SET:
-            atexit.register(_stop_warmups)
-            _STOP_HOOK_SET = True
+    """(Re-)register `_stop_warmups` as the newest exit handler. atexit runs handlers
+    last-registered first, and `weakref.finalize` registers its own (which runs JAX's
+    cache finalizers) when the first finalizer is made, after jaxrt's import: a compile
+    in progress under it failed with a bare `Var(id=...)`. Registered again each time a
+    warm-up starts (after it has compiled), ours runs before it."""
+    atexit.unregister(_stop_warmups)
+    atexit.register(_stop_warmups)
 
 
 def _task_key(task: tuple):

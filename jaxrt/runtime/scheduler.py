@@ -244,14 +244,16 @@ class Scheduler:
         self._loop_owed = False
         return rows
 
+    def _slots_in_use(self) -> int:
+        return sum(r.num_seq_slots for r in self.running)
+
     def _admissible(self, req: Request) -> bool:
         """max_num_seqs has room for `req` (the token budget and the cache decide the rest)."""
-        slots = sum(r.num_seq_slots for r in self.running)
-        return slots + req.num_seq_slots <= self.config.max_num_seqs
+        return self._slots_in_use() + req.num_seq_slots <= self.config.max_num_seqs
 
     def _admit(self, plan: dict[str, list[ScheduledSeq]], budget: int) -> None:
         cfg, bm = self.config, self.bm
-        slots = sum(r.num_seq_slots for r in self.running)
+        slots = self._slots_in_use()
         while self.waiting and budget > 0:
             req = self.waiting[0]
             if slots + req.num_seq_slots > cfg.max_num_seqs:
