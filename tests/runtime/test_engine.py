@@ -377,16 +377,23 @@ def test_abort_from_another_thread_mid_step_is_safe(fake_runner):
     ids = [engine.add_request(p, params) for p in PROMPTS]
     victim, results = ids[1], {}
 
+    aborted = threading.Event()
+
     def aborter():
         runner.in_run.wait()
         runner.abort_called.set()
         results["abort"] = engine.abort(victim)
+        aborted.set()
 
     t = threading.Thread(target=aborter)
     t.start()
     outs = []
     while engine.has_unfinished():
         outs += engine.step()
+        # the abort waits on the step lock, which is not fair: stepping on at once could
+        # take it first every time until the victim finished
+        if runner.abort_called.is_set():
+            assert aborted.wait(30)
     t.join()
     assert results["abort"] is not None and results["abort"].finish_reason == "abort"
     got = {o.request_id: o.ids for o in outs}
