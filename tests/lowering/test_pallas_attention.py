@@ -44,13 +44,20 @@ def test_kernel_matches_reference_with_splits_masks_and_empty_rows():
     _assert_close(out, ref, DType.bf16)
 
 
-@pytest.mark.parametrize("case", ["mixed", "window"])
+@pytest.mark.parametrize("case", ["mixed", "window", "long-rows"])
 def test_rule_matches_reference_interpreter(case):
     # The pallas rule inside a lowered step: ragged rows (decode tokens, a prefill row of
     # 12 queries, a padding row and padding tokens), shuffled pages, a traced layer.
+    # long-rows: rows of 37 and 19 queries with 8 query heads a KV head, so a kernel row
+    # takes 8 queries (64 / 8) and the rule splits them into 5 and 3 sub-rows, the last
+    # ones part padding.
     if case == "mixed":
         step = make_step([70, 33, 1], [1, 12, 1], heads=4, kvh=1, head_dim=64, mp=6,
                          attrs={}, dtype=DType.bf16, seed=1)
+    elif case == "long-rows":
+        step = make_step([80, 19, 5], [37, 19, 1], heads=8, kvh=1, head_dim=64, mp=6,
+                         attrs={}, dtype=DType.bf16, seed=3)
+        assert pallas.tile_queries(8, 1) == 8
     else:
         step = make_step([90, 47], [5, 1], heads=4, kvh=1, head_dim=64, mp=6,
                          attrs={"window": 30, "softcap": 3.0, "layer": 0},
@@ -82,7 +89,11 @@ def test_the_kernel_is_chosen_only_where_it_applies(monkeypatch):
     bf16, f32 = "bfloat16", "float32"
     assert pallas.attention_kernel_applies(bf16, bf16, 32, 8, 128, 16, 16)
     assert pallas.attention_kernel_applies(bf16, bf16, 9, 3, 64, 128, 1)
-    assert not pallas.attention_kernel_applies(bf16, bf16, 32, 8, 128, 16, 17)  # 68 rows
+    # more queries than a tile takes are split into sub-rows; a KV head's query heads
+    # must fit one tile
+    assert pallas.attention_kernel_applies(bf16, bf16, 32, 8, 128, 16, 2048)
+    assert pallas.tile_queries(32, 8) == 16 and pallas.tile_queries(9, 3) == 21
+    assert not pallas.attention_kernel_applies(bf16, bf16, 65, 1, 128, 16, 1)
     assert not pallas.attention_kernel_applies(f32, f32, 32, 8, 128, 16, 1)
     assert not pallas.attention_kernel_applies("int8", bf16, 32, 8, 128, 16, 1)
     assert not pallas.attention_kernel_applies(bf16, bf16, 32, 8, 96, 16, 1)
@@ -102,15 +113,17 @@ def test_the_kernel_is_chosen_only_where_it_applies(monkeypatch):
         pallas.default_backends()
 
 
-def test_a_step_lowers_for_cuda_through_the_kernel():
+@pytest.mark.parametrize("new", [[1, 1], [40, 1]], ids=["decode", "long-row"])
+def test_a_step_lowers_for_cuda_through_the_kernel(new):
     # Cross-lowering on this CPU runs Pallas's Mosaic GPU lowering (layouts, TMA
-    # descriptors) without a GPU: the step's paged attention becomes the kernel's call.
-    step = make_step([40, 9], [1, 1], heads=8, kvh=2, head_dim=64, mp=4, attrs={},
+    # descriptors) without a GPU: the step's paged attention becomes the kernel's call
+    # (a 40-query row too, as sub-rows of 16).
+    step = make_step([40, 9], new, heads=8, kvh=2, head_dim=64, mp=4, attrs={},
                      dtype=DType.bf16)
     heads, kvh, head_dim, num_pages, page_size = step["shape"]
     s, mp = step["page_table"].shape
     m = _module(heads, kvh, head_dim, num_pages, page_size, len(step["positions"]), s, mp,
-                1, DType.bf16, step["attrs"])
+                step["q_index"].shape[1], DType.bf16, step["attrs"])
     structs = [jax.ShapeDtypeStruct(a.type.shape, a.type.dtype.to_numpy())
                for a in m.functions["f"].args]
     fn = lower_function(m, "f", backends=("pallas", "xla"))

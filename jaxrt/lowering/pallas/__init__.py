@@ -76,14 +76,21 @@ def default_backends(sharded: bool = False) -> tuple[str, ...]:
 def attention_kernel_applies(kv_dtype, q_dtype, heads: int, kv_heads: int, head_dim: int,
                              page_size: int, queries: int, causal: bool = True) -> bool:
     """Whether `paged_attention_mgpu` covers a paged attention of these shapes: a float
-    cache in the query's dtype (bf16/f16), head_dim a multiple of 64, the queries of a KV
-    head (queries x heads / kv_heads) within one 64-row tile, page sizes 16..128 that
-    tile a 64-token block or are whole blocks."""
+    cache in the query's dtype (bf16/f16), head_dim a multiple of 64, a KV head's query
+    heads (heads / kv_heads) within one 64-row tile, page sizes 16..128 that tile a
+    64-token block or are whole blocks. Any number of queries a row: a row with more than
+    `tile_queries` is split into sub-rows of that many (`_paged_attention`)."""
     kv_dtype, q_dtype = jnp.dtype(kv_dtype), jnp.dtype(q_dtype)
     return (causal and kv_dtype == q_dtype and kv_dtype in (jnp.bfloat16, jnp.float16)
-            and head_dim % 64 == 0 and heads % kv_heads == 0
-            and queries * (heads // kv_heads) <= _mgpu.ROWS
+            and head_dim % 64 == 0 and heads % kv_heads == 0 and queries >= 1
+            and heads // kv_heads <= _mgpu.ROWS
             and 16 <= page_size <= 128 and (64 % page_size == 0 or page_size % 64 == 0))
+
+
+def tile_queries(heads: int, kv_heads: int) -> int:
+    """Queries of one sequence a kernel row takes: as many as fill the 64-row wgmma tile
+    with the KV head's heads / kv_heads query heads each."""
+    return _mgpu.ROWS // (heads // kv_heads)
 
 
 # One jitted function for every layer's call: a step's layers share one lowered kernel
@@ -110,15 +117,25 @@ def _paged_attention(ctx, q, kv, page_table, context_lens, q_index, positions, *
                         attrs=attrs, out_types=out_types)
     layer = attrs.layer + base[0] if base else attrs.layer
     rows = jnp.where((q_index >= 0) & (q_index < t), q_index, t)        # [S, Q]; t: pad
-    qg = jnp.take(q, rows, axis=0, mode="fill", fill_value=0)            # [S, Q, H, D]
+    table, lens = jnp.clip(page_table, 0, pages - 1), context_lens
+    sub = tile_queries(h, kvh)
+    if n_q > sub:
+        # A row of more queries than one tile takes (a whole prompt as one row, or Q x
+        # heads / kv_heads > 64) becomes ceil(Q / sub) kernel rows of `sub` consecutive
+        # queries; each reads its context only up to its own last query (causal), so a
+        # long prefill row costs a flash attention's causal half, not Q x context.
+        n_sub = -(-n_q // sub)
+        rows = jnp.pad(rows, ((0, 0), (0, n_sub * sub - n_q)), constant_values=t)
+        rows = rows.reshape(s * n_sub, sub)
+        table, lens = jnp.repeat(table, n_sub, axis=0), jnp.repeat(lens, n_sub)
+    qg = jnp.take(q, rows, axis=0, mode="fill", fill_value=0)            # [S', Q', H, D]
     # a row's queries are consecutive tokens (jaxrt.runtime.scheduler.build_step_inputs)
     q_start = jnp.take(positions, rows[:, 0], axis=0, mode="fill", fill_value=0)
-    table = jnp.clip(page_table, 0, pages - 1)
-    ctx_len = jnp.where(rows[:, 0] < t, jnp.minimum(context_lens, mp * page_size), 0)
+    ctx_len = jnp.where(rows[:, 0] < t, jnp.minimum(lens, mp * page_size), 0)
     interpret, config = _INTERPRET.get() or (None, _mgpu.Config())
     out = _paged_attention_jit(qg, kv, jnp.asarray(layer, jnp.int32), table, ctx_len,
                                q_start, scale=attrs.scale, softcap=attrs.softcap,
                                window=attrs.window, config=config, interpret=interpret)
-    out = cast(out.reshape(s * n_q, h, d), out_types[0])
+    out = cast(out.reshape(-1, h, d), out_types[0])
     flat = jnp.zeros((t, h, d), out.dtype)
     return flat.at[rows.reshape(-1)].set(out, mode="drop")
