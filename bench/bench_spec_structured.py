@@ -76,7 +76,8 @@ ENUM_SCHEMA = {"type": "array", "items": {
     "minItems": 100}  # rows run to out_len, as the unconstrained ones do
 
 
-def structured(model, tokenizer, batch: int, out_len: int, reps: int = 1) -> dict:
+def structured(model, tokenizer, batch: int, out_len: int, reps: int = 1,
+               profile: bool = False) -> dict:
     """Output tok/s of `batch` requests decoding `out_len` tokens: unconstrained, every row
     under a permissive regex, every row under an enum JSON schema, and half the rows under
     the regex beside unconstrained ones ("mixed"). Each variant is first run once at the
@@ -106,6 +107,15 @@ def structured(model, tokenizer, batch: int, out_len: int, reps: int = 1) -> dic
         if name == "json":  # an unbounded array: every row runs to out_len
             out["json_tokens"] = sum(len(o.ids) for o in outs)
             out["json_sample"] = outs[0].text[:120]
+    if profile:  # one traced run of 32 tokens a row, unconstrained and under the regex
+        from bench.profile_trace import profile_steps
+        for name in ("plain", "regex"):
+            params = [SamplingParams(max_tokens=32, ignore_eos=True, **x)
+                      for x in variants[name]]
+            with profile_steps(engine) as prof:
+                engine.generate(prompts, params)
+            out[f"{name}_profile"] = p = prof.analyze()
+            print(f"profile {name}: {json.dumps(p)[:1500]}", flush=True)
     for name in ("regex", "json", "mixed"):
         out[f"{name}_ratio"] = out[f"{name}_tok_s"] / out["plain_tok_s"]
     out["ratio"] = out["regex_ratio"]
@@ -143,6 +153,9 @@ def main() -> None:
     ap.add_argument("--out-len", type=int, default=128)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", action="store_true",
+                    help="structured: also trace a plain and a regex run "
+                         "(bench/profile_trace.py): host and device time a step, top kernels")
     ap.add_argument("--only", choices=("ngram", "structured", "mask"), default=None,
                     help="run one part")
     ap.add_argument("--reps", type=int, default=1, help="structured: best of this many")
@@ -201,7 +214,7 @@ def main() -> None:
               f"{g['ngram_mean_accepted_length']:.2f}, identical {g['identical']}")
     if part in (None, "structured"):
         s = report["structured"] = structured(model, compiled.tokenizer, args.batch,
-                                              args.out_len, args.reps)
+                                              args.out_len, args.reps, args.profile)
         print(f"structured batch {s['batch']}: plain {s['plain_tok_s']:.1f} tok/s, regex "
               f"{s['regex_tok_s']:.1f} ({s['regex_ratio']:.3f}), json "
               f"{s['json_tok_s']:.1f} ({s['json_ratio']:.3f}: {s['json_sample']!r}), "

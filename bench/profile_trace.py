@@ -54,12 +54,17 @@ class StepProfile:
             return {"error": "no trace written"}
         data = ProfileData.from_file(files[-1])
         steps, blocking, device = [], [], []
+        kernels: dict[str, list[float]] = {}   # name -> [count, total ns]
         for plane in data.planes:
             if plane.name.startswith("/device:GPU"):
                 for line in plane.lines:
                     if line.name.startswith("Stream"):
                         device += [(e.start_ns, e.start_ns + e.duration_ns)
                                    for e in line.events]
+                        for e in line.events:
+                            k = kernels.setdefault(e.name[:80], [0, 0.0])
+                            k[0] += 1
+                            k[1] += e.duration_ns
             elif plane.name == "/host:CPU":
                 for line in plane.lines:
                     for e in line.events:
@@ -91,6 +96,9 @@ class StepProfile:
                 "device_busy_fraction": dev / window if window else 0.0,
                 "gpu_idle_ms": (window - dev) / 1e6,
                 "kernels": len(device),
+                "top_kernels": [{"name": n, "count": c, "total_us": t / 1e3}
+                                for n, (c, t) in sorted(kernels.items(),
+                                                        key=lambda kv: -kv[1][1])[:12]],
                 "median_step": {k: median(k) for k in rows[0]},
                 "host_us_per_step_mean": sum(r["host_us"] for r in rows) / len(rows),
                 "device_available": bool(device)}
