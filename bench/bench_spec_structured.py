@@ -37,7 +37,7 @@ PASSAGE = ("The committee met on Tuesday to review the budget for the coming yea
            "the final budget would be published in the spring after a public hearing.")
 
 
-def ngram(model, tokenizer, k: int, out_len: int) -> dict:
+def ngram(model, tokenizer, k: int, out_len: int, profile: bool = False) -> dict:
     from jaxrt.runtime.engine import Engine, SamplingParams
     prompt = (f"Passage: {PASSAGE}\n\nRewrite the passage above word for word.\n\n"
               f"Rewritten passage:")
@@ -58,6 +58,12 @@ def ngram(model, tokenizer, k: int, out_len: int) -> dict:
                       "wall_s": wall, "steps": st.steps - before.steps,
                       "acceptance_rate": st.spec_acceptance_rate,
                       "mean_accepted_length": st.spec_mean_accepted_length}
+        if profile:  # the same generation traced: host and device time a step
+            from bench.profile_trace import profile_steps
+            with profile_steps(engine) as prof:
+                engine.generate(prompt, params)
+            rows[name]["profile"] = prof.analyze()
+            print(f"profile {name}: {json.dumps(rows[name]['profile'])[:1500]}", flush=True)
     return {"k": k, "out_len": out_len,
             "identical": rows["plain"]["ids"] == rows["ngram"]["ids"],
             "speedup": rows["ngram"]["decode_tok_s"] / rows["plain"]["decode_tok_s"],
@@ -154,8 +160,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", action="store_true",
-                    help="structured: also trace a plain and a regex run "
-                         "(bench/profile_trace.py): host and device time a step, top kernels")
+                    help="also trace a plain and a regex run (structured), a plain and an ngram "
+                         "run (ngram) (bench/profile_trace.py): host and device time a "
+                         "step, top kernels")
     ap.add_argument("--only", choices=("ngram", "structured", "mask"), default=None,
                     help="run one part")
     ap.add_argument("--reps", type=int, default=1, help="structured: best of this many")
@@ -207,7 +214,8 @@ def main() -> None:
               "device": str(jax.devices()[0])}
     part = args.only
     if part in (None, "ngram"):
-        g = report["ngram"] = ngram(model, compiled.tokenizer, args.k, args.out_len)
+        g = report["ngram"] = ngram(model, compiled.tokenizer, args.k, args.out_len,
+                                     args.profile)
         print(f"ngram k={g['k']}: plain {g['plain_decode_tok_s']:.1f} tok/s, ngram "
               f"{g['ngram_decode_tok_s']:.1f} tok/s, speed-up {g['speedup']:.2f}x, "
               f"acceptance {g['ngram_acceptance_rate']:.2f}, mean accepted length "
