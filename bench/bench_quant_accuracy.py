@@ -7,11 +7,18 @@ how many prompts agree on all 32). Prints a table and writes JSON.
 
 w8a8-smoothquant calibrates data-free (the model's own samples, jaxrt/calibration.py);
 `w8a8-smoothquant:text` calibrates on --calib-text (bench/data/calibration.txt, other
-prose than the evaluated text).
+prose than the evaluated text). `MODE:gptq-text` / `MODE:gptq-free` take MODE's weight
+codes from GPTQ (jaxrt/gptq.py) calibrated on --calib-text / data-free; modes of one code
+dtype share one calibration (a row's `calibration_seconds` is 0 when it reused one).
 
     PYTHONPATH=. python bench/bench_quant_accuracy.py [--models smollm2-135m gemma3-270m]
-        [--modes int8-weight fp8-weight w8a8 fp8 w8a8-smoothquant w8a8-smoothquant:text]
-        [--out bench/results/quant_accuracy_cpu.json]
+        [--modes int8-weight fp8-weight w8a8 fp8 w8a8-smoothquant w8a8-smoothquant:text
+                 int8-weight:gptq-text w8a8:gptq-text fp8-weight:gptq-text fp8:gptq-text
+                 fp8-weight:gptq-free]
+        [--out bench/results/quant_accuracy_cpu.json] [--merge]
+
+--merge keeps the rows already in --out and replaces (or adds) only the measured ones,
+float included (its greedy tokens are every row's reference, so it always runs).
 """
 from __future__ import annotations
 
@@ -43,17 +50,32 @@ def measure(spec: str, modes: list[str], text: str, calib_text: str) -> list[dic
     prompts = [tok.encode_text(p) for p in PROMPTS]
     window = min(len(ids), loaded.config.max_position)
     need = max(window, max(len(p) for p in prompts) + NEW_TOKENS)
+    from jaxrt.passes.quantize import MODES
     rows, float_out = [], None
+    gptq_cals: dict[tuple, tuple[str, dict]] = {}  # (code dtype, text?) -> (dir, meta)
     for mode in ["", *modes]:
         start = time.perf_counter()
         quantize, _, calib_on = mode.partition(":")
-        calib = ""
+        calib, extra = "", {}
         if calib_on == "text":
             calib = tempfile.mkdtemp(prefix="calib-")
             calibrate_loaded(loaded, calib, data=calib_text)
+        elif calib_on in ("gptq-text", "gptq-free"):
+            key = (MODES[quantize][0], calib_on)
+            fresh = key not in gptq_cals
+            if fresh:
+                calib = tempfile.mkdtemp(prefix="gptq-")
+                meta = calibrate_loaded(loaded, calib, gptq=quantize,
+                                        data=calib_text if calib_on == "gptq-text" else None)
+                gptq_cals[key] = calib, meta
+            calib, meta = gptq_cals[key]
+            extra = {"calibration_tokens": meta["tokens"],
+                     "calibration_seconds": round(time.perf_counter() - start, 1) if fresh
+                     else 0.0, "gptq_seconds": meta["gptq"]["seconds"]}
         model = compile_loaded(loaded, target=Target("cpu", 4 << 30, "f32"),
                                max_model_len=need, num_pages=math.ceil(need / 16),
-                               max_num_seqs=1, quantize=quantize, calib=calib)
+                               max_num_seqs=1, quantize=quantize, calib=calib,
+                               quant_method="gptq" if calib_on.startswith("gptq") else "rtn")
         exe = model.executable()
         ppl = perplexity(exe, ids, context=window)
         outs = [greedy_generate(exe, p, NEW_TOKENS) for p in prompts]
@@ -65,24 +87,44 @@ def measure(spec: str, modes: list[str], text: str, calib_text: str) -> list[dic
                      "tokens": ppl.tokens, "windows": ppl.windows,
                      "greedy_prefix_mean": sum(prefix) / len(prefix),
                      "greedy_all_32": sum(p == NEW_TOKENS for p in prefix),
-                     "prompts": len(prompts), "seconds": round(time.perf_counter() - start, 1)})
+                     "prompts": len(prompts), "seconds": round(time.perf_counter() - start, 1),
+                     **extra})
         base = rows[0]["ppl"]
         r = rows[-1]
-        print(f"{spec:14s} {r['mode']:12s} ppl {r['ppl']:9.4f} ({(r['ppl'] / base - 1) * 100:+6.2f}%)"
+        print(f"{spec:14s} {r['mode']:20s} ppl {r['ppl']:9.4f} ({(r['ppl'] / base - 1) * 100:+6.2f}%)"
               f"  greedy prefix {r['greedy_prefix_mean']:5.1f}/{NEW_TOKENS}, "
               f"{r['greedy_all_32']}/{len(prompts)} identical  [{r['seconds']} s]",
               flush=True)
     return rows
 
 
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """`old` with each (model, mode) of `new` replaced in place, or added after its
+    model's last row (the model's rows at the end when it had none)."""
+    out = list(old)
+    for r in new:
+        same = [i for i, o in enumerate(out) if (o["model"], o["mode"]) == (r["model"],
+                                                                            r["mode"])]
+        if same:
+            out[same[0]] = r
+            continue
+        of_model = [i for i, o in enumerate(out) if o["model"] == r["model"]]
+        out.insert(of_model[-1] + 1 if of_model else len(out), r)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
-    p.add_argument("--modes", nargs="+", default=["int8-weight", "fp8-weight", "w8a8", "fp8",
-                                                  "w8a8-smoothquant", "w8a8-smoothquant:text"])
+    p.add_argument("--modes", nargs="+", default=[
+        "int8-weight", "fp8-weight", "w8a8", "fp8", "w8a8-smoothquant", "w8a8-smoothquant:text",
+        "int8-weight:gptq-text", "w8a8:gptq-text", "fp8-weight:gptq-text", "fp8:gptq-text",
+        "fp8-weight:gptq-free"])
     p.add_argument("--text", default=os.path.join(HERE, "data", "english.txt"))
     p.add_argument("--calib-text", default=os.path.join(HERE, "data", "calibration.txt"))
     p.add_argument("--out", default=os.path.join(HERE, "results", "quant_accuracy_cpu.json"))
+    p.add_argument("--merge", action="store_true",
+                   help="keep --out's other rows; replace or add the measured ones")
     args = p.parse_args(argv)
     with open(args.text, encoding="utf-8") as f:
         text = f.read()
@@ -91,6 +133,9 @@ def main(argv=None) -> int:
     rows = []
     for spec in args.models:
         rows += measure(spec, args.modes, text, calib_text)
+    if args.merge and os.path.exists(args.out):
+        with open(args.out, encoding="utf-8") as f:
+            rows = merge_rows(json.load(f)["rows"], rows)
     print("\n| model | mode | perplexity | vs float | greedy prefix (of 32) | identical |")
     print("|---|---|---|---|---|---|")
     base = {}

@@ -15,6 +15,18 @@ weight), and writes
     DIR/calibration.json          {format, model, arch, alpha, percentile, tokens, data,
                                    seed, groups: the linears sharing one input}
 
+With `--gptq MODE` (int8-weight, fp8-weight, w8a8, fp8) the same pass also accumulates
+H = X^T X / n (float64) per group of linears reading one input, then runs GPTQ
+(jaxrt/gptq.py) over each group's weights concatenated along their output rows (q/k/v
+share one H, gate/up another), and writes per linear weight W
+
+        <W>.gptq_codes  [out, in] i8 codes; for fp8 the u8 bit pattern of the e4m3fn codes
+                                  (safetensors' numpy reader has no fp8 type)
+        <W>.gptq_scale  [out, 1]  f32 per-output-channel scales (RTN's: compute_scale)
+
+and a `gptq` entry {mode, dtype, damp, block, act_order, tokens, seconds} in the JSON.
+quantize{method=gptq calib=DIR} reads those codes as they are.
+
 No pickle: safetensors and JSON only. The quantize pass reads `<W>.act_max` through
 `calibration()` weight definitions (jaxrt/ir/weights.py), recomputing s at its own alpha
 at load (`.smooth` records the factors at the calibration's alpha, for inspection).
@@ -29,11 +41,14 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .errors import InputError, SettingError
+from .gptq import (DEFAULT_BLOCK, DEFAULT_DAMP, Hessians, check_gptq_options,
+                   gptq_calibration)
+from .ir.types import DType
 
 FORMAT = 1
 TENSORS_FILE = "calibration.safetensors"
@@ -48,17 +63,23 @@ PAGE_SIZE = 16
 
 @dataclass(frozen=True)
 class Calibration:
-    """A calibration file as read: its path, content hash, metadata and the shape of
-    each `<weight>.act_max` tensor."""
+    """A calibration file as read: its path, content hash, metadata, the shape of each
+    `<weight>.act_max` tensor and of each `<weight>.gptq_codes` tensor."""
 
     file: str
     sha256: str
     meta: dict
     act_shapes: dict[str, tuple[int, ...]]  # weight name -> (in,)
+    gptq_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # -> (out, in)
 
     @property
     def alpha(self) -> float:
         return float(self.meta["alpha"])
+
+    @property
+    def gptq_dtype(self) -> DType | None:
+        """The dtype of the GPTQ codes (None: the calibration has none)."""
+        return DType(self.meta["gptq"]["dtype"]) if self.gptq_shapes else None
 
     def tensor_name(self, weight: str) -> str:
         return f"{weight}.act_max"
@@ -75,10 +96,12 @@ def check_options(alpha: float, percentile: float, num_tokens: int | None) -> No
 
 # ---- capture ------------------------------------------------------------------------------
 
-def capture_ranges(loaded, ids: list[int], percentile: float
+def capture_ranges(loaded, ids: list[int], percentile: float,
+                   hessians: Hessians | None = None
                    ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[list[str]]]:
     """({weight: (act_max [in], act_pct [in])}, groups of weights reading one input) of
-    one prefill of `ids` through the float model, by the reference interpreter."""
+    one prefill of `ids` through the float model, by the reference interpreter; with
+    `hessians`, also X^T X / n of each group's input, under its first weight's name."""
     from .frontends.build import build_module
     from .ir import interpreter, ops
     from .ir.types import substitute_dims
@@ -104,7 +127,10 @@ def capture_ranges(loaded, ids: list[int], percentile: float
         name = src.attrs.name
         ranges[name] = (x.max(axis=0), np.percentile(x, percentile, axis=0)
                         .astype(np.float32))
-        groups.setdefault(op.operands[0], []).append(name)
+        group = groups.setdefault(op.operands[0], [])
+        if hessians is not None and not group:  # one H per input, not per linear
+            hessians.add(name, values[0])
+        group.append(name)
 
     interpreter.run(module, "step", inputs, loaded.weights, observe=observe)
     if not ranges:
@@ -140,11 +166,15 @@ def sample_ids(loaded, num_tokens: int, seed: int) -> list[int]:
 
 def calibrate(model_spec: str, out_dir: str, *, data: str | None = None,
               alpha: float = DEFAULT_ALPHA, percentile: float = DEFAULT_PERCENTILE,
-              num_tokens: int | None = None, seed: int = 0, data_name: str = "") -> dict:
+              num_tokens: int | None = None, seed: int = 0, data_name: str = "",
+              gptq: str | None = None, gptq_damp: float = DEFAULT_DAMP,
+              gptq_block: int = DEFAULT_BLOCK) -> dict:
     """Calibrate `model_spec` (float weights) and write `out_dir`; returns the metadata.
-    `data`: the text itself (None: data-free), `data_name` where it came from."""
+    `data`: the text itself (None: data-free), `data_name` where it came from; `gptq`:
+    the quantize mode to write GPTQ codes for (None: none)."""
     from .frontends.sources import load_model, resolve_model
     check_options(alpha, percentile, num_tokens)
+    check_gptq_options(gptq, gptq_damp, gptq_block)
     if resolve_model(model_spec)[0] == "engine":
         raise InputError(f"{model_spec}: an engine directory; calibrate the model it was "
                          f"compiled from (its float weights)")
@@ -152,15 +182,18 @@ def calibrate(model_spec: str, out_dir: str, *, data: str | None = None,
         raise InputError("calibrate: the data text is empty")
     return calibrate_loaded(load_model(model_spec), out_dir, data=data, alpha=alpha,
                             percentile=percentile, num_tokens=num_tokens, seed=seed,
-                            model=model_spec, data_name=data_name)
+                            model=model_spec, data_name=data_name, gptq=gptq,
+                            gptq_damp=gptq_damp, gptq_block=gptq_block)
 
 
 def calibrate_loaded(loaded, out_dir: str, *, data: str | None = None,
                      alpha: float = DEFAULT_ALPHA, percentile: float = DEFAULT_PERCENTILE,
                      num_tokens: int | None = None, seed: int = 0, model: str = "",
-                     data_name: str = "") -> dict:
+                     data_name: str = "", gptq: str | None = None,
+                     gptq_damp: float = DEFAULT_DAMP, gptq_block: int = DEFAULT_BLOCK) -> dict:
     from .ir.weights import smooth_factors
     check_options(alpha, percentile, num_tokens)
+    check_gptq_options(gptq, gptq_damp, gptq_block)
     limit = loaded.config.max_position
     if data is None:
         n = min(num_tokens or DEFAULT_FREE_TOKENS, limit)
@@ -169,7 +202,8 @@ def calibrate_loaded(loaded, out_dir: str, *, data: str | None = None,
         ids = loaded.tokenizer.encode_text(data)[:min(num_tokens or DEFAULT_TOKENS, limit)]
         if len(ids) < 2:
             raise InputError(f"calibrate: the data text is {len(ids)} token(s); at least 2")
-    ranges, groups = capture_ranges(loaded, ids, percentile)
+    hessians = Hessians() if gptq else None
+    ranges, groups = capture_ranges(loaded, ids, percentile, hessians)
     tensors: dict[str, np.ndarray] = {}
     for group in groups:
         act = np.max([ranges[w][0] for w in group], axis=0)
@@ -181,6 +215,10 @@ def calibrate_loaded(loaded, out_dir: str, *, data: str | None = None,
             "alpha": alpha, "percentile": percentile, "tokens": len(ids),
             "data": "self-sampled" if data is None else (data_name or "text"), "seed": seed,
             "groups": groups}
+    if gptq:
+        meta["gptq"] = gptq_calibration(loaded.weights, groups, hessians, gptq, gptq_damp,
+                                        gptq_block, tensors)
+        meta["gptq"]["tokens"] = len(ids)
     write_calibration(out_dir, tensors, meta)
     return meta
 
@@ -218,7 +256,9 @@ def write_calibration(out_dir: str, tensors: dict[str, np.ndarray], meta: dict) 
     from safetensors.numpy import save_file
     try:
         os.makedirs(out_dir, exist_ok=True)
-        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
+        # f32, but GPTQ's codes: i8, or the u8 bits of e4m3fn codes
+        save_file({k: np.ascontiguousarray(v, v.dtype if v.dtype in (np.int8, np.uint8)
+                                           else np.float32) for k, v in tensors.items()},
                   os.path.join(out_dir, TENSORS_FILE))
         with open(os.path.join(out_dir, META_FILE), "w") as f:
             json.dump(meta, f, indent=1)
@@ -251,9 +291,15 @@ def file_sha256(path: str) -> str:
     return _HASHES[key]
 
 
+# GPTQ's code tensors: safetensors dtype -> the codes' dtype (fp8 stored as its u8 bits)
+GPTQ_CODE_DTYPES = {"I8": DType.int8, "U8": DType.f8e4m3}
+
+
 def read_calibration(path: str) -> Calibration:
     """A calibration directory (or its safetensors file), validated: every tensor f32
-    [in], named `<weight>.act_max|act_pct|smooth`, and a calibration.json of this format."""
+    [in], named `<weight>.act_max|act_pct|smooth`, or GPTQ's `<weight>.gptq_codes` (i8 /
+    u8 [out, in], the dtype calibration.json's `gptq` entry names) and
+    `<weight>.gptq_scale` (f32 [out, 1]); a calibration.json of this format."""
     from .frontends.errors import ModelFormatError
     from .frontends.hf_reader import read_safetensors_header
     file = os.path.abspath(calibration_file(path))
@@ -270,18 +316,35 @@ def read_calibration(path: str) -> Calibration:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(
             meta.get("alpha"), (int, float)):
         raise InputError(f"{meta_path}: not calibration metadata of format {FORMAT}")
-    shapes = {}
+    gptq = meta.get("gptq")
+    code_dtype = gptq.get("dtype") if isinstance(gptq, dict) else None
+    shapes, codes, scales = {}, {}, {}
     for name, e in header.items():
         weight, _, kind = name.rpartition(".")
-        if kind not in ("act_max", "act_pct", "smooth") or e.dtype != "F32" or \
-                len(e.shape) != 1:
+        if kind == "gptq_codes" and len(e.shape) == 2 and e.dtype in GPTQ_CODE_DTYPES:
+            if GPTQ_CODE_DTYPES[e.dtype].value != code_dtype:
+                says = f"says {code_dtype} codes" if code_dtype else "has no gptq entry"
+                raise InputError(f"{file}: GPTQ codes {name} are {e.dtype} "
+                                 f"({GPTQ_CODE_DTYPES[e.dtype].value}), but {META_FILE} "
+                                 f"{says}")
+            codes[weight] = tuple(e.shape)
+        elif kind == "gptq_scale" and len(e.shape) == 2 and e.dtype == "F32" and \
+                e.shape[1] == 1:
+            scales[weight] = e.shape[0]
+        elif kind in ("act_max", "act_pct", "smooth") and e.dtype == "F32" and \
+                len(e.shape) == 1:
+            if kind == "act_max":
+                shapes[weight] = tuple(e.shape)
+        else:
             raise InputError(f"{file}: tensor {name} ({e.dtype}{list(e.shape)}) is not "
                              f"a calibration tensor")
-        if kind == "act_max":
-            shapes[weight] = tuple(e.shape)
     if not shapes:
         raise InputError(f"{file}: the calibration holds no activation ranges")
-    return Calibration(file, file_sha256(file), meta, shapes)
+    for weight in codes.keys() | scales.keys():
+        if scales.get(weight) != codes.get(weight, (None,))[0]:
+            raise InputError(f"{file}: GPTQ weight {weight} needs both .gptq_codes [out, "
+                             f"in] and .gptq_scale [out, 1]")
+    return Calibration(file, file_sha256(file), meta, shapes, codes)
 
 
 def read_calibration_tensor(file: str, tensor: str, sha256: str) -> np.ndarray:

@@ -154,6 +154,7 @@ def default_pipeline(target: Target, *, page_size: int = 16, memory_fraction: fl
                      max_num_batched_tokens: int = 2048, num_pages: int = 0,
                      outline_layers: bool | None = None, tensor_parallel: int = 1,
                      data_parallel: int = 1, quantize: str = "", calib: str = "",
+                     quant_method: str = "rtn",
                      fuse: bool | None = None, kv_reserve_gib: float = 0.0,
                      kv_companion_bytes_per_token: int = 0) -> str:
     """The pipeline `load` runs. `outline_layers` compiles the repeated layers once (a scan
@@ -171,7 +172,9 @@ def default_pipeline(target: Target, *, page_size: int = 16, memory_fraction: fl
     the cache's per-head rows shard like a float cache's); a weight mode and a KV mode
     combine as `int8-weight+kv-int8` (the spelling `quantize_mode` reads back).
     `calib` is the calibration directory (jaxrt calibrate) that w8a8-smoothquant needs;
-    the pass smooths at the alpha the calibration was made with.
+    the pass smooths at the alpha the calibration was made with. `quant_method="gptq"`
+    takes the weight codes GPTQ chose in `calib` (jaxrt calibrate --gptq MODE) instead of
+    rounding to nearest ("rtn").
 
     `kv_reserve_gib` / `kv_companion_bytes_per_token`: memory another model on the device
     holds besides its cache, and the bytes per token of its cache, which shares this
@@ -207,11 +210,12 @@ def default_pipeline(target: Target, *, page_size: int = 16, memory_fraction: fl
     kv_quant = [kv_quant_pass(m) for m in kv_modes]
     quantize = weight_modes[0] if weight_modes else ""
     if quantize:
-        passes += cast + [_quantize_pass(quantize, calib)]
+        passes += cast + [_quantize_pass(quantize, calib, quant_method)]
         cast = []
-    elif calib:
-        raise SettingError("calib: a calibration is for quantize=w8a8-smoothquant; no "
-                           "weight quantization was asked for")
+    elif calib or quant_method != "rtn":
+        what = "calib: a calibration" if calib else f"quant_method={quant_method!r}"
+        raise SettingError(f"{what} is for a weight quantization (w8a8-smoothquant, or "
+                           f"quant_method='gptq'); no weight quantization was asked for")
     if outline_layers:
         passes.append("outline-layers")
     if fuse:
@@ -241,9 +245,13 @@ def needs_calibration(quantize: str) -> bool:
     return any(m.strip() in CALIBRATED_MODES for m in (quantize or "").split("+"))
 
 
-def _quantize_pass(mode: str, calib: str) -> str:
-    """quantize{mode=...}, with the calibration and its alpha for a calibrated mode."""
+def _quantize_pass(mode: str, calib: str, method: str = "rtn") -> str:
+    """quantize{mode=...}, with the calibration and its alpha for a calibrated mode, or
+    the calibration holding GPTQ's codes for method gptq."""
     from .passes.quantize import CALIBRATED_MODES, Quantize
+    if method != "rtn":
+        return str(Quantize(mode=mode, method=method,
+                            calib=os.path.abspath(calib) if calib else ""))
     if mode not in CALIBRATED_MODES:
         Quantize(mode=mode, calib=calib)  # refuses a stray calib
         return f"quantize{{mode={mode}}}"  # spelled out, the default mode too
@@ -297,6 +305,7 @@ def check_engine_settings(model: CompiledModel, spec: str, *, pipeline: str | No
     plan = model.kv_plan
     mesh = dict(model.module.attributes.get("mesh") or {})
     quant = quantize_mode(model.module)
+    method = model.module.attributes.get("quantization", {}).get("method", "rtn")
     float_dtype = model.module.attributes.get("float_dtype", "f32")
     outlined = "outline-layers" in (model.pipeline or "").split(",")
     fused = any(p.split("{")[0].startswith("fuse-") for p in (model.pipeline or "").split(","))
@@ -316,6 +325,7 @@ def check_engine_settings(model: CompiledModel, spec: str, *, pipeline: str | No
     given = dict(plan_options)
     checks = (  # (option, unset value, compiled value, a different value conflicts?)
         ("quantize", "", quant, None),
+        ("quant_method", "rtn", method, None),
         ("tensor_parallel", 1, int(mesh.get("tp", 1)), None),
         ("data_parallel", 1, int(mesh.get("dp", 1)), None),
         ("page_size", None, plan["page_size"], None),

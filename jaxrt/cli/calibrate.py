@@ -1,8 +1,11 @@
 """jaxrt calibrate MODEL [--data FILE] -o DIR: activation ranges and SmoothQuant factors
-of every linear projection (jaxrt/calibration.py), for quantize{mode=w8a8-smoothquant}:
+of every linear projection (jaxrt/calibration.py), for quantize{mode=w8a8-smoothquant},
+and with --gptq MODE the weight codes GPTQ picks (jaxrt/gptq.py), for quantize{method=gptq}:
 
     jaxrt calibrate smollm2-135m --data calib.txt -o calib/
     jaxrt compile smollm2-135m -q w8a8-smoothquant --calib calib/ -o engine/
+    jaxrt calibrate smollm2-135m --data calib.txt --gptq fp8 -o calib-gptq/
+    jaxrt compile smollm2-135m -q fp8 --gptq --calib calib-gptq/ -o engine-gptq/
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from jaxrt.errors import InputError, read_text_file
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from jaxrt.calibration import (DEFAULT_ALPHA, DEFAULT_FREE_TOKENS, DEFAULT_PERCENTILE,
                                    DEFAULT_TOKENS)
+    from jaxrt.gptq import DEFAULT_BLOCK, DEFAULT_DAMP
     p.add_argument("model", help=".gguf file, Hugging Face directory or alias (float "
                                  "weights; not an engine directory)")
     p.add_argument("-o", "--output", required=True, help="directory to write "
@@ -31,11 +35,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"tokens run through the model, at most its context (default "
                         f"{DEFAULT_TOKENS} of --data, {DEFAULT_FREE_TOKENS} sampled)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (data-free)")
+    p.add_argument("--gptq", default=None, metavar="MODE",
+                   help="also choose the weight codes of quantize mode MODE (int8-weight, "
+                        "fp8-weight, w8a8, fp8) by GPTQ, for -q MODE --gptq")
+    p.add_argument("--gptq-damp", type=float, default=DEFAULT_DAMP, metavar="D",
+                   help=f"GPTQ's damping, as a fraction of the mean of diag(X^T X) "
+                        f"(default {DEFAULT_DAMP})")
+    p.add_argument("--gptq-block", type=int, default=DEFAULT_BLOCK, metavar="B",
+                   help=f"columns per GPTQ lazy-update block (default {DEFAULT_BLOCK})")
 
 
 def run(args) -> int:
     from jaxrt.calibration import calibrate, check_options
+    from jaxrt.gptq import check_gptq_options
     check_options(args.alpha, args.percentile, args.num_tokens)  # before any loading
+    check_gptq_options(args.gptq, args.gptq_damp, args.gptq_block)
     data = None
     if args.data is not None:
         data = read_text_file(args.data, "a calibration text file (--data)")
@@ -44,9 +58,13 @@ def run(args) -> int:
     start = time.perf_counter()
     meta = calibrate(args.model, args.output, data=data, alpha=args.alpha,
                      percentile=args.percentile, num_tokens=args.num_tokens, seed=args.seed,
-                     data_name=args.data or "")
+                     data_name=args.data or "", gptq=args.gptq, gptq_damp=args.gptq_damp,
+                     gptq_block=args.gptq_block)
     source = f"{args.data}" if data is not None else f"self-sampled text (seed {args.seed})"
+    gptq = meta.get("gptq")
+    codes = (f", GPTQ {gptq['dtype']} codes for {gptq['mode']} ({gptq['seconds']} s)"
+             if gptq else "")
     print(f"wrote {args.output}: {sum(map(len, meta['groups']))} linears in "
           f"{len(meta['groups'])} input groups, {meta['tokens']} tokens of {source}, "
-          f"alpha {meta['alpha']}; {time.perf_counter() - start:.1f} s")
+          f"alpha {meta['alpha']}{codes}; {time.perf_counter() - start:.1f} s")
     return 0

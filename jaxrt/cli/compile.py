@@ -19,7 +19,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "quantize{mode=...} / quantize-kv-cache{dtype=...} in the pipeline")
     p.add_argument("--calib", default=None, metavar="DIR",
                    help="calibration (jaxrt calibrate) for -q w8a8-smoothquant (default: "
-                        "a data-free calibration, made once per model file)")
+                        "a data-free calibration, made once per model file), or with "
+                        "--gptq the calibration holding GPTQ's codes")
+    p.add_argument("--gptq", action="store_true",
+                   help="take -q's weight codes from --calib (jaxrt calibrate --gptq MODE) "
+                        "instead of rounding to nearest")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: by device)")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="shard the engine over N devices (the shard pass; docs/parallelism.md)")
@@ -43,11 +47,18 @@ def run(args) -> int:
         raise SettingError(f"-q {args.quantize} applies to the default pipeline; with -p, "
                            f"write quantize{{mode=...}} / quantize-kv-cache{{dtype=...}} in "
                            f"the pipeline")
+    if args.gptq and not args.quantize:
+        raise SettingError("--gptq chooses -q's weight codes; give -q MODE (with -p, write "
+                           "quantize{method=gptq calib=DIR} in the pipeline)")
+    if args.gptq and not args.calib:
+        raise SettingError("--gptq needs --calib DIR, a calibration with GPTQ codes "
+                           "(jaxrt calibrate MODEL --gptq MODE -o DIR)")
     start = time.perf_counter()
     model = load(args.model, pipeline=args.pipeline, dtype=args.dtype,
                  page_size=args.page_size, max_model_len=args.max_model_len,
                  max_num_seqs=args.max_num_seqs, outline_layers=layers_choice(args.layers),
                  quantize=args.quantize or "", calib=args.calib or "",
+                 quant_method="gptq" if args.gptq else "rtn",
                  tensor_parallel=args.tensor_parallel,
                  data_parallel=args.data_parallel)
     save_engine(model, args.output)

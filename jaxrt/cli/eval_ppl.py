@@ -7,12 +7,21 @@ is scored once. `-q MODE` quantizes the model first (jaxrt/passes/quantize.py), 
 its KV cache (kv-int8, kv-fp8: jaxrt/passes/quantize_kv_cache.py). w8a8-smoothquant
 smooths with the calibration `--calib DIR` (jaxrt calibrate), else with a data-free one
 (jaxrt/calibration.py): never with the evaluated text.
+
+`--gptq` takes -q's weight codes from GPTQ (jaxrt/gptq.py) instead of rounding to
+nearest: calibrated in a temporary directory on the text `--calib FILE`, or data-free
+(the model's own samples) without --calib, never on the evaluated text; `--calib DIR`
+naming a calibration made with `jaxrt calibrate --gptq MODE` uses its codes as they are.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
+import shutil
+import tempfile
 import time
 
 from jaxrt.errors import InputError, SettingError, read_text_file
@@ -31,7 +40,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "joined by +")
     p.add_argument("--calib", default=None, metavar="DIR",
                    help="calibration (jaxrt calibrate) for -q w8a8-smoothquant (default: "
-                        "data-free, the model's own samples)")
+                        "data-free, the model's own samples); with --gptq, a text FILE to "
+                        "calibrate on, or a calibration DIR with GPTQ codes")
+    p.add_argument("--gptq", action="store_true",
+                   help="choose -q's weight codes by GPTQ (int8-weight, fp8-weight, w8a8, "
+                        "fp8), calibrated on --calib (default: data-free)")
     p.add_argument("--context", type=int, default=None,
                    help="window length in tokens (default: the model's context length)")
     p.add_argument("--stride", type=int, default=None,
@@ -40,11 +53,57 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def gptq_mode(quantize: str | None) -> str:
+    """The weight mode of `-q` that --gptq chooses codes for; SettingError if none fits."""
+    from jaxrt.gptq import gptq_modes
+    from jaxrt.passes.quantize import CALIBRATED_MODES
+    modes = ", ".join(gptq_modes())
+    parts = [m.strip() for m in quantize.split("+")] if quantize else []
+    weight = [m for m in parts if not m.startswith("kv-")]
+    if not weight:
+        only_kv = f" (-q {quantize} quantizes only the KV cache)" if quantize else ""
+        raise SettingError(f"--gptq chooses weight codes: give -q MODE, one of {modes}"
+                           f"{only_kv}")
+    if weight[0] not in gptq_modes():
+        why = (" (SmoothQuant's smoothing changes the weights GPTQ would quantize)"
+               if weight[0] in CALIBRATED_MODES else "")
+        raise SettingError(f"--gptq with -q {weight[0]}: GPTQ chooses codes for {modes}{why}")
+    return weight[0]
+
+
+def is_calibration(path: str) -> bool:
+    from jaxrt.calibration import TENSORS_FILE
+    return os.path.isdir(path) or os.path.basename(path) == TENSORS_FILE
+
+
+@contextlib.contextmanager
+def gptq_calibration(loaded, mode: str, calib: str | None):
+    """A calibration directory with GPTQ codes for `mode`: `calib` itself when it is one,
+    else made in a temporary directory (removed afterwards) on the text file `calib`, or
+    data-free without one."""
+    from jaxrt.calibration import calibrate_loaded
+    if calib and is_calibration(calib):
+        yield calib
+        return
+    data = None
+    if calib:
+        data = read_text_file(calib, "a calibration text file (--calib)")
+        if not data.strip():
+            raise InputError(f"{calib}: the calibration text file is empty")
+    out = tempfile.mkdtemp(prefix="jaxrt-gptq-")
+    try:
+        calibrate_loaded(loaded, out, data=data, gptq=mode, data_name=calib or "")
+        yield out
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def evaluate(model_spec: str, ids: list[int] | None = None, *, text: str | None = None,
-             quantize: str | None = None, calib: str | None = None,
+             quantize: str | None = None, calib: str | None = None, gptq: bool = False,
              context: int | None = None,
              stride: int | None = None, dtype: str | None = None):
-    """(Perplexity, compiled model) of `ids` (or `text`, tokenized here)."""
+    """(Perplexity, compiled model) of `ids` (or `text`, tokenized here). `gptq`: -q's
+    weight codes by GPTQ, calibrated on `calib` (gptq_calibration)."""
     from jaxrt.compiler import Target, compile_loaded, load_engine
     from jaxrt.frontends.sources import load_model, resolve_model
     from jaxrt.perplexity import perplexity, plan_windows
@@ -57,11 +116,13 @@ def evaluate(model_spec: str, ids: list[int] | None = None, *, text: str | None 
         where = f"in [1, --context - 1] = [1, {context - 1}]" if context is not None \
             else ">= 1"
         raise SettingError(f"--stride must be {where}, got {stride}")
+    mode = gptq_mode(quantize) if gptq else None
     kind, path = resolve_model(model_spec)
     if kind == "engine":
-        if quantize or dtype or calib:
-            raise SettingError(f"-q/--calib/--dtype: {model_spec} is an engine directory, compiled "
-                               f"with its pipeline fixed (jaxrt compile -p ...)")
+        if quantize or dtype or calib or gptq:
+            raise SettingError(f"-q/--calib/--dtype/--gptq: {model_spec} is an engine "
+                               f"directory, compiled with its pipeline fixed (jaxrt compile "
+                               f"-p ...)")
         source = load_engine(path)
         limit = source.kv_plan["max_model_len"]
     else:
@@ -79,28 +140,34 @@ def evaluate(model_spec: str, ids: list[int] | None = None, *, text: str | None 
     window = min(context, len(ids))
     plan_windows(len(ids), context, stride)  # refuse bad windows before compiling
     if kind == "engine":
-        model = source
-    else:
+        return perplexity(source.executable(), ids, context, stride), source
+    with (gptq_calibration(source, mode, calib) if gptq
+          else contextlib.nullcontext(calib)) as calib_dir:
         model = compile_loaded(source, target=Target.detect(dtype), max_model_len=window,
                                num_pages=math.ceil(window / PAGE_SIZE), page_size=PAGE_SIZE,
-                               max_num_seqs=1, quantize=quantize or "", calib=calib or "")
-    exe = model.executable()
-    return perplexity(exe, ids, context, stride), model
+                               max_num_seqs=1, quantize=quantize or "", calib=calib_dir or "",
+                               quant_method="gptq" if gptq else "rtn")
+        return perplexity(model.executable(), ids, context, stride), model
 
 
 def run(args) -> int:
     text = read_text_file(args.text, "a text file (--text)")
     if not text.strip():
         raise InputError(f"{args.text}: the text file is empty")
+    if args.gptq and args.calib and os.path.isfile(args.calib) and \
+            os.path.samefile(args.calib, args.text):
+        raise SettingError("--gptq --calib: the calibration text is the evaluated text "
+                           "(--text); calibrate on other text")
     start = time.perf_counter()
     result, model = evaluate(args.model, text=text, quantize=args.quantize, calib=args.calib,
-                             context=args.context, stride=args.stride, dtype=args.dtype)
+                             gptq=args.gptq, context=args.context, stride=args.stride,
+                             dtype=args.dtype)
     seconds = time.perf_counter() - start
     if args.json:
-        print(json.dumps({**result.to_json(), "quantize": args.quantize,
+        print(json.dumps({**result.to_json(), "quantize": args.quantize, "gptq": args.gptq,
                           "seconds": round(seconds, 2)}))
     else:
-        q = f" ({args.quantize})" if args.quantize else ""
+        q = f" ({args.quantize}{', GPTQ' if args.gptq else ''})" if args.quantize else ""
         print(f"{args.model}{q}: perplexity {result.ppl:.4f}, nll {result.nll:.5f} nats/token "
               f"over {result.tokens} tokens in {result.windows} window(s), {seconds:.1f} s")
     return 0

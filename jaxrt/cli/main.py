@@ -15,7 +15,7 @@ SUBCOMMANDS = {
     "inspect": "Summarize IR text, a model or an engine directory.",
     "dump": "Print the IR of a model (optionally after a pipeline).",
     "generate": "Generate text with a model.",
-    "calibrate": "Record activation ranges and SmoothQuant factors of a model.",
+    "calibrate": "Record activation ranges, SmoothQuant factors and GPTQ codes of a model.",
     "compile": "Compile a model into an engine directory.",
     "bench": "Run an offline serving benchmark.",
     "serve": "Serve a model over the OpenAI HTTP API.",

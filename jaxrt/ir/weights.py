@@ -8,8 +8,8 @@ as a pure function of other weights:
 
 Passes add definitions (outline-layers stacks per-layer weights, cast-float casts them,
 fusion will concatenate, `quantize` computes scales and codes and, for SmoothQuant, the
-smoothing factors from calibrated activation ranges read from a calibration file:
-jaxrt/calibration.py); `materialize` evaluates the ones a
+smoothing factors from calibrated activation ranges read from a calibration file, or
+reads GPTQ's codes and scales from one: jaxrt/calibration.py); `materialize` evaluates the ones a
 module still uses, on the host, exactly once. Source data must already have the declared
 type: a mismatch is an error, never a silent cast.
 """
@@ -165,12 +165,25 @@ def _infer_calibration(d, ts):
     for key in ("file", "tensor", "sha256"):
         if not isinstance(d.attr(key), str):
             raise VerifyError(f"calibration: {key} must be a string, got {d.attr(key)!r}")
-    return TensorType(shape, DType.f32)
+    dtype = d.attr("dtype", DType.f32)
+    if dtype != DType.f32:
+        check_quant_dtype(dtype, "calibration")
+    return TensorType(shape, dtype)
+
+
+# how a calibration file stores each dtype: fp8 codes as their u8 bits (no fp8 type in
+# safetensors' numpy reader), the rest as themselves
+_CALIBRATION_STORAGE = {DType.f32: np.float32, DType.int8: np.int8, DType.f8e4m3: np.uint8}
 
 
 def _eval_calibration(d, xs):
     from jaxrt.calibration import read_calibration_tensor
-    return read_calibration_tensor(d.attr("file"), d.attr("tensor"), d.attr("sha256"))
+    arr = read_calibration_tensor(d.attr("file"), d.attr("tensor"), d.attr("sha256"))
+    dtype = d.attr("dtype", DType.f32)
+    if arr.dtype != _CALIBRATION_STORAGE[dtype]:
+        raise InputError(f"{d.attr('file')}: tensor {d.attr('tensor')} is {arr.dtype}, "
+                         f"not {np.dtype(_CALIBRATION_STORAGE[dtype])} ({dtype.value} data)")
+    return arr.view(dtype.to_numpy())
 
 
 def _vector_for(t: TensorType, s: TensorType, what: str) -> None:
@@ -265,10 +278,11 @@ _DEFS: dict[str, tuple[int | None, tuple[str, ...], Callable, Callable]] = {
     # quantize(@w, @scale) {dtype}: the codes of w / scale (jaxrt/ir/quant.py)
     "quantize": (2, ("dtype",), _infer_quantize,
                  lambda d, xs: quantize(xs[0], xs[1], d.attr("dtype"))),
-    # calibration() {file, tensor, shape, sha256}: f32 data of a calibration file's tensor
-    # (jaxrt calibrate); sha256 is the file's, checked when read (and part of the weight
-    # cache's key, so a recalibrated file is never served from the cache)
-    "calibration": (0, ("file", "tensor", "shape", "sha256"), _infer_calibration,
+    # calibration() {file, tensor, shape, sha256, dtype?}: data of a calibration file's
+    # tensor (jaxrt calibrate): f32, or GPTQ's i8 / f8e4m3fn codes (dtype); sha256 is the
+    # file's, checked when read (and part of the weight cache's key, so a recalibrated
+    # file is never served from the cache)
+    "calibration": (0, ("file", "tensor", "shape", "sha256", "dtype"), _infer_calibration,
                     _eval_calibration),
     # smooth_factor(@act_max, @w...) {alpha}: SmoothQuant's per-input-channel factors
     "smooth_factor": (None, ("alpha",), _infer_smooth_factor, _eval_smooth_factor),
@@ -300,6 +314,16 @@ def infer_def(d: WeightDef, source_types: list[TensorType]) -> TensorType:
     if extra:
         raise VerifyError(f"{d.op}: unknown attribute(s) {sorted(extra)}")
     return infer(d, source_types)
+
+
+def define_weight(module, name: str, d: WeightDef) -> str:
+    """Adds weight `name` (suffixed with "_" until unused) defined by `d`, its type inferred
+    from the sources'; returns the name it got."""
+    while name in module.weights:
+        name += "_"
+    module.weights[name] = infer_def(d, [module.weights[s] for s in d.sources])
+    module.weight_defs[name] = d
+    return name
 
 
 def verify_defs(weights: Mapping[str, TensorType], defs: Mapping[str, WeightDef]) -> None:

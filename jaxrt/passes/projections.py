@@ -15,7 +15,7 @@ import os
 
 from jaxrt.ir import ops
 from jaxrt.ir.module import Module, Op, Value
-from jaxrt.ir.weights import WeightDef, infer_def
+from jaxrt.ir.weights import WeightDef, define_weight
 
 
 def plain_projection(op: Op, x: Value) -> bool:
@@ -58,12 +58,7 @@ def define_concat(module: Module, names: list[str]) -> str:
     for name, existing in module.weight_defs.items():
         if existing == d:
             return name
-    name = fused_name(names)
-    while name in module.weights:
-        name += "_"
-    module.weights[name] = infer_def(d, [module.weights[n] for n in names])
-    module.weight_defs[name] = d
-    return name
+    return define_weight(module, fused_name(names), d)
 
 
 def fused_name(names: list[str]) -> str:

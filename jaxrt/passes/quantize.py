@@ -24,6 +24,18 @@ and multiply the weight's columns before its int8 codes are taken; activations a
 quantized per token at run time, as in w8a8 (no static activation scales). Without
 `calib` it is refused.
 
+`method=gptq` (modes int8-weight, fp8-weight, w8a8, fp8; granularity=channel) takes the
+codes and scales GPTQ chose at calibration (`jaxrt calibrate --gptq MODE`, jaxrt/gptq.py)
+instead of rounding to nearest (`method=rtn`): `calib=DIR` names a calibration holding
+codes of the mode's dtype, read as weight definitions
+
+    weight @w.i8.scale : f32[out, 1] = calibration() {file, tensor = "w.gptq_scale", ...}
+    weight @w.i8 : i8[out, in] = calibration() {file, tensor = "w.gptq_codes", ..., dtype}
+
+and a fused projection concatenates its parts' codes and scales along the output rows
+(per-channel scales are per row, so that is what RTN gives the fused weight too). A cast
+weight (cast-float) takes the codes of its f32 source: GPTQ quantized the f32 weights.
+
 Not quantized: the embedding table and the LM head (`llm.embedding`, `llm.logits`).
 An embedding lookup reads one row per token (quantizing it saves memory, not time), and
 the small models here tie the head to that table (SmolLM2, Gemma 3): a quantized head
@@ -46,6 +58,7 @@ from jaxrt.ir.quant import GRANULARITIES, group_count
 from jaxrt.ir.types import DType
 from jaxrt.ir.weights import WeightDef, infer_def, prune_weights
 
+from .gptq_codes import GPTQCodes
 from .manager import Pass, PassContext, PipelineError, register_pass
 from .name_pattern import compile_name_pattern
 from .smooth_quant import Smoother, check_calibration
@@ -55,6 +68,7 @@ MODES = {"int8-weight": (DType.int8, "none"), "fp8-weight": (DType.f8e4m3, "none
          "w8a8": (DType.int8, "token"), "fp8": (DType.f8e4m3, "token"),
          "w8a8-smoothquant": (DType.int8, "token")}
 CALIBRATED_MODES = ("w8a8-smoothquant",)
+METHODS = ("rtn", "gptq")  # round to nearest; GPTQ's codes from a calibration
 QUANT_OPS = (ops.quantize, ops.dequantize, ops.quantized_linear)
 
 
@@ -71,16 +85,23 @@ class Quantize(Pass):
     granularity: str = "channel"
     group_size: int = 128  # input elements per scale (granularity=group)
     exclude: str = ""  # name pattern (a linear-time regex) of weights left in float
-    calib: str = ""  # calibration directory (jaxrt calibrate), for w8a8-smoothquant
+    calib: str = ""  # calibration directory (jaxrt calibrate): w8a8-smoothquant, gptq
     alpha: float = 0.5  # SmoothQuant's migration strength: s = max|X|^a / max|W|^(1-a)
+    method: str = "rtn"  # rtn: round to nearest; gptq: the calibration's GPTQ codes
 
     def __post_init__(self):
+        if self.method not in METHODS:
+            raise SettingError(f"quantize: method must be one of {', '.join(METHODS)}, got "
+                               f"{self.method!r}")
+        if self.method == "gptq":
+            self._check_gptq()
         if self.mode in CALIBRATED_MODES and not self.calib:
             raise SettingError(f"quantize: mode {self.mode} needs a calibration: run "
                                f"`jaxrt calibrate MODEL -o DIR` and give calib=DIR (--calib)")
-        if self.calib and self.mode not in CALIBRATED_MODES:
+        if self.calib and self.mode not in CALIBRATED_MODES and self.method != "gptq":
             raise SettingError(f"quantize: calib is for mode "
-                               f"{'/'.join(CALIBRATED_MODES)}, not {self.mode}")
+                               f"{'/'.join(CALIBRATED_MODES)} or method=gptq, not "
+                               f"{self.mode}")
         if not 0.0 <= self.alpha <= 1.0:
             raise SettingError(f"quantize: alpha must be in [0, 1], got {self.alpha}")
         if self.mode not in MODES:
@@ -97,6 +118,17 @@ class Quantize(Pass):
             raise SettingError(f"quantize: exclude is not a regular expression jaxrt "
                                f"accepts: {e}") from None
 
+    def _check_gptq(self) -> None:
+        if self.mode in CALIBRATED_MODES:
+            raise SettingError(f"quantize: method=gptq does not combine with {self.mode} "
+                               f"(smoothing changes the weights GPTQ quantized); use w8a8")
+        if not self.calib:
+            raise SettingError("quantize: method=gptq needs calib=DIR, a calibration with "
+                               "GPTQ codes (`jaxrt calibrate MODEL --gptq MODE -o DIR`)")
+        if self.granularity != "channel":
+            raise SettingError(f"quantize: method=gptq has per-channel scales; "
+                               f"granularity={self.granularity} is not available with it")
+
     def run(self, module: Module, ctx: PassContext) -> None:
         if is_quantized(module):
             done = module.attributes.get("quantization", {}).get("mode", "quant.* ops")
@@ -109,11 +141,13 @@ class Quantize(Pass):
         exclude = compile_name_pattern(self.exclude) if self.exclude else None
         made: dict[str, tuple[str, str]] = {}  # float weight -> (codes, scales)
         excluded: set[str] = set()
-        smoother = None
+        smoother = gptq = None
         if self.mode in CALIBRATED_MODES:
             cal = read_calibration(self.calib)
             check_calibration(module, cal)
             smoother = Smoother(module, cal, self.alpha)
+        elif self.method == "gptq":
+            gptq = GPTQCodes(module, read_calibration(self.calib), self.mode)
 
         def candidate(op: Op) -> bool:
             src = op.operands[1].owner if op.opdef is ops.linear else None
@@ -135,7 +169,8 @@ class Quantize(Pass):
                     continue
                 wname = smoothed.get(op) or op.operands[1].owner.attrs.name
                 if wname not in made:
-                    made[wname] = self._define(module, wname, dtype)
+                    made[wname] = gptq.define(wname) if gptq else \
+                        self._define(module, wname, dtype)
                 qname, sname = made[wname]
                 wq = make_op(ops.weight, [], {"name": qname}, [module.weights[qname]])
                 ws = make_op(ops.weight, [], {"name": sname}, [module.weights[sname]])
@@ -150,7 +185,7 @@ class Quantize(Pass):
             raise PipelineError(f"quantize: no llm.linear reads a weight to quantize{why}")
         prune_weights(module)
         module.attributes["quantization"] = {
-            "mode": self.mode, "granularity": self.granularity,
+            "mode": self.mode, "method": self.method, "granularity": self.granularity,
             "group_size": self.group_size if self.granularity == "group" else 0,
             "weights": len(made), "excluded": sorted(excluded)}
         if smoother is not None:

@@ -28,7 +28,7 @@ from jaxrt.calibration import Calibration
 from jaxrt.errors import InputError
 from jaxrt.ir import ops
 from jaxrt.ir.module import Function, Module, Op, Value, make_op
-from jaxrt.ir.weights import WeightDef, infer_def
+from jaxrt.ir.weights import WeightDef, define_weight
 
 
 def check_calibration(module: Module, cal: Calibration) -> None:
@@ -41,14 +41,6 @@ def check_calibration(module: Module, cal: Calibration) -> None:
         if t.rank != 2 or t.shape[1] != cols:
             raise InputError(f"calibration {cal.file} does not match the model: weight "
                              f"{name} is {t}, the calibration's input has {cols} channels")
-
-
-def _define(module: Module, name: str, d: WeightDef) -> str:
-    while name in module.weights:
-        name += "_"
-    module.weights[name] = infer_def(d, [module.weights[s] for s in d.sources])
-    module.weight_defs[name] = d
-    return name
 
 
 def _calibrated_sources(module: Module, name: str, cal: Calibration) -> list[str]:
@@ -80,7 +72,7 @@ class Smoother:
         src = found[0]  # one input: the calibration recorded the same range for each
         if src not in self.act:
             shape = self.cal.act_shapes[src]
-            self.act[src] = _define(self.module, self.cal.tensor_name(src), WeightDef(
+            self.act[src] = define_weight(self.module, self.cal.tensor_name(src), WeightDef(
                 "calibration", (), (("file", self.cal.file),
                                     ("tensor", self.cal.tensor_name(src)),
                                     ("shape", shape), ("sha256", self.cal.sha256))))
@@ -98,9 +90,9 @@ class Smoother:
         m = self.module
         for x, group in groups.items():
             names = list(dict.fromkeys(op.operands[1].owner.attrs.name for op in group))
-            s = _define(m, f"{names[0]}.smooth", WeightDef(
+            s = define_weight(m, f"{names[0]}.smooth", WeightDef(
                 "smooth_factor", (self.act_range(names), *names), (("alpha", self.alpha),)))
-            scaled = {n: _define(m, f"{n}.smoothed", WeightDef("scale_columns", (n, s)))
+            scaled = {n: define_weight(m, f"{n}.smoothed", WeightDef("scale_columns", (n, s)))
                       for n in names}
             for op in group:
                 smoothed[op] = scaled[op.operands[1].owner.attrs.name]
@@ -111,7 +103,7 @@ class Smoother:
             if widx is not None and x.index == widx[0] and only_group and \
                     norm.operands[widx[1]].owner.opdef is ops.weight:
                 g = norm.operands[widx[1]].owner.attrs.name
-                g2 = _define(m, f"{g}.smoothed", WeightDef(
+                g2 = define_weight(m, f"{g}.smoothed", WeightDef(
                     "smooth_norm", (g, s), (("offset", float(norm.attrs.offset)),)))
                 read = make_op(ops.weight, [], {"name": g2}, [m.weights[g2]])
                 norm.operands = [*norm.operands[:widx[1]], read.result,
@@ -119,7 +111,7 @@ class Smoother:
                 before.setdefault(norm, []).append(read)
                 self.folded += 1
             else:
-                inv = _define(m, f"{s}.inv", WeightDef("reciprocal", (s,),
+                inv = define_weight(m, f"{s}.inv", WeightDef("reciprocal", (s,),
                                                        (("dtype", x.type.dtype),)))
                 read = make_op(ops.weight, [], {"name": inv}, [m.weights[inv]])
                 mul = make_op(ops.mul, [x, read.result])
