@@ -69,6 +69,11 @@ def run_workload(engine, workload: Workload, *, warm_prefix: bool = True) -> dic
         "output_tok_s": out_tokens / wall,
         "ttft_p50_s": _pct(ttfts, 50), "ttft_p99_s": _pct(ttfts, 99),
         "tpot_p50_s": _pct(tpots, 50), "tpot_p99_s": _pct(tpots, 99),
+        # where the wall went: runner calls (steps; decode_loops of them ran several
+        # decode steps) and when the last request got its first token
+        "engine_steps": after.steps - before.steps,
+        "decode_loops": after.decode_loops - before.decode_loops,
+        "ttft_max_s": max(ttfts) if ttfts else None,
         "prefix_cache_hit_rate": after.prefix_cache_hit_rate,
         "preemptions": after.preemptions - before.preemptions,
         "compile_s": after.warmup_seconds,
