@@ -12,7 +12,13 @@ For each Llama-3.1-8B projection (fused qkv, o, fused gate-up, down) and token c
 - `mgpu <config>`: JAX's Mosaic GPU mixed-type kernel
   (jax.experimental.pallas.ops.gpu.hopper_mixed_type_matmul_mgpu), computing
   W_int8 @ x.T with the tokens as its N dimension (padded to the tile), then the
-  per-channel scale and the transpose in XLA; each config checked against `xla_int8`.
+  per-channel scale and the transpose in XLA; each config checked against `xla_int8`;
+- `jaxrt <config>`: jaxrt's own kernel (jaxrt/lowering/pallas/quant_linear_mgpu.py) as
+  the engine runs it with JAXRT_QUANT_KERNEL=on: the pallas rule's jitted function
+  (K-split partials, then their sum, the scale and the transpose in XLA) and the cast to
+  bf16; each config checked against `xla_int8`, with its plan (padded tokens, tiles,
+  ring depth, splits). Token counts past the kernel's 64 are skipped, and so are these
+  rows without a Hopper GPU.
 Times are medians of back-to-back jitted calls; `weight_TB_s` = weight bytes / time (the
 bf16 bytes for xla_bf16, the int8 bytes otherwise), so int8 at the same time is half.
 """
@@ -31,6 +37,8 @@ from bench.bench_suite import samples as timed  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
           "down": (4096, 14336)}  # (out, in) of Llama-3.1-8B's fused projections
+SHAPES_1B = {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048),
+             "down": (2048, 8192)}  # Llama-3.2-1B's (`--model 1b`)
 
 
 def configs(quick: bool):
@@ -46,10 +54,62 @@ def configs(quick: bool):
                               grid_minor_dim=M, grid_tile_width=1))
 
 
+def jaxrt_configs(quick: bool):
+    """(name, quant_linear_mgpu.Config): the default, then tile, ring and wave variants
+    (sms=264 plans splits as if two programs shared an SM, which a 2-stage ring leaves
+    shared memory for)."""
+    from jaxrt.lowering.pallas.quant_linear_mgpu import Config
+    grid = [Config(), Config(tile_n=64), Config(tile_k=128), Config(stages=2, sms=264)]
+    if not quick:
+        grid += [Config(stages=3), Config(tile_n=64, tile_k=128), Config(overhead_kib=0),
+                 Config(tile_n=64, stages=2, sms=264), Config(overhead_kib=128)]
+    for c in grid:
+        yield (f"tn{c.tile_n} tk{c.tile_k} st{c.stages} sms{c.sms} oh{c.overhead_kib}", c)
+
+
+def time_jaxrt(x, w, scale, ref, cfgs) -> tuple[list, dict | None]:
+    """Each jaxrt config's result row (or why it was skipped), and the best checked one."""
+    import jax
+    import jax.numpy as jnp
+    from jaxrt.lowering import pallas
+    from jaxrt.lowering.pallas import quant_linear_mgpu as Q
+    t, (n, k) = x.shape[0], w.shape
+    out, best = [], None
+    for cname, cfg in cfgs:
+        if not pallas.hopper():
+            out.append({"config": cname, "skipped": "needs a Hopper GPU"})
+            continue
+        if not Q.applies(x.dtype, w.dtype, t, n, k, config=cfg):
+            out.append({"config": cname, "skipped": f"outside the kernel ({t} tokens)"})
+            continue
+        p = Q.plan(t, n, k, cfg)
+        r = {"config": cname, "plan": {f: getattr(p, f) for f in
+                                       ("t_pad", "tile_n", "tile_k", "stages", "splits",
+                                        "per")}}
+        try:
+            # what the rule runs, then its cast to the op's bf16 result
+            f = jax.jit(lambda x, w, s, cfg=cfg: pallas._weight_only_linear_jit(
+                x, w, s, config=cfg).astype(jnp.bfloat16))
+            got = np.asarray(f(x, w, scale), np.float32)
+            err = float(np.abs(got - ref).max() / np.abs(ref).max())
+            s = timed(f, x, w, scale)
+            r |= {"us": s * 1e6, "TB_s": w.size / s / 1e12, "rel_err": err}
+        except Exception as e:  # noqa: BLE001 - a config that fails is recorded, not fatal
+            r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        out.append(r)
+        if "us" in r and r["rel_err"] < 2e-2 and (best is None or r["us"] < best["us"]):
+            best = r
+    return out, best
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", default="1,16,64,256")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--model", choices=("8b", "1b"), default="8b",
+                   help="projection shapes: Llama-3.1-8B's or Llama-3.2-1B's")
+    p.add_argument("--no-mgpu", action="store_true",
+                   help="skip JAX's mixed-type kernel (jaxrt and XLA rows only)")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "bench/results"),
                                                  "int8_matmul.json"))
     args = p.parse_args(argv)
@@ -58,8 +118,9 @@ def main(argv=None) -> int:
     from jax.experimental.pallas.ops.gpu import hopper_mixed_type_matmul_mgpu as K
 
     rows = []
-    cfgs = list(configs(args.quick))
-    for name, (out_f, in_f) in SHAPES.items():
+    cfgs = [] if args.no_mgpu else list(configs(args.quick))
+    jcfgs = list(jaxrt_configs(args.quick))
+    for name, (out_f, in_f) in (SHAPES if args.model == "8b" else SHAPES_1B).items():
         key = jax.random.key(hash(name) % 1000)
         w = jax.random.randint(key, (out_f, in_f), -127, 128, jnp.int8)
         scale = jax.random.uniform(jax.random.fold_in(key, 1), (out_f, 1), jnp.float32,
@@ -107,12 +168,15 @@ def main(argv=None) -> int:
                 if "us" in r and r["rel_err"] < 2e-2 and (best is None or r["us"] < best["us"]):
                     best = r
             row["mgpu_best"] = best
+            row["jaxrt"], row["jaxrt_best"] = time_jaxrt(x, w, scale, ref, jcfgs)
             rows.append(row)
-            b = f"{best['us']:8.1f} us {best['TB_s']:5.2f} TB/s ({best['config']})" if best \
-                else "-"
+
+            def show(b):
+                return f"{b['us']:8.1f} us {b['TB_s']:5.2f} TB/s ({b['config']})" if b else "-"
             print(f"{name:>8} t={t:<4} bf16 {row['xla_bf16_us']:8.1f} us "
                   f"{row['xla_bf16_TB_s']:5.2f} TB/s | xla int8 {row['xla_int8_us']:8.1f} us "
-                  f"| post-scale {row['xla_int8_post_us']:8.1f} us | mgpu {b}", flush=True)
+                  f"| post-scale {row['xla_int8_post_us']:8.1f} us | mgpu {show(best)} "
+                  f"| jaxrt {show(row['jaxrt_best'])}", flush=True)
             with open(args.out, "w") as fh:
                 json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
                            "rows": rows}, fh, indent=1)

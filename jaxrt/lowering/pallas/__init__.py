@@ -2,25 +2,31 @@
 
 A step lowers with backends ("pallas", "xla") on a Hopper GPU (`default_backends`), so
 each op takes the first rule registered for it; a Pallas rule whose kernel does not
-cover the op's shapes or dtypes hands the op to the XLA rule itself. Today it holds one
-kernel, paged attention on Mosaic GPU (`paged_attention_mgpu`).
+cover the op's shapes or dtypes hands the op to the XLA rule itself. Two kernels, both on
+Mosaic GPU: paged attention (`paged_attention_mgpu`) and the weight-only quantized linear
+at decode shapes (`quant_linear_mgpu`: int8/e4m3 codes, one scale a row, <= 64 tokens).
 
 JAXRT_KERNELS: `on` (the kernels on Hopper GPUs with one device) or `off` (XLA only).
 The default is DEFAULT_KERNELS.
+JAXRT_QUANT_KERNEL: `on` or `off` (default DEFAULT_QUANT_KERNEL): whether the pallas
+backend's `quant.linear` rule uses its kernel (where JAXRT_KERNELS lets the backend run).
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from ...ir import ops
 from ..registry import rule
-from ..xla._util import cast
+from ..xla._util import cast, upcast
 from . import paged_attention_mgpu as _mgpu
+from . import quant_linear_mgpu as _qmgpu
 
 KERNEL_MODES = ("on", "off")
 # On: inside an engine on an H100 (bench/bench_kernels.py, Llama-3.2-1B shape, bf16,
@@ -29,32 +35,54 @@ KERNEL_MODES = ("on", "off")
 # prefill unchanged (the kernel serves decode rows); one decode step's logits within
 # 0.77% of max|logit| of XLA's with the same argmax. `JAXRT_KERNELS=off` opts out.
 DEFAULT_KERNELS = "on"
+# Off: the quant-linear kernel has been lowered for CUDA (tests) but not yet run or timed
+# on a GPU (bench/bench_int8_matmul.py's `jaxrt` rows will say whether it beats XLA).
+DEFAULT_QUANT_KERNEL = "off"
+
+
+class _Interpret(NamedTuple):
+    params: object                # InterpretGPUParams
+    attention: "_mgpu.Config"
+    quant: "_qmgpu.Config"
+
 
 # Tests run the kernels' rules on a CPU in Pallas's GPU interpret mode (`interpret_kernels`).
 _INTERPRET = contextvars.ContextVar("jaxrt_pallas_interpret", default=None)
 
 
 @contextlib.contextmanager
-def interpret_kernels(config: "_mgpu.Config | None" = None):
+def interpret_kernels(config: "_mgpu.Config | None" = None,
+                      quant_config: "_qmgpu.Config | None" = None):
     """Trace Pallas rules with their kernels in GPU interpret mode (on any platform;
-    slow: for tests), with the paged-attention kernel's `config` (default: one split)."""
+    slow: for tests), with the paged-attention kernel's `config` (default: one split)
+    and the quant-linear kernel's `quant_config` (default: its DEFAULT)."""
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    token = _INTERPRET.set((InterpretGPUParams(),
-                            config or _mgpu.Config(block_kv=64, stages=2, min_programs=1)))
+    token = _INTERPRET.set(_Interpret(
+        InterpretGPUParams(),
+        config or _mgpu.Config(block_kv=64, stages=2, min_programs=1),
+        quant_config or _qmgpu.DEFAULT))
     try:
         yield
     finally:
         _INTERPRET.reset(token)
 
 
+def _mode(var: str, default: str) -> str:
+    from ...errors import SettingError
+    mode = os.environ.get(var, default).strip().lower() or default
+    if mode not in KERNEL_MODES:
+        raise SettingError(f"{var} must be one of {', '.join(KERNEL_MODES)}, got {mode!r}")
+    return mode
+
+
 def kernels_mode() -> str:
     """JAXRT_KERNELS (on or off; default DEFAULT_KERNELS), checked."""
-    from ...errors import SettingError
-    mode = os.environ.get("JAXRT_KERNELS", DEFAULT_KERNELS).strip().lower() or DEFAULT_KERNELS
-    if mode not in KERNEL_MODES:
-        raise SettingError(f"JAXRT_KERNELS must be one of {', '.join(KERNEL_MODES)}, "
-                           f"got {mode!r}")
-    return mode
+    return _mode("JAXRT_KERNELS", DEFAULT_KERNELS)
+
+
+def quant_kernel_mode() -> str:
+    """JAXRT_QUANT_KERNEL (on or off; default DEFAULT_QUANT_KERNEL), checked."""
+    return _mode("JAXRT_QUANT_KERNEL", DEFAULT_QUANT_KERNEL)
 
 
 def hopper() -> bool:
@@ -132,10 +160,36 @@ def _paged_attention(ctx, q, kv, page_table, context_lens, q_index, positions, *
     # a row's queries are consecutive tokens (jaxrt.runtime.scheduler.build_step_inputs)
     q_start = jnp.take(positions, rows[:, 0], axis=0, mode="fill", fill_value=0)
     ctx_len = jnp.where(rows[:, 0] < t, jnp.minimum(lens, mp * page_size), 0)
-    interpret, config = _INTERPRET.get() or (None, _mgpu.Config())
+    ip = _INTERPRET.get()
+    interpret, config = (ip.params, ip.attention) if ip else (None, _mgpu.Config())
     out = _paged_attention_jit(qg, kv, jnp.asarray(layer, jnp.int32), table, ctx_len,
                                q_start, scale=attrs.scale, softcap=attrs.softcap,
                                window=attrs.window, config=config, interpret=interpret)
     out = cast(out.reshape(-1, h, d), out_types[0])
     flat = jnp.zeros((t, h, d), out.dtype)
     return flat.at[rows.reshape(-1)].set(out, mode="drop")
+
+
+# One jitted function for every layer's call, as `_paged_attention_jit`.
+_weight_only_linear_jit = jax.jit(_qmgpu.weight_only_linear,
+                                  static_argnames=("config", "interpret"))
+
+
+@rule(ops.quantized_linear, backend="pallas")
+def _quantized_linear(ctx, x, w, scale, b=None, *, attrs, out_types):
+    from ..xla.quant import _quantized_linear as xla_rule
+    n, k = w.shape
+    t = math.prod(x.shape[:-1])
+    ip = _INTERPRET.get()
+    interpret, config = (ip.params, ip.quant) if ip else (None, _qmgpu.DEFAULT)
+    # weight-only with one scale a row (per channel) only; group scales, W8A8 and
+    # prefill-sized token counts stay with XLA
+    if (attrs.act != "none" or quant_kernel_mode() == "off"
+            or not _qmgpu.applies(x.dtype, w.dtype, t, n, k, scale.shape[-1], config)):
+        return xla_rule(ctx, x, w, scale, b, attrs=attrs, out_types=out_types)
+    y = _weight_only_linear_jit(x.reshape(t, k), w, jnp.broadcast_to(scale, (n, 1)),
+                                config=config, interpret=interpret)     # f32[T, N]
+    y = y.reshape(x.shape[:-1] + (n,))
+    if b is not None:
+        y = y + upcast(b)
+    return cast(y, out_types[0])
