@@ -98,7 +98,7 @@ class StepProfile:
                 "kernels": len(device),
                 "top_kernels": [{"name": n, "count": c, "total_us": t / 1e3}
                                 for n, (c, t) in sorted(kernels.items(),
-                                                        key=lambda kv: -kv[1][1])[:12]],
+                                                        key=lambda kv: -kv[1][1])[:20]],
                 "median_step": {k: median(k) for k in rows[0]},
                 "host_us_per_step_mean": sum(r["host_us"] for r in rows) / len(rows),
                 "device_available": bool(device)}
