@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .mgpu_util import feed_ring
+
 ROWS = 64            # one wgmma tile of query rows
 SMEM_BYTES = 220 * 1024  # of the 227 KiB a block may use on Hopper (alignment padding)
 LOG2E = math.log2(math.e)
@@ -225,17 +227,7 @@ def paged_attention(q, kv, layer, page_table, context_lens, q_start, *, scale: f
                     plgpu.copy_gmem_to_smem(kv_ref.at[v_base + page, :, hd],
                                             v_smem.at[slot, dst], v_bars.at[slot])
 
-            for i in range(stages):
-                @pl.when(i < n_blocks)
-                def _first():
-                    issue(i, i)
-
-            @pl.loop(0, jnp.maximum(n_blocks - stages, 0))
-            def _rest(j):
-                slot = lax.rem(j, stages)
-                plgpu.barrier_wait(k_free.at[slot])
-                plgpu.barrier_wait(v_free.at[slot])
-                issue(j + stages, slot)
+            feed_ring(issue, n_blocks, stages, (k_free, v_free))
 
     def entry(scal_ref, seq_ref, table_ref, q_ref, kv_ref, o_ref, lse_ref):
         tiling = plgpu.TilingTransform((8, 64))

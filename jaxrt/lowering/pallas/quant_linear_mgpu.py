@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .mgpu_util import feed_ring
+
 ROWS = 64             # weight rows of one compute warpgroup: one wgmma M tile
 CHUNK = 128           # codes columns converted per wgmma: one 128-byte swizzled row
 MAX_TOKENS = 64       # the kernel's domain: decode and short verify steps
@@ -243,16 +245,7 @@ def _partials(xp, codes, p: Plan, interpret):
                                         full.at[slot])
                 plgpu.copy_gmem_to_smem(x_ref.at[:, ks], x_smem.at[slot], full.at[slot])
 
-            for i in range(stages):
-                @pl.when(i < n_steps)
-                def _first():
-                    issue(i, i)
-
-            @pl.loop(0, jnp.maximum(n_steps - stages, 0))
-            def _rest(j):
-                slot = lax.rem(j, stages)
-                plgpu.barrier_wait(free.at[slot])
-                issue(j + stages, slot)
+            feed_ring(issue, n_steps, stages, (free,))
 
     def entry(x_ref, w_ref, o_ref):
         def swizzled(dtype, minor: int):
