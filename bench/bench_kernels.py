@@ -33,8 +33,9 @@ from bench.bench_suite import FULL, TINY, copy_bandwidth, decode_point, matmul_p
     prefill_mfu  # noqa: E402
 
 
-def build(name: str, max_len: int, max_num_seqs: int):
-    """(executable, config) of `name` with the current JAXRT_KERNELS."""
+def build(name: str, max_len: int, max_num_seqs: int, quantize: str = ""):
+    """(executable, config) of `name` with the current JAXRT_KERNELS (and `quantize`, a
+    `-q` mode, for the random-weight shapes)."""
     from jaxrt.compiler import compile_loaded, load
     if name.startswith("real:"):
         model = load(name[5:], dtype="bfloat16", max_model_len=max_len,
@@ -45,7 +46,8 @@ def build(name: str, max_len: int, max_num_seqs: int):
         config = model_config(name, max_len)
         loaded = SimpleNamespace(config=config, weights=ViewWeights(config), tokenizer=None,
                                  chat_template=None, source=f"random:{name}")
-        model = compile_loaded(loaded, max_model_len=max_len, max_num_seqs=max_num_seqs)
+        model = compile_loaded(loaded, max_model_len=max_len, max_num_seqs=max_num_seqs,
+                               quantize=quantize)
     exe = model.executable()
     return exe, model.config
 

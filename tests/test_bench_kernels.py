@@ -36,3 +36,19 @@ def test_tiny_run_on_a_cpu_kernels_on_changes_nothing(tmp_path, monkeypatch):
     for r in (off, on):
         assert r["compiles_after_warmup"] == 0 and r["decode_b16"]["output_tok_s"] > 0
         assert r["prefill"]["tokens"] == 64
+
+
+def test_prefill_bench_tiny_with_a_quantized_mode(tmp_path, monkeypatch):
+    # bench_prefill --tiny runs on a CPU: one row per (model, -q mode), the quantized
+    # row's tok/s as a multiple of float's at the same kernel mode and length
+    from bench import bench_prefill
+    monkeypatch.setenv("JAXRT_KERNELS", "off")
+    out = tmp_path / "prefill.json"
+    assert bench_prefill.main(["--tiny", "--modes", "off", "--quantize", ",w8a8",
+                               "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["models"]
+    assert [(r["model"], r["quantize"]) for r in rows] == [("tiny", ""), ("tiny", "w8a8")]
+    for r in rows:
+        assert r["modes"]["off"]["64"]["tok_s"] > 0 and "error" not in r["modes"]["off"]
+    speed = rows[1]["speedup_vs_float"]["off/64"]
+    assert speed == rows[1]["modes"]["off"]["64"]["tok_s"] / rows[0]["modes"]["off"]["64"]["tok_s"]
