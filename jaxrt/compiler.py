@@ -199,16 +199,8 @@ def default_pipeline(target: Target, *, page_size: int = 16, memory_fraction: fl
         outline_layers = target.backend == "cpu"
     from .passes.quantize_kv_cache import kv_quant_pass
     cast = [f"cast-float{{dtype={target.dtype}}}"] if target.dtype != "f32" else []
-    # `quantize` is a weight mode, a KV mode, or one of each joined by '+'
-    parts = [m.strip() for m in quantize.split("+")] if quantize else []
-    kv_modes = [m for m in parts if m.startswith("kv-")]
-    weight_modes = [m for m in parts if not m.startswith("kv-")]
-    if len(kv_modes) > 1 or len(weight_modes) > 1 or "" in parts:
-        raise SettingError(f"quantize={quantize!r}: give one weight mode, one KV-cache "
-                           f"mode (kv-int8, kv-fp8), or one of each joined by '+' "
-                           f"(e.g. int8-weight+kv-int8)")
-    kv_quant = [kv_quant_pass(m) for m in kv_modes]
-    quantize = weight_modes[0] if weight_modes else ""
+    quantize, kv_mode = split_quantize(quantize)
+    kv_quant = [kv_quant_pass(kv_mode)] if kv_mode else []
     if quantize:
         passes += cast + [_quantize_pass(quantize, calib, quant_method)]
         cast = []
@@ -238,6 +230,19 @@ def default_pipeline(target: Target, *, page_size: int = 16, memory_fraction: fl
         f"max-model-len={max_model_len} max-num-seqs={max_num_seqs} "
         f"max-num-batched-tokens={max_num_batched_tokens} num-pages={num_pages}{shared}}}")
     return ",".join(passes)
+
+
+def split_quantize(quantize: str) -> tuple[str, str]:
+    """(weight mode, KV-cache mode), "" where absent, of `quantize`: a weight mode, a KV
+    mode, or one of each joined by '+'."""
+    parts = [m.strip() for m in quantize.split("+")] if quantize else []
+    kv_modes = [m for m in parts if m.startswith("kv-")]
+    weight_modes = [m for m in parts if not m.startswith("kv-")]
+    if len(kv_modes) > 1 or len(weight_modes) > 1 or "" in parts:
+        raise SettingError(f"quantize={quantize!r}: give one weight mode, one KV-cache "
+                           f"mode (kv-int8, kv-fp8), or one of each joined by '+' "
+                           f"(e.g. int8-weight+kv-int8)")
+    return (weight_modes or [""])[0], (kv_modes or [""])[0]
 
 
 def needs_calibration(quantize: str) -> bool:

@@ -57,18 +57,18 @@ def gptq_mode(quantize: str | None) -> str:
     """The weight mode of `-q` that --gptq chooses codes for; SettingError if none fits."""
     from jaxrt.gptq import gptq_modes
     from jaxrt.passes.quantize import CALIBRATED_MODES
+    from jaxrt.compiler import split_quantize
     modes = ", ".join(gptq_modes())
-    parts = [m.strip() for m in quantize.split("+")] if quantize else []
-    weight = [m for m in parts if not m.startswith("kv-")]
+    weight, _ = split_quantize(quantize or "")
     if not weight:
         only_kv = f" (-q {quantize} quantizes only the KV cache)" if quantize else ""
         raise SettingError(f"--gptq chooses weight codes: give -q MODE, one of {modes}"
                            f"{only_kv}")
-    if weight[0] not in gptq_modes():
+    if weight not in gptq_modes():
         why = (" (SmoothQuant's smoothing changes the weights GPTQ would quantize)"
-               if weight[0] in CALIBRATED_MODES else "")
-        raise SettingError(f"--gptq with -q {weight[0]}: GPTQ chooses codes for {modes}{why}")
-    return weight[0]
+               if weight in CALIBRATED_MODES else "")
+        raise SettingError(f"--gptq with -q {weight}: GPTQ chooses codes for {modes}{why}")
+    return weight
 
 
 def is_calibration(path: str) -> bool:

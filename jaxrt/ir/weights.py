@@ -316,6 +316,19 @@ def infer_def(d: WeightDef, source_types: list[TensorType]) -> TensorType:
     return infer(d, source_types)
 
 
+def row_parts(module, name: str, leaf: Callable[[str], bool]) -> list[str]:
+    """The weights `name` is made of through row concatenations (concat on axis 0: fused
+    projections) and casts, depth first: each a weight where `leaf` holds, or one that is
+    neither (the walk stops there too)."""
+    if leaf(name):
+        return [name]
+    d = module.weight_defs.get(name)
+    if d is None or d.op not in ("concat", "cast") or (d.op == "concat"
+                                                      and d.attr("axis", 0) != 0):
+        return [name]
+    return [n for s in d.sources for n in row_parts(module, s, leaf)]
+
+
 def define_weight(module, name: str, d: WeightDef) -> str:
     """Adds weight `name` (suffixed with "_" until unused) defined by `d`, its type inferred
     from the sources'; returns the name it got."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 from jaxrt.calibration import Calibration
 from jaxrt.errors import InputError, SettingError
 from jaxrt.ir.module import Module
-from jaxrt.ir.weights import WeightDef, define_weight
+from jaxrt.ir.weights import WeightDef, define_weight, row_parts
 
 from .manager import PipelineError
 
@@ -41,19 +41,18 @@ class GPTQCodes:
     def parts(self, name: str) -> list[str]:
         """The calibrated weights `name` is made of: itself, or through row
         concatenations (fused projections) and float casts."""
-        if name in self.cal.gptq_shapes:
-            t = self.module.weights[name]
-            if t.shape != self.cal.gptq_shapes[name]:
+        shapes = self.cal.gptq_shapes
+        found = row_parts(self.module, name, shapes.__contains__)
+        for part in found:
+            if part not in shapes:
                 raise InputError(f"calibration {self.cal.file} does not match the model: "
-                                 f"weight {name} is {t}, its GPTQ codes are "
-                                 f"{list(self.cal.gptq_shapes[name])}")
-            return [name]
-        d = self.module.weight_defs.get(name)
-        if d is None or d.op not in ("concat", "cast") or (d.op == "concat"
-                                                          and d.attr("axis", 0) != 0):
-            raise InputError(f"calibration {self.cal.file} does not match the model: no "
-                             f"GPTQ codes for weight {name}")
-        return [n for s in d.sources for n in self.parts(s)]
+                                 f"no GPTQ codes for weight {part}")
+            t = self.module.weights[part]
+            if t.shape != shapes[part]:
+                raise InputError(f"calibration {self.cal.file} does not match the model: "
+                                 f"weight {part} is {t}, its GPTQ codes are "
+                                 f"{list(shapes[part])}")
+        return found
 
     def _tensor(self, name: str, weight: str, kind: str) -> str:
         shape = self.cal.gptq_shapes[weight]

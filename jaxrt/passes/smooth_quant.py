@@ -28,7 +28,7 @@ from jaxrt.calibration import Calibration
 from jaxrt.errors import InputError
 from jaxrt.ir import ops
 from jaxrt.ir.module import Function, Module, Op, Value, make_op
-from jaxrt.ir.weights import WeightDef, define_weight
+from jaxrt.ir.weights import WeightDef, define_weight, row_parts
 
 
 def check_calibration(module: Module, cal: Calibration) -> None:
@@ -46,13 +46,8 @@ def check_calibration(module: Module, cal: Calibration) -> None:
 def _calibrated_sources(module: Module, name: str, cal: Calibration) -> list[str]:
     """The calibrated weights `name` is made of: itself, or through row concatenations
     (fused projections) and casts."""
-    if name in cal.act_shapes:
-        return [name]
-    d = module.weight_defs.get(name)
-    if d is None or d.op not in ("concat", "cast") or (d.op == "concat"
-                                                      and d.attr("axis", 0) != 0):
-        return []
-    return [n for s in d.sources for n in _calibrated_sources(module, s, cal)]
+    return [n for n in row_parts(module, name, cal.act_shapes.__contains__)
+            if n in cal.act_shapes]
 
 
 class Smoother:
