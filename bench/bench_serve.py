@@ -87,6 +87,16 @@ async def run_http(url, model, prompts, starts, concurrency, output_len):
     limits = httpx.Limits(max_connections=max(len(prompts), 1))
 
     async with httpx.AsyncClient(timeout=None, limits=limits) as hc:
+        # open the connections first (a request of one token each, `concurrency` at
+        # once), as a long-running client holds them: the timed run then measures the
+        # server, not this process's TCP and HTTP set-up of tens of connections at once
+        warm = {"model": model, "prompt": prompts[0], "max_tokens": 1, "temperature": 0}
+
+        async def warm_one(_):
+            r = await hc.post(url + "/v1/completions", json=warm)
+            r.raise_for_status()
+        await asyncio.gather(*(warm_one(i) for i in range(max(concurrency, 1))))
+
         async def one(i):
             body = {"model": model, "prompt": prompts[i], "max_tokens": output_len,
                     "temperature": 0, "ignore_eos": True, "stream": True}

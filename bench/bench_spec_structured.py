@@ -83,7 +83,7 @@ ENUM_SCHEMA = {"type": "array", "items": {
 
 
 def structured(model, tokenizer, batch: int, out_len: int, reps: int = 1,
-               profile: bool = False) -> dict:
+               profile: bool = False, cprofile: int = 0) -> dict:
     """Output tok/s of `batch` requests decoding `out_len` tokens: unconstrained, every row
     under a permissive regex, every row under an enum JSON schema, and half the rows under
     the regex beside unconstrained ones ("mixed"). Each variant is first run once at the
@@ -96,9 +96,13 @@ def structured(model, tokenizer, batch: int, out_len: int, reps: int = 1,
     regex = {"regex": r"[a-zA-Z0-9 ,.;:'-]+"}
     variants = {"plain": [{}] * batch, "regex": [regex] * batch,
                 "json": [{"json_schema": ENUM_SCHEMA}] * batch,
-                "mixed": [regex if i % 2 else {} for i in range(batch)]}
+                "mixed": [regex if i % 2 else {} for i in range(batch)],
+                # the regex again with the masks filled after the bookkeeping, not during
+                "regex_serial": [regex] * batch}
     out = {}
+    from jaxrt.runtime import structured as st
     for name, extras in variants.items():
+        st.OVERLAP_FILL = name != "regex_serial"
         engine.generate(prompts, [SamplingParams(max_tokens=4, ignore_eos=True, **x)
                                   for x in extras])  # compiles
         best = 0.0
@@ -113,6 +117,25 @@ def structured(model, tokenizer, batch: int, out_len: int, reps: int = 1,
         if name == "json":  # an unbounded array: every row runs to out_len
             out["json_tokens"] = sum(len(o.ids) for o in outs)
             out["json_sample"] = outs[0].text[:120]
+    st.OVERLAP_FILL = True
+    if cprofile:  # the host's Python under the regex, by function (cProfile)
+        import cProfile
+        import io
+        import pstats
+        params = [SamplingParams(max_tokens=out_len, ignore_eos=True, **x)
+                  for x in variants["regex"]]
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        prof.enable()
+        engine.generate(prompts, params)
+        prof.disable()
+        out["regex_cprofile_wall_s"] = time.perf_counter() - t0
+        text = io.StringIO()
+        stats = pstats.Stats(prof, stream=text)
+        stats.sort_stats("tottime").print_stats(cprofile)
+        stats.sort_stats("cumulative").print_stats(cprofile)
+        out["regex_cprofile"] = text.getvalue()
+        print(text.getvalue(), flush=True)
     if profile:  # one traced run of 32 tokens a row, unconstrained and under the regex
         from bench.profile_trace import profile_steps
         for name in ("plain", "regex"):
@@ -122,7 +145,7 @@ def structured(model, tokenizer, batch: int, out_len: int, reps: int = 1,
                 engine.generate(prompts, params)
             out[f"{name}_profile"] = p = prof.analyze()
             print(f"profile {name}: {json.dumps(p)[:1500]}", flush=True)
-    for name in ("regex", "json", "mixed"):
+    for name in ("regex", "json", "mixed", "regex_serial"):
         out[f"{name}_ratio"] = out[f"{name}_tok_s"] / out["plain_tok_s"]
     out["ratio"] = out["regex_ratio"]
     out["batch"], out["out_len"], out["reps"] = batch, out_len, reps
@@ -163,6 +186,9 @@ def main() -> None:
                     help="also trace a plain and a regex run (structured), a plain and an ngram "
                          "run (ngram) (bench/profile_trace.py): host and device time a "
                          "step, top kernels")
+    ap.add_argument("--cprofile", type=int, default=0, metavar="N",
+                    help="structured: also run the regex variant under cProfile and print "
+                         "its top N functions (the host's Python a constrained step)")
     ap.add_argument("--only", choices=("ngram", "structured", "mask"), default=None,
                     help="run one part")
     ap.add_argument("--reps", type=int, default=1, help="structured: best of this many")
@@ -222,11 +248,14 @@ def main() -> None:
               f"{g['ngram_mean_accepted_length']:.2f}, identical {g['identical']}")
     if part in (None, "structured"):
         s = report["structured"] = structured(model, compiled.tokenizer, args.batch,
-                                              args.out_len, args.reps, args.profile)
+                                              args.out_len, args.reps, args.profile,
+                                              args.cprofile)
         print(f"structured batch {s['batch']}: plain {s['plain_tok_s']:.1f} tok/s, regex "
               f"{s['regex_tok_s']:.1f} ({s['regex_ratio']:.3f}), json "
               f"{s['json_tok_s']:.1f} ({s['json_ratio']:.3f}: {s['json_sample']!r}), "
-              f"half constrained {s['mixed_tok_s']:.1f} ({s['mixed_ratio']:.3f})")
+              f"half constrained {s['mixed_tok_s']:.1f} ({s['mixed_ratio']:.3f}), regex with "
+              f"the masks filled after the bookkeeping {s['regex_serial_tok_s']:.1f} "
+              f"({s['regex_serial_ratio']:.3f})")
     if part in (None, "mask"):
         mp = -(-(64 + args.out_len) // model.page_size)
         m = report["mask"] = mask_cost(model, args.batch, mp, model.vocab_size)

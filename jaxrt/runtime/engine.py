@@ -779,21 +779,42 @@ class Engine:
         forward runs; then step t + 1 is sampled under the masks they give, and the
         forward of step t + 2 is queued at once behind it, fed its tokens on the device,
         so the device has work queued while the host returns, is called again and waits
-        for step t + 1. Without `forward` (the first call of a run) it is queued here."""
+        for step t + 1. Without `forward` (the first call of a run) it is queued here.
+        The masks of step t + 1 are filled on a worker thread (llguidance, without the
+        GIL) while step t's tokens go through the scheduler's bookkeeping: the grammars
+        consume them first (`Request.grammar_ahead` tells the scheduler so)."""
         if forward is None:
             rows = self._next_decode_rows(call) if self.pipeline_decode else None
             forward = self._dispatch_forward(rows, call) if rows is not None else None
-        outs = self._apply_decode(call)
-        if forward is None:
-            return outs
-        if all(r.request.is_finished for r in forward[0]):
+        read = self._read_decode(call)
+        mask = None
+        if forward is not None and structured.OVERLAP_FILL:
+            self._consume_ahead(call, read[0])
+            mask = structured.fill_bitmask_async(
+                [(i, r.request.grammar) for i, r in enumerate(forward[0])
+                 if r.request.grammar is not None and not r.request.is_finished],
+                forward[1].shape[0], self.vocab_size)
+        try:
+            outs = self._apply_decode(call, read)
+        finally:
+            mask = mask.result() if mask is not None else None  # the matchers are free
+        if forward is None or all(r.request.is_finished for r in forward[0]):
             return outs   # every row stopped in `call`: the forward's logits are not read
-        sampled = self._sample_masked(forward)
+        sampled = self._sample_masked(forward, mask)
         rows = self._next_decode_rows(sampled) if self.pipeline_decode else None
         self._inflight = sampled
         if rows is not None:
             self._queued_forward = self._dispatch_forward(rows, sampled)
         return outs
+
+    @staticmethod
+    def _consume_ahead(call: "_DecodeCall", tokens: np.ndarray) -> None:
+        """Advance the grammars of a one-step call's live rows by their sampled tokens
+        now, ahead of the scheduler's bookkeeping (`Request.grammar_ahead`)."""
+        for i, r in enumerate(call.rows):
+            req = r.request
+            if req.grammar is not None and r.num_tokens > 0 and not req.is_finished:
+                req.grammar_ahead.append(structured.advance(req.grammar, int(tokens[0, i])))
 
     def _next_decode_rows(self, call: "_DecodeCall") -> list[ScheduledSeq] | None:
         """The rows of the call after `call`, assuming no request in it stops before its
@@ -858,15 +879,18 @@ class Engine:
                                                 feed_at=args[4])
         return rows, logits, sampling
 
-    def _sample_masked(self, forward: tuple) -> "_DecodeCall":
+    def _sample_masked(self, forward: tuple, mask: np.ndarray | None = None
+                       ) -> "_DecodeCall":
         """Sample a decode forward's logits under the bitmask of its rows' grammars, as
         they stand once every earlier token is applied (a row whose request finished
-        meanwhile is dropped when the call is applied)."""
+        meanwhile is dropped when the call is applied); `mask`: that bitmask, filled
+        already."""
         rows, logits, sampling = forward
-        mask = structured.fill_bitmask(
-            [(i, r.request.grammar) for i, r in enumerate(rows)
-             if r.request.grammar is not None and not r.request.is_finished],
-            logits.shape[0], self.vocab_size)
+        if mask is None:
+            mask = structured.fill_bitmask(
+                [(i, r.request.grammar) for i, r in enumerate(rows)
+                 if r.request.grammar is not None and not r.request.is_finished],
+                logits.shape[0], self.vocab_size)
         out = structured.sample_masked(logits, mask, sampling.packed())
         return _DecodeCall(rows, out, masked=True)
 
@@ -903,11 +927,17 @@ class Engine:
         sampling = SamplingBatch.build(sampling_rows, s, self.vocab_size)
         return s, mp, [tokens, positions, page_table, steps_left, feed_at], sampling
 
-    def _apply_decode(self, call: "_DecodeCall") -> list[RequestOutput]:
-        """Read a decode call's tokens and apply them one step at a time, as `_step`
-        would: stops end a request and drop the rest of its row."""
+    @staticmethod
+    def _read_decode(call: "_DecodeCall") -> tuple[np.ndarray, np.ndarray]:
+        """A decode call's (tokens, logprobs) [K, S] on the host (waits for the call)."""
         import jax
-        out_tokens, out_lp = jax.device_get(call.out)                    # [K, S]
+        return jax.device_get(call.out)
+
+    def _apply_decode(self, call: "_DecodeCall", read: tuple | None = None
+                      ) -> list[RequestOutput]:
+        """Read a decode call's tokens (unless `read` has them) and apply them one step at
+        a time, as `_step` would: stops end a request and drop the rest of its row."""
+        out_tokens, out_lp = read if read is not None else self._read_decode(call)  # [K, S]
         now = time.perf_counter()
         finished: list[Request] = []
         for step in range(out_tokens.shape[0]):

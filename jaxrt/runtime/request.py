@@ -296,6 +296,10 @@ class Request:
         logits are needed, so the prefix cache is not read."""
         return self.prompt_logprobs_missing > 0
     grammar: Any = None             # structured output: the request's llguidance matcher
+    # tokens the matcher has consumed ahead of `Scheduler._append_token` (the split decode
+    # step advances it as soon as a token is read, to fill the next mask meanwhile): for
+    # each, whether the grammar was complete after it
+    grammar_ahead: list = field(default_factory=list)
 
     @property
     def is_finished(self) -> bool:

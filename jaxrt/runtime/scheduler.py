@@ -375,9 +375,13 @@ class Scheduler:
             req.first_token_time = now
         req.token_times.append(now)
         reason = self._stop_reason(req, seq)
-        if req.grammar is not None and structured.advance(req.grammar, s.token) \
-                and reason is None:
-            reason = "stop"   # the grammar is complete: nothing may follow
+        if req.grammar is not None:
+            if req.grammar_ahead:  # consumed already (`Engine._advance_masked`); the
+                complete = req.grammar_ahead.pop(0)  # matcher may be busy with a mask
+            else:
+                complete = structured.advance(req.grammar, s.token)
+            if complete and reason is None:
+                reason = "stop"   # the grammar is complete: nothing may follow
         if reason:
             self._finish(req, reason)
 

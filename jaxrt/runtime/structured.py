@@ -233,6 +233,55 @@ def fill_bitmask(rows: Sequence[tuple[int, Any]], num_rows: int,
     return mask
 
 
+_FILLER = None
+# The split decode step fills the next masks on the grammar thread while the engine's
+# bookkeeping of the last step runs (`Engine._advance_masked`); False: after it, inline.
+OVERLAP_FILL = True
+
+
+class _PendingMask:
+    """A bitmask being filled on the grammar thread (`fill_bitmask_async`)."""
+
+    def __init__(self, mask: np.ndarray, future):
+        self.mask, self._future = mask, future
+
+    def result(self) -> np.ndarray:
+        if self._future is not None:
+            self._future.result()
+        return self.mask
+
+
+def fill_bitmask_async(rows: Sequence[tuple[int, Any]], num_rows: int,
+                       vocab_size: int) -> _PendingMask:
+    """`fill_bitmask` on a worker thread; `.result()` gives the bitmask. llguidance fills
+    masks without the GIL, so the caller's Python (the engine's bookkeeping of the step
+    just read) runs meanwhile; the matchers must not be touched until `.result()`. The
+    caller waits until the worker has entered llguidance: a thread woken while another
+    runs Python would otherwise wait out the interpreter's switch interval (5 ms) for
+    the GIL, and the fill would not start before the caller blocks."""
+    global _FILLER
+    import threading
+    mask = np.empty((num_rows, bitmask_words(vocab_size)), np.int32)
+    free = np.ones(num_rows, bool)
+    free[[row for row, _ in rows]] = False
+    mask[free] = -1
+    if not rows:
+        return _PendingMask(mask, None)
+    if _FILLER is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _FILLER = ThreadPoolExecutor(1, thread_name_prefix="jaxrt-grammar")
+    executor, pairs = _executor(), [(m, row) for row, m in rows]
+    ptr, row_bytes = mask.ctypes.data, mask.shape[1] * 4
+    started = threading.Event()
+
+    def fill():
+        started.set()
+        executor.unsafe_compute_mask_ptr(pairs, ptr, row_bytes, num_rows)
+    future = _FILLER.submit(fill)
+    started.wait()
+    return _PendingMask(mask, future)
+
+
 def step_bitmask(seqs: Sequence[Any], num_rows: int, vocab_size: int) -> np.ndarray | None:
     """The bitmask of a step's logit rows (`StepInputs.logit_seqs`), None when no row is
     constrained. The rows of a verified proposal repeat its sequence: row j gets the mask

@@ -19,6 +19,7 @@ from jaxrt.errors import SettingError
 from jaxrt.frontends.tokenizer import Tokenizer
 from jaxrt.runtime.engine import Engine
 from jaxrt.runtime.request import SamplingParams
+from jaxrt.runtime import structured
 from jaxrt.runtime.structured import apply_token_bitmask, bitmask_words, fill_bitmask
 from tests.runtime.fake_model import ALPHABET, EOS, FakeRunner, VOCAB
 
@@ -280,3 +281,35 @@ def test_matchers_of_one_grammar_are_copies_of_one_template_and_independent(engi
         grammars.matcher(SamplingParams(regex=f"a{{{i + 1}}}").constraint)
     assert grammar not in grammars._templates
     assert len(grammars._templates) == grammars.TEMPLATES
+
+
+def test_masks_filled_during_the_bookkeeping_change_no_output(monkeypatch):
+    """The split step consumes a read token into its grammar first and fills the next
+    masks on the grammar thread while the scheduler applies the token
+    (`structured.OVERLAP_FILL`): the same tokens and finish reasons as filling them
+    after, and every token consumed ahead is one the scheduler then applies (none left
+    over when a request finishes, none applied twice)."""
+    from jaxrt.runtime.scheduler import Scheduler
+    finish = Scheduler._finish
+    left_over = []
+
+    def checked_finish(self, req, reason):
+        left_over.append(list(req.grammar_ahead))
+        return finish(self, req, reason)
+    monkeypatch.setattr(Scheduler, "_finish", checked_finish)
+    ahead = Engine._consume_ahead
+    calls = []
+    monkeypatch.setattr(Engine, "_consume_ahead",
+                        staticmethod(lambda call, tokens: calls.append(1)
+                                     or ahead(call, tokens)))
+    got = {}
+    for overlap in (True, False):
+        monkeypatch.setattr(structured, "OVERLAP_FILL", overlap)
+        e = _split_engine()
+        got[overlap] = [(o.ids, o.finish_reason)
+                        for o in e.generate(PIPELINE_PROMPTS, PIPELINE_PARAMS)]
+        assert e.stats().decode_loops == 0
+    assert got[True] == got[False]
+    assert len(calls) >= 8             # the overlapped fill ran (only with OVERLAP_FILL)
+    assert got[True][3][1] == "stop"   # the choice completes its grammar
+    assert left_over and all(a == [] for a in left_over)
