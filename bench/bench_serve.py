@@ -32,11 +32,42 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+class SleepRunner:
+    """A runner with no model: each call sleeps as long as the Llama-3.2-1B shape's step
+    takes on one H100 (a prefill step ~4 ms + 10 us a token; a decode step 1.2 ms + 8 us a
+    row: 1.7 ms at 64 rows) and returns token 100. Serving's host side (HTTP, the engine
+    loop, the scheduler) then runs at GPU pace on any machine (`--sleep-runner`)."""
+
+    vocab_size, page_size, num_pages, max_model_len = 32000, 16, 4096, None
+    tokenizer, eos_token_ids = None, (2,)
+
+    def compile_for(self, *shape) -> float:
+        return 0.0
+
+    def compile_decode(self, *shape) -> float:
+        return 0.0
+
+    def run_sampled(self, tokens, positions, slot_mapping, page_table, context_lens,
+                    q_index, logit_index, sampling, token_bitmask=None):
+        time.sleep(0.004 + 1e-5 * len(tokens))
+        n = len(logit_index)
+        return np.stack([np.full(n, 100, np.int32), np.zeros(n, np.int32)]), None
+
+    def decode(self, tokens, positions, page_table, steps_left, num_steps, sampling,
+               feed=None, feed_at=None):
+        time.sleep(num_steps * (0.0012 + 8e-6 * len(tokens)))
+        return (np.full((num_steps, len(tokens)), 100, np.int32),
+                np.zeros((num_steps, len(tokens)), np.float32))
+
+
 def build_engine(args):
     from jaxrt.runtime.engine import Engine
     max_len = args.input_len + args.output_len
     kw = dict(max_num_seqs=args.max_num_seqs, max_model_len=max_len, log=sys.stderr,
               warmup=True)
+    if args.sleep_runner:
+        return Engine(SleepRunner(), **{**kw, "warmup": False},
+                      max_num_batched_tokens=args.budget, decode_steps=8)
     if not args.random_weights:
         return Engine(args.model, **kw)
     from types import SimpleNamespace
@@ -187,6 +218,9 @@ def summarize(results, wall: float) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--sleep-runner", action="store_true",
+                   help="no model: a runner that sleeps as the 1B GPU steps take "
+                        "(SleepRunner), to study the serving host side on a CPU")
     p.add_argument("--random-weights", action="store_true",
                    help="real shapes from bench/bench_gpu.py SHAPES, random weights")
     p.add_argument("--num-prompts", type=int, default=32)

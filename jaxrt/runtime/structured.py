@@ -37,6 +37,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import json
+import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -236,7 +237,10 @@ def fill_bitmask(rows: Sequence[tuple[int, Any]], num_rows: int,
 _FILLER = None
 # The split decode step fills the next masks on the grammar thread while the engine's
 # bookkeeping of the last step runs (`Engine._advance_masked`); False: after it, inline.
-OVERLAP_FILL = True
+# Off below 4 cores: on a 2-core CPU the fill and the bookkeeping share the cores and the
+# thread hand-offs cost what the overlap saves (bench/profile_structured_host.py, batch
+# 64: 1.58 ms a step overlapped vs 1.51 serial); GPU hosts have 16.
+OVERLAP_FILL = (os.cpu_count() or 1) >= 4
 
 
 class _PendingMask:

@@ -21,3 +21,20 @@ def test_http_client_in_a_child_process_streams_every_request():
     summary = bench_serve.summarize(results, wall)
     assert summary["requests"] == 4 and summary["output_tok_s"] == 24 / wall
     assert summary["ttft_p50_ms"] > 0
+
+
+def test_sleep_runner_serves_both_paths(tmp_path):
+    """`--sleep-runner`: no model, steps that sleep as the GPU's take; every scenario runs
+    over HTTP and in-process, each request makes exactly --output-len tokens."""
+    import json
+    out = tmp_path / "serve.json"
+    assert bench_serve.main(["--sleep-runner", "--rates", "inf", "--num-prompts", "6",
+                             "--concurrency", "3", "--input-len", "8", "--output-len", "5",
+                             "--max-num-seqs", "4", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {(r["scenario"], r["path"]) for r in result["rows"]}
+    assert rows == {(s, p) for s in ("rate inf", "concurrency 3")
+                    for p in ("http", "in-process")}
+    for r in result["rows"]:
+        assert r["requests"] == 6 and r["output_tok_s"] == 30 / r["wall_s"]
+    assert len(result["overhead"]) == 2
