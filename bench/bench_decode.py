@@ -12,7 +12,7 @@ Per model and decode_steps value:
   the host's share of the critical path (their difference) and the dispatch call alone;
 - warm-up seconds (the step buckets compile once per runner: the first engine pays them).
 With --offline, the offline throughput of 512 requests of 128/128 tokens
-(max_num_seqs=256, a 4,096-token budget).
+(max_num_seqs=256, a 4,096-token budget); --profile-offline traces that engine's steps.
 """
 from __future__ import annotations
 
@@ -116,6 +116,13 @@ def bench_model(name: str, args, bw: float) -> dict:
             w = run_workload(eng, Workload(args.offline_requests, 128, 128))
             print(format_table([w]), flush=True)
             row["offline"] = w
+            if args.profile_offline:  # the offline engine's steps, traced: which kernels
+                from bench.profile_trace import profile_steps  # a batch-256 step runs
+                with profile_steps(eng) as prof:
+                    run_workload(eng, Workload(256, 128, 16))
+                row["offline_profile"] = prof.analyze()
+                print(json.dumps({"model": name, "decode_steps": k,
+                                  "offline_profile": row["offline_profile"]}), flush=True)
         out["runs"].append(row)
         print(json.dumps({"model": name, **row}, default=str), flush=True)
         del eng
@@ -139,6 +146,11 @@ def main():
                    help="a quantize mode (e.g. int8-weight): the roofline reads its weights")
     p.add_argument("--profile", action="store_true",
                    help="trace one batch-1 generation per run (bench/profile_trace.py)")
+    p.add_argument("--profile-offline", action="store_true",
+                   help="with --offline: trace 256 requests of 128/16 tokens on the offline "
+                        "engine (256 rows a decode step; bench/profile_trace.py). XLA runs "
+                        "kernels one by one while a trace is on: kernel times hold, the "
+                        "host's share does not")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "bench/results"),
                                                  "decode.json"))
     args = p.parse_args()
