@@ -31,33 +31,28 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.profile_structured_host import HostRunner  # noqa: E402
 
-class SleepRunner:
-    """A runner with no model: each call sleeps as long as the Llama-3.2-1B shape's step
-    takes on one H100 (a prefill step ~4 ms + 10 us a token; a decode step 1.2 ms + 8 us a
-    row: 1.7 ms at 64 rows) and returns token 100. Serving's host side (HTTP, the engine
-    loop, the scheduler) then runs at GPU pace on any machine (`--sleep-runner`)."""
 
-    vocab_size, page_size, num_pages, max_model_len = 32000, 16, 4096, None
-    tokenizer, eos_token_ids = None, (2,)
+class SleepRunner(HostRunner):
+    """A runner with no model (`HostRunner`): each call first sleeps as long as the
+    Llama-3.2-1B shape's step takes on one H100 (a prefill step ~4 ms + 10 us a token; a
+    decode step 1.2 ms + 8 us a row: 1.7 ms at 64 rows). Serving's host side (HTTP, the
+    engine loop, the scheduler) then runs at GPU pace on any machine (`--sleep-runner`)."""
 
-    def compile_for(self, *shape) -> float:
-        return 0.0
+    decode_forward = None  # no split decode step: every call here sleeps its time
 
-    def compile_decode(self, *shape) -> float:
-        return 0.0
+    def __init__(self):
+        super().__init__(32000, (2,))
 
-    def run_sampled(self, tokens, positions, slot_mapping, page_table, context_lens,
-                    q_index, logit_index, sampling, token_bitmask=None):
+    def run_sampled(self, tokens, *args, **kwargs):
         time.sleep(0.004 + 1e-5 * len(tokens))
-        n = len(logit_index)
-        return np.stack([np.full(n, 100, np.int32), np.zeros(n, np.int32)]), None
+        return super().run_sampled(tokens, *args, **kwargs)
 
-    def decode(self, tokens, positions, page_table, steps_left, num_steps, sampling,
-               feed=None, feed_at=None):
+    def decode(self, tokens, positions, page_table, steps_left, num_steps, *args, **kwargs):
         time.sleep(num_steps * (0.0012 + 8e-6 * len(tokens)))
-        return (np.full((num_steps, len(tokens)), 100, np.int32),
-                np.zeros((num_steps, len(tokens)), np.float32))
+        return super().decode(tokens, positions, page_table, steps_left, num_steps, *args,
+                              **kwargs)
 
 
 def build_engine(args):

@@ -99,9 +99,17 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer", default=None)
     args = ap.parse_args(argv)
     from jaxrt.runtime import structured
-    from jaxrt.runtime.engine import Engine, SamplingParams
+    saved = structured.sample_masked, structured.OVERLAP_FILL
     structured.sample_masked = lowest_allowed
     structured.OVERLAP_FILL = not args.serial
+    try:
+        return _run(args)
+    finally:  # the module as it was (main may run inside another program's process)
+        structured.sample_masked, structured.OVERLAP_FILL = saved
+
+
+def _run(args) -> int:
+    from jaxrt.runtime.engine import Engine, SamplingParams
     tok = tokenizer_from(args.tokenizer)
     engine = Engine(HostRunner(args.vocab, tok.eos_ids), tokenizer=tok,
                     max_num_seqs=args.batch, max_model_len=64 + args.tokens, warmup=False,

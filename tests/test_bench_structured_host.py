@@ -28,3 +28,14 @@ def test_lowest_allowed_takes_the_lowest_set_bit_past_the_control_ids():
     mask[2, 15] = (1 << 4) | (1 << 9)   # ids 484 and 489
     tokens, lp = psh.lowest_allowed(None, mask, None)
     assert tokens.tolist() == [[227, 319, 484]] and lp.shape == (1, 3)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("smollm2")
+def test_main_leaves_the_structured_module_as_it_was():
+    """main() swaps the masked sampler for its host stand-in only while it runs: tests in
+    the same process sample with the real one afterwards."""
+    from jaxrt.runtime import structured
+    before = structured.sample_masked, structured.OVERLAP_FILL
+    psh.main(["--batch", "2", "--tokens", "4", "--reps", "1", "--serial"])
+    assert (structured.sample_masked, structured.OVERLAP_FILL) == before

@@ -790,10 +790,8 @@ class Engine:
         mask = None
         if forward is not None and structured.OVERLAP_FILL:
             self._consume_ahead(call, read[0])
-            mask = structured.fill_bitmask_async(
-                [(i, r.request.grammar) for i, r in enumerate(forward[0])
-                 if r.request.grammar is not None and not r.request.is_finished],
-                forward[1].shape[0], self.vocab_size)
+            mask = structured.fill_bitmask_async(_grammar_rows(forward[0]),
+                                                 forward[1].shape[0], self.vocab_size)
         try:
             outs = self._apply_decode(call, read)
         finally:
@@ -887,10 +885,8 @@ class Engine:
         already."""
         rows, logits, sampling = forward
         if mask is None:
-            mask = structured.fill_bitmask(
-                [(i, r.request.grammar) for i, r in enumerate(rows)
-                 if r.request.grammar is not None and not r.request.is_finished],
-                logits.shape[0], self.vocab_size)
+            mask = structured.fill_bitmask(_grammar_rows(rows), logits.shape[0],
+                                           self.vocab_size)
         out = structured.sample_masked(logits, mask, sampling.packed())
         return _DecodeCall(rows, out, masked=True)
 
@@ -1158,6 +1154,13 @@ class RequestStream:
             return None
         self._sent_prompt_logprobs = True
         return list(self.request.prompt_logprobs)
+
+
+def _grammar_rows(rows: Seq[ScheduledSeq]) -> list[tuple[int, Any]]:
+    """(row, matcher) of a decode call's constrained rows still running: the rows whose
+    mask llguidance fills (`structured.fill_bitmask`)."""
+    return [(i, r.request.grammar) for i, r in enumerate(rows)
+            if r.request.grammar is not None and not r.request.is_finished]
 
 
 def _is_one_prompt(x) -> bool:

@@ -216,16 +216,24 @@ def _executor():
     return _EXECUTOR
 
 
+def _unfilled_bitmask(rows: Sequence[tuple[int, Any]], num_rows: int,
+                      vocab_size: int) -> np.ndarray:
+    """int32[num_rows, ceil(V/32)] with every token allowed outside `rows`' rows (theirs
+    are left for llguidance to fill)."""
+    mask = np.empty((num_rows, bitmask_words(vocab_size)), np.int32)
+    free = np.ones(num_rows, bool)
+    free[[row for row, _ in rows]] = False
+    mask[free] = -1
+    return mask
+
+
 def fill_bitmask(rows: Sequence[tuple[int, Any]], num_rows: int,
                  vocab_size: int) -> np.ndarray:
     """int32[num_rows, ceil(V/32)]: every token allowed, except in rows[i] = (row, matcher),
     which get their matcher's next-token mask. Several rows are filled in parallel
     (llguidance's `LLExecutor`): one core takes ~0.14 ms a row for SmolLM2's vocabulary."""
     import llguidance.numpy as lnp
-    mask = np.empty((num_rows, bitmask_words(vocab_size)), np.int32)
-    free = np.ones(num_rows, bool)
-    free[[row for row, _ in rows]] = False
-    mask[free] = -1
+    mask = _unfilled_bitmask(rows, num_rows, vocab_size)
     if len(rows) > 1:
         lnp.fill_next_token_bitmask_par(_executor(), [(m, row) for row, m in rows], mask)
     else:
@@ -265,10 +273,7 @@ def fill_bitmask_async(rows: Sequence[tuple[int, Any]], num_rows: int,
     the GIL, and the fill would not start before the caller blocks."""
     global _FILLER
     import threading
-    mask = np.empty((num_rows, bitmask_words(vocab_size)), np.int32)
-    free = np.ones(num_rows, bool)
-    free[[row for row, _ in rows]] = False
-    mask[free] = -1
+    mask = _unfilled_bitmask(rows, num_rows, vocab_size)
     if not rows:
         return _PendingMask(mask, None)
     if _FILLER is None:
