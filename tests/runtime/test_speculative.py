@@ -98,11 +98,12 @@ def prompts(draw):
 @settings(max_examples=10, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batch=st.lists(st.tuples(prompts(), st.integers(1, 16)), min_size=1, max_size=4),
-       k=st.integers(1, 4), caching=st.booleans(), pages=st.sampled_from([64, 12]),
+       k=st.integers(1, 8), caching=st.booleans(), pages=st.sampled_from([64, 12]),
        decode_steps=st.sampled_from([1, 4]), abort=st.booleans())
 def test_greedy_speculation_equals_plain_greedy(fake_runner, batch, k, caching, pages,
                                                 decode_steps, abort):
-    """12 pages of 4 tokens for up to 4 requests of up to 36: preemption is forced.
+    """12 pages of 4 tokens for up to 4 requests of up to 36: preemption may happen here
+    (it is forced, and counted, in `test_greedy_speculation_under_preemption`).
     With decode_steps > 1 the engine may run decode loops, which must leave speculated
     requests alone (they never run one). `abort`: a copy of the last request is queued
     first and aborted after two steps."""
@@ -184,6 +185,35 @@ def test_pages_of_rejected_positions_are_given_back(fake_runner):
             assert len(bm._hashes[seq.seq_id]) * bm.page_size <= seq.num_computed
         proposed = engine.stats().spec_proposed_tokens
     assert proposed > engine.stats().spec_accepted_tokens  # rejections happened
+
+
+# four requests of 16-token prompts (4 pages each) on 12 pages of 4: three fit, and the
+# first page any of them needs next preempts the newest; repeating prompts, so that
+# n-gram proposals are made and verified
+PREEMPTING = [([5, 6, 7] * 5 + [5], 20), ([9, 3] * 8, 24), ([4, 8, 12, 4] * 4, 22),
+              ([11] * 16, 24)]
+
+
+def check_greedy_under_preemption(engine):
+    """PREEMPTING through `engine` (12 pages): every request equals plain greedy decoding
+    (EOS ignored, so every request grows to its length), at least one preemption
+    happened, proposals were verified, and every page came back."""
+    params = [SamplingParams(max_tokens=m, ignore_eos=True) for _, m in PREEMPTING]
+    outs = engine.generate([p for p, _ in PREEMPTING], params)
+    for (prompt, m), out in zip(PREEMPTING, outs):
+        assert out.ids == reference_greedy(prompt, m, ignore_eos=True)
+    s = engine.stats()
+    assert s.preemptions > 0 and any(o.num_preemptions for o in outs)
+    assert s.spec_proposed_tokens > 0
+    assert s.pages_in_use == 0 and s.free_pages == engine.num_pages
+
+
+@pytest.mark.parametrize("k", [1, 4, 8])
+@pytest.mark.parametrize("caching", [False, True])
+def test_greedy_speculation_under_preemption(fake_runner, k, caching):
+    engine = Engine(fake_runner, speculative={"method": "ngram", "num_tokens": k},
+                    enable_prefix_caching=caching, num_pages=12, **CONFIG)
+    check_greedy_under_preemption(engine)
 
 
 def check_greedy_batch(engine, batch, abort):

@@ -14,7 +14,7 @@ from jaxrt.errors import SettingError
 from jaxrt.runtime.engine import Engine
 from jaxrt.runtime.request import SamplingParams
 from jaxrt.runtime.speculative import SpeculativeConfig
-from tests.runtime.test_speculative import check_greedy_batch
+from tests.runtime.test_speculative import check_greedy_batch, check_greedy_under_preemption
 from tests.runtime.fake_model import (ALPHABET, VOCAB, W_OUT, FakeRunner, FakeTokenizer,
                                       reference_greedy, reference_logits)
 
@@ -127,8 +127,9 @@ PROMPTS = st.lists(st.integers(2, VOCAB - 1), min_size=1, max_size=20)
        decode_steps=st.sampled_from([1, 4]))
 def test_greedy_draft_speculation_equals_plain_greedy(fake_runner, batch, k, draft,
                                                       caching, pages, abort, decode_steps):
-    """12 pages of 4 tokens for up to 4 requests of up to 36: preemption is forced, and
-    pages move between sequences (the draft's cache must notice). `abort`: a copy of the
+    """12 pages of 4 tokens for up to 4 requests of up to 36: pages move between
+    sequences (the draft's cache must notice), and preemption may happen (forced, and
+    counted, in `test_greedy_draft_speculation_under_preemption`). `abort`: a copy of the
     last request is queued first and aborted after two steps. With decode_steps > 1 the
     engine's decode loops must leave speculated requests alone."""
     engine = Engine(fake_runner, speculative=_spec(DRAFTS[draft](), k),
@@ -141,6 +142,14 @@ def test_greedy_draft_speculation_equals_plain_greedy(fake_runner, batch, k, dra
     assert s.spec_accepted_tokens <= s.spec_proposed_tokens
     if draft.startswith("self"):  # exact fake: the same weights propose the target's tokens
         assert s.spec_accepted_tokens == s.spec_proposed_tokens
+
+
+@pytest.mark.parametrize("k", [1, 8])
+@pytest.mark.parametrize("draft", sorted(DRAFTS))
+def test_greedy_draft_speculation_under_preemption(fake_runner, k, draft):
+    engine = Engine(fake_runner, speculative=_spec(DRAFTS[draft](), k), num_pages=12,
+                    enable_prefix_caching=True, **CONFIG)
+    check_greedy_under_preemption(engine)
 
 
 @settings(max_examples=4, deadline=None, derandomize=True,
