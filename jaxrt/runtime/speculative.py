@@ -35,8 +35,12 @@ tokens their grammar accepts (`LLMatcher.validate_tokens`), before a token that 
 complete it, and row j of the verify step gets the mask of the grammar after the
 proposal's first j tokens (`structured.step_bitmask`, which rolls the matcher back).
 
-Served: requests without penalties (their rows would need counts that include the
-proposal) or beams; those decode without speculation. Speculation replaces the decode loops for
+Penalties compose: row j of a verified proposal is penalized with the output counts of
+the sequence followed by the proposal's first j tokens, the counts plain decoding has at
+that position once those tokens are accepted (`sampling_rows`).
+
+Served: every request but beam search (a beam step ranks 2W candidates of every beam, not
+one token); beams decode without speculation. Speculation replaces the decode loops for
 the requests it serves (a loop of K device steps cannot verify proposals).
 """
 from __future__ import annotations
@@ -127,9 +131,8 @@ def from_cli(text: str | None) -> "SpeculativeConfig | None":
 
 
 def eligible(req: Any) -> bool:
-    """Speculation serves this request: no penalties, no beams."""
-    p = req.params
-    return not p.uses_penalties and not p.is_beam_search
+    """Speculation serves this request: anything but beam search."""
+    return not req.params.is_beam_search
 
 
 def propose(config: SpeculativeConfig, req: Any, seq: Any, k: int) -> list[int]:
@@ -161,14 +164,18 @@ def cut_to_grammar(req: Any, draft: list[int]) -> list[int]:
 def sampling_rows(seqs: Sequence[Any]) -> list:
     """`SamplingBatch.build` rows for the logit rows of a step: a verified proposal's
     j-th row samples output position len(output) + j (its seed's draw there). The
-    prompt and output ids (a copy of the output each) only where penalties read them."""
+    prompt and output ids only where penalties read them: row j's output is the
+    sequence's followed by the proposal's first j tokens (what precedes that position
+    once they are accepted)."""
     rows, at = [], {}
     for s in seqs:
         j = at[id(s)] = at.get(id(s), -1) + 1
         seq, params = s.seq, s.request.params
         made = len(seq.tokens) - seq.prompt_len
-        rows.append((params, s.request.seed, made + j, s.request.prompt_ids,
-                     seq.output_ids if params.uses_penalties else ()))
+        output = ()
+        if params.uses_penalties:
+            output = seq.output_ids + list(s.draft[:j]) if j else seq.output_ids
+        rows.append((params, s.request.seed, made + j, s.request.prompt_ids, output))
     return rows
 
 

@@ -144,6 +144,28 @@ def test_greedy_draft_speculation_equals_plain_greedy(fake_runner, batch, k, dra
         assert s.spec_accepted_tokens == s.spec_proposed_tokens
 
 
+@pytest.mark.parametrize("penalties", [
+    dict(repetition_penalty=1.3), dict(presence_penalty=0.8),
+    dict(frequency_penalty=0.6, presence_penalty=-0.3),
+    dict(repetition_penalty=0.8, frequency_penalty=-0.5)])
+def test_penalized_draft_speculation_is_token_identical(fake_runner, penalties):
+    """The target's own weights propose unpenalized greedy tokens; the target verifies
+    with its penalties, row j counting the proposal's first j tokens as output: greedy,
+    seeded and EOS-stopping requests equal plain decoding's, with many proposals
+    accepted (each accepted token shifts the counts of the rows after it)."""
+    prompts = [[5, 9, 14, 5, 9, 14, 5, 9, 14, 5, 9], [7, 7, 3, 7, 7, 3, 7, 7], [2, 3, 4, 5, 6]]
+    params = [SamplingParams(max_tokens=24, ignore_eos=True, **penalties),
+              SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.7, seed=5,
+                             **penalties),
+              SamplingParams(max_tokens=20, **penalties)]
+    want = Engine(fake_runner, **CONFIG).generate(prompts, params)
+    specd = Engine(fake_runner, speculative=_spec(FakeRunner(64, 4), 4), **CONFIG)
+    got = specd.generate(prompts, params)
+    assert [o.ids for o in got] == [o.ids for o in want]
+    assert [o.finish_reason for o in got] == [o.finish_reason for o in want]
+    assert specd.stats().spec_accepted_tokens >= 15
+
+
 @pytest.mark.parametrize("k", [1, 8])
 @pytest.mark.parametrize("draft", sorted(DRAFTS))
 def test_greedy_draft_speculation_under_preemption(fake_runner, k, draft):
