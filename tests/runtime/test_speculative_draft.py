@@ -213,8 +213,8 @@ def test_statistics_per_request_and_engine(fake_runner):
     # last accepted proposal, which the draft fed but never saw the target accept) and
     # one decode loop of k steps
     assert s.spec_draft_steps == 3 * 2
-    # a penalized request does not speculate: no statistics
-    out = engine.generate([5, 6, 7], SamplingParams(max_tokens=6, repetition_penalty=1.2))[0]
+    # a beam-search request does not speculate: no statistics
+    out = engine.generate([5, 6, 7], SamplingParams(max_tokens=6, beam_width=2))[0]
     assert out.speculative is None and engine.stats().spec_proposed_tokens == 6 * k
 
 
