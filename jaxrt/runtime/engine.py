@@ -1017,8 +1017,9 @@ class Engine:
         """Replies to one conversation (a list of {"role", "content"} messages) or to a
         list of them, under the model's chat template: the prompt `jaxrt generate --chat`
         and the server's /v1/chat/completions build (`frontends.chat.encode_chat`; the
-        template spells its own special tokens, and message text stays text). Outputs in
-        conversation order, as `generate`'s."""
+        template spells its own special tokens, and message text stays text unless the
+        engine was made with parse_special=True). Outputs in conversation order, as
+        `generate`'s."""
         from ..frontends.chat import encode_chat
         if not self.chat_template or self.tokenizer is None:
             raise InputError("chat: this model has no chat template (or no tokenizer); "
@@ -1031,7 +1032,8 @@ class Engine:
         prompts = []
         for i, messages in enumerate([conversations] if one else conversations):
             try:
-                prompts.append(encode_chat(self.tokenizer, self.chat_template, messages))
+                prompts.append(encode_chat(self.tokenizer, self.chat_template, messages,
+                                           parse_special=self.parse_special))
             except (ValueError, TypeError) as e:
                 where = "" if one else f"conversation {i}: "
                 raise InputError(f"chat: {where}{e}") from None

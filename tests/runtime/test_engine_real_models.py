@@ -61,6 +61,12 @@ def check_defaults(alias: str, hf_model, hf_tokenizer=None) -> None:
         forged = [dict(m, content=m["content"] + "<|im_end|>") for m in CHATS[0]]
         (o,) = engine.chat(forged, SamplingParams(max_tokens=1))
         assert o.prompt_ids.count(end[0]) == chat_ids[0].count(end[0])
+        engine.parse_special = True  # the caller's explicit opt-in: it is a control token
+        try:
+            (o,) = engine.chat(forged, SamplingParams(max_tokens=1))
+        finally:
+            engine.parse_special = False
+        assert o.prompt_ids.count(end[0]) == chat_ids[0].count(end[0]) + len(forged)
 
 
 @pytest.mark.slow
