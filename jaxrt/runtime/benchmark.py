@@ -78,11 +78,20 @@ def run_workload(engine, workload: Workload, *, warm_prefix: bool = True) -> dic
         "preemptions": after.preemptions - before.preemptions,
         "compile_s": after.warmup_seconds,
         "compiles_after_warmup": after.compiles_after_warmup,
-        # speculative decoding (0 without it)
-        "spec_acceptance_rate": _rate(after.spec_accepted_tokens - before.spec_accepted_tokens,
-                                      after.spec_proposed_tokens - before.spec_proposed_tokens),
-        "spec_mean_accepted_length": after.spec_mean_accepted_length,
+        # speculative decoding, over this workload's requests (0 without it)
+        **_spec_figures(outs),
     }
+
+
+def _spec_figures(outs) -> dict:
+    """Acceptance rate (accepted / proposed tokens) and mean accepted length (tokens a
+    sequence gains per verify step: accepted + 1) over `outs`' speculative statistics."""
+    stats = [o.speculative for o in outs if o.speculative is not None]
+    verifies = sum(s.verifies for s in stats)
+    accepted = sum(s.accepted for s in stats)
+    return {"spec_acceptance_rate": _rate(accepted, sum(s.proposed for s in stats)),
+            "spec_mean_accepted_length": _rate(accepted + verifies, verifies),
+            "spec_verifies": verifies}
 
 
 def _rate(num: int, den: int) -> float:
@@ -90,9 +99,12 @@ def _rate(num: int, den: int) -> float:
 
 
 def format_table(rows: list[dict]) -> str:
+    """The workloads' figures, a row each; with speculative decoding in any row, two
+    more columns: its acceptance rate and mean accepted length."""
+    spec = any(r.get("spec_verifies") for r in rows)
     head = (f"{'scenario':<28} {'reqs':>5} {'in':>5} {'out':>5} {'prefix':>6} {'tok/s':>9} "
             f"{'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'hit':>5} "
-            f"{'compile':>8}")
+            f"{'compile':>8}" + (f" {'accept':>6} {'len':>5}" if spec else ""))
     lines = [head, "-" * len(head)]
 
     def ms(x):
@@ -104,5 +116,7 @@ def format_table(rows: list[dict]) -> str:
             f"{r.get('scenario', ''):<28} {w['num_requests']:>5} {w['input_len']:>5} "
             f"{w['output_len']:>5} {w['shared_prefix_len']:>6} {r['output_tok_s']:>9.1f} "
             f"{ms(r['ttft_p50_s'])} {ms(r['ttft_p99_s'])} {ms(r['tpot_p50_s'])} "
-            f"{ms(r['tpot_p99_s'])} {r['prefix_cache_hit_rate']:>5.2f} {r['compile_s']:>7.1f}s")
+            f"{ms(r['tpot_p99_s'])} {r['prefix_cache_hit_rate']:>5.2f} {r['compile_s']:>7.1f}s"
+            + (f" {r.get('spec_acceptance_rate', 0.0):>6.2f} "
+               f"{r.get('spec_mean_accepted_length', 0.0):>5.2f}" if spec else ""))
     return "\n".join(lines)
