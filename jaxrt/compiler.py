@@ -156,8 +156,8 @@ def default_pipeline(target: Target, *, page_size: int = 16, memory_fraction: fl
                      data_parallel: int = 1, quantize: str = "", calib: str = "",
                      quant_method: str = "rtn",
                      fuse: bool | None = None, kv_reserve_gib: float = 0.0,
-                     kv_companion_bytes_per_token: int = 0) -> str:
-    """The pipeline `load` runs. `outline_layers` compiles the repeated layers once (a scan
+                     kv_companion_bytes_per_token: int = 0, plan: bool = True) -> str:
+    """The pipeline `load` runs (`plan=False`: without its final plan-kv-cache). `outline_layers` compiles the repeated layers once (a scan
     over stacked weights); False keeps the stack unrolled. None picks by target: scan on
     CPUs, where compile time dominates start-up, unrolled on accelerators, where it decodes
     faster (one H200, bf16, batch 1: 169 vs 80 tok/s for Llama-3.1-8B; see
@@ -222,6 +222,8 @@ def default_pipeline(target: Target, *, page_size: int = 16, memory_fraction: fl
         # plan, which budgets per device.
         passes.append(f"shard{{tp={tensor_parallel} dp={data_parallel}}}")
     passes += kv_quant
+    if not plan:
+        return ",".join(passes)
     shared = (f" reserve-gib={kv_reserve_gib!r}" if kv_reserve_gib else "") + \
         (f" companion-bytes-per-token={int(kv_companion_bytes_per_token)}"
          if kv_companion_bytes_per_token else "")
@@ -230,6 +232,20 @@ def default_pipeline(target: Target, *, page_size: int = 16, memory_fraction: fl
         f"max-model-len={max_model_len} max-num-seqs={max_num_seqs} "
         f"max-num-batched-tokens={max_num_batched_tokens} num-pages={num_pages}{shared}}}")
     return ",".join(passes)
+
+
+# Named pipelines (`jaxrt opt -p default-gpu`): the graph passes of `default_pipeline`
+# for a target, without plan-kv-cache (the cache's sizing needs the device's memory and the
+# serving limits: `jaxrt compile` plans it).
+NAMED_PIPELINES = {"default-gpu": ("gpu", "bf16"), "default-cpu": ("cpu", "f32")}
+
+
+def named_pipeline(name: str) -> str | None:
+    """The pass pipeline a NAMED_PIPELINES name stands for; None for any other text."""
+    if name.strip() not in NAMED_PIPELINES:
+        return None
+    backend, dtype = NAMED_PIPELINES[name.strip()]
+    return default_pipeline(Target(backend, 0, dtype), plan=False)
 
 
 def split_quantize(quantize: str) -> tuple[str, str]:

@@ -10,7 +10,10 @@ from ._common import read_ir, write_text
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="IR text file ('-' for stdin)")
-    p.add_argument("-p", "--pipeline", default="", help="e.g. 'canonicalize,cse,dce'")
+    p.add_argument("-p", "--pipeline", default="",
+                   help="e.g. 'canonicalize,cse,dce', or a named pipeline: default-gpu "
+                        "(what jaxrt compiles for a GPU: the fusion passes and bf16) or "
+                        "default-cpu, without the KV cache's plan")
     p.add_argument("--dump-after", action="append", default=[], metavar="PASS",
                    help="print the IR to stderr after this pass (repeatable; 'all')")
     p.add_argument("--stats", action="store_true",
@@ -24,15 +27,17 @@ def run(args) -> int:
     from jaxrt.passes import PassManager, parse_pipeline
     from jaxrt.passes.manager import DumpAfter, TimingHook, VerifyHook
 
+    from jaxrt.compiler import named_pipeline
     module = read_ir(args.file)
-    passes = parse_pipeline(args.pipeline)
+    pipeline = named_pipeline(args.pipeline) or args.pipeline
+    passes = parse_pipeline(pipeline)
     hooks = [] if args.no_verify else [VerifyHook()]
     if args.dump_after:
         known = {p.name for p in passes}
         for name in args.dump_after:
             if name != "all" and name not in known:
                 raise SettingError(f"--dump-after {name}: no such pass in the pipeline "
-                                   f"{args.pipeline!r}")
+                                   f"{pipeline!r}")
         hooks.append(DumpAfter("all" if "all" in args.dump_after else args.dump_after,
                                sys.stderr))
     if args.stats:

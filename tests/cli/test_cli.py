@@ -96,6 +96,30 @@ def test_inspect_shows_pass_stats(ir_file, tmp_path, capsys):
     assert code == 0 and "passes: canonicalize,cse,dce" in out
 
 
+
+@pytest.mark.parametrize("name", ["default-gpu", "default-cpu"])
+def test_opt_named_default_pipeline(tmp_path, capsys, name):
+    """`-p default-gpu` / `default-cpu` is the compile pipeline's graph passes for that
+    target (fusions, bf16 on GPUs): the same module as its expansion, with per-rule
+    fusion matches in --stats."""
+    from jaxrt.compiler import named_pipeline
+    from jaxrt.frontends.build import build_module
+    from tests.passes.test_outline_layers import tiny_config
+    path = tmp_path / "llama.jxr"
+    path.write_text(str(build_module(tiny_config("llama", 2))))
+    code, _, err = run_cli(["opt", str(path), "-p", name, "--stats"], capsys)
+    assert code == 0
+    code, named, _ = run_cli(["opt", str(path), "-p", name], capsys)
+    expansion = named_pipeline(name)
+    assert "fuse-qkv" in expansion and "plan-kv-cache" not in expansion
+    assert ("cast-float{dtype=bf16}" in expansion) == (name == "default-gpu")
+    code, spelled, _ = run_cli(["opt", str(path), "-p", expansion], capsys)
+    assert code == 0 and named == spelled
+    for fusion in ("fuse-qkv", "fuse-gate-up", "fuse-add-rmsnorm"):
+        assert fusion in err
+    assert named.count("concat") >= 2  # q/k/v and gate/up weights concatenated per layer
+
+
 BAD_CASES = [
     (["opt", "{ir}", "-p", "canonicalise"], "unknown pass 'canonicalise'"),
     (["opt", "{ir}", "-p", "canonicalize{fold-limt=3}"], "no option 'fold-limt'"),
