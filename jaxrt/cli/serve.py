@@ -97,15 +97,21 @@ def run(args) -> int:
         raise SettingError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     if args.api_key is not None and not args.api_key:
         raise SettingError("--api-key must not be empty")
-    from jaxrt.runtime.engine import Engine
-    from jaxrt.serve.server import serve
+    kwargs = engine_kwargs(args)
+    from jaxrt.serve.server import bind_listener, serve
 
-    engine = Engine(args.model, parse_special=args.parse_special, **engine_kwargs(args))
+    # bound before the model loads: a bad --host or a busy --port fails in a second
+    sock = bind_listener(args.host, args.port)
     try:
-        serve(engine, model_name=args.served_model_name or args.model, host=args.host,
-              port=args.port, api_key=args.api_key, max_pending=args.max_pending,
-              max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
-              out=sys.stdout)
+        from jaxrt.runtime.engine import Engine
+        engine = Engine(args.model, parse_special=args.parse_special, **kwargs)
+        try:
+            serve(engine, model_name=args.served_model_name or args.model, host=args.host,
+                  port=args.port, api_key=args.api_key, max_pending=args.max_pending,
+                  max_body_bytes=args.max_body_bytes,
+                  shutdown_timeout=args.shutdown_timeout, out=sys.stdout, sock=sock)
+        finally:
+            engine.close()
     finally:
-        engine.close()
+        sock.close()
     return 0

@@ -148,15 +148,14 @@ def create_app(loop: EngineLoop, config: ServerConfig,
     async def completions(request: Request):
         req: CompletionRequest = await read_body(request, CompletionRequest)
         prompts = [_prompt_ids(engine, p) for p in req.prompts()]
-        groups = [[(_sample_params(engine, req, req.max_tokens, req.logprobs, ids, j,
+        groups = [[(_sample_params(engine, req, req.max_output_tokens, req.logprobs, ids, j,
                                    req.prompt_logprobs_wanted), ids)
                    for j in range(req.n)] for ids in prompts]
         run = _Run(loop, groups, "cmpl")
         await run.start(request)
         kind = _CompletionFormat(engine, req, run, prompts)
         if req.stream:
-            return StreamingResponse(_sse(run, kind, req.include_usage),
-                                     media_type="text/event-stream")
+            return StreamingResponse(_sse(run, kind), media_type="text/event-stream")
         return JSONResponse(kind.full(await run.collect(request)))
 
     @app.post("/v1/chat/completions")
@@ -184,8 +183,7 @@ def create_app(loop: EngineLoop, config: ServerConfig,
         await run.start(request)
         kind = _ChatFormat(engine, req, run)
         if req.stream:
-            return StreamingResponse(_sse(run, kind, req.include_usage),
-                                     media_type="text/event-stream")
+            return StreamingResponse(_sse(run, kind), media_type="text/event-stream")
         return JSONResponse(kind.full(await run.collect(request)))
 
     return app
@@ -386,6 +384,10 @@ class _Format:
                 return len(ids) - 1
         return len(ids)
 
+    def prompt_len(self, rid: str) -> int:
+        """The prompt tokens of one request of the run."""
+        return len(self.prompts[self.run.index[rid] // self.n])
+
     def usage(self, finished: dict[str, StreamDelta], prompts: list[list[int]]) -> dict:
         out = sum(len(d.output.ids) for d in finished.values() if d.output is not None)
         return _usage(sum(len(p) for p in prompts), out)
@@ -538,24 +540,36 @@ def _sse_line(obj: Any) -> bytes:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
 
 
-async def _sse(run: _Run, fmt: _Format, include_usage: bool):
+async def _sse(run: _Run, fmt: _Format):
     """Server-sent events; cancelled by Starlette when the client disconnects, which
-    aborts every request of the run."""
+    aborts every request of the run. Under `continuous_usage_stats` every chunk carries
+    its choice's usage so far (vLLM's: the choice's prompt, the tokens generated so far,
+    a final stop token included)."""
+    continuous = fmt.req.continuous_usage
+    generated = dict.fromkeys(run.rids, 0)
+
+    def line(chunk: dict, rid: str) -> bytes:
+        if continuous:
+            chunk["usage"] = _usage(fmt.prompt_len(rid), generated[rid])
+        return _sse_line(chunk)
+
     try:
-        for c in fmt.first_chunks():
-            yield _sse_line(c)
+        for rid, c in zip(run.rids, fmt.first_chunks()):
+            yield line(c, rid)
         seen: set[str] = set()
         try:
             async for delta in run.events():
-                first = delta.request_id not in seen
-                seen.add(delta.request_id)
+                rid = delta.request_id
+                first = rid not in seen
+                seen.add(rid)
+                generated[rid] += len(delta.ids)
                 if delta.ids or delta.text or delta.finish_reason or \
                         (first and isinstance(fmt, _CompletionFormat) and fmt.req.echo):
-                    yield _sse_line(fmt.chunk(delta, first))
+                    yield line(fmt.chunk(delta, first), rid)
         except ApiError as e:  # headers are sent: report it in the stream
             yield _sse_line(_error_body(e.message, e.type, e.param, e.code))
             return
-        if include_usage:
+        if fmt.req.include_usage:
             yield _sse_line(fmt.sse_usage(run.finished, fmt.prompts))
         yield b"data: [DONE]\n\n"
     finally:

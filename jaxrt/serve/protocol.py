@@ -21,6 +21,7 @@ from ..runtime.request import SamplingParams
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 MAX_N = 128          # samples per prompt
 MAX_STOP = 16        # stop strings per request
+DEFAULT_COMPLETION_TOKENS = 16   # OpenAI's max_tokens of /v1/completions, omitted or null
 
 Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Int64 = Annotated[StrictInt, Field(ge=-(2 ** 63), lt=2 ** 63)]
@@ -37,6 +38,9 @@ class BadRequest(ValueError):
 
 
 class StreamOptions(BaseModel):
+    """`include_usage`: a last chunk with the usage of the whole run (OpenAI).
+    `continuous_usage_stats` (vLLM's, only with `include_usage`): every chunk also carries
+    the usage of its choice so far."""
     model_config = _STRICT
     include_usage: StrictBool = False
     continuous_usage_stats: StrictBool = False
@@ -111,6 +115,11 @@ class _Sampling(BaseModel):
         if self.stream_options is not None and not self.stream:
             raise BadRequest("stream_options is only allowed when stream is true",
                              "stream_options")
+        if self.stream_options is not None and self.stream_options.continuous_usage_stats \
+                and not self.stream_options.include_usage:
+            # vLLM ignores it then; a setting the server would drop is refused instead
+            raise BadRequest("stream_options.continuous_usage_stats needs include_usage",
+                             "stream_options")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if any(not s for s in stops):
             raise BadRequest("stop strings must be non-empty", "stop")
@@ -136,6 +145,10 @@ class _Sampling(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and self.stream_options.continuous_usage_stats
+
 
 Prompt = (StrictStr | Annotated[list[TokenId], Field(min_length=1)]
           | Annotated[list[StrictStr], Field(min_length=1)]
@@ -144,12 +157,17 @@ Prompt = (StrictStr | Annotated[list[TokenId], Field(min_length=1)]
 
 class CompletionRequest(_Sampling):
     prompt: Prompt
-    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = 16
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = DEFAULT_COMPLETION_TOKENS
     echo: StrictBool = False
     logprobs: Annotated[StrictInt, Field(ge=0)] | None = None
     best_of: Annotated[StrictInt, Field(ge=1)] | None = None
     suffix: StrictStr | None = None
     prompt_logprobs: Annotated[StrictInt, Field(ge=0)] | None = None  # vLLM's extension
+
+    @property
+    def max_output_tokens(self) -> int:
+        """null is the default, as OpenAI has it."""
+        return DEFAULT_COMPLETION_TOKENS if self.max_tokens is None else self.max_tokens
 
     @property
     def prompt_logprobs_wanted(self) -> int | None:
@@ -171,8 +189,6 @@ class CompletionRequest(_Sampling):
             raise BadRequest("best_of must equal n (jaxrt returns every sample)", "best_of")
         if self.suffix:
             raise BadRequest("suffix (insertion) is not supported", "suffix")
-        if self.max_tokens is None:
-            raise BadRequest("max_tokens must be an integer >= 1", "max_tokens")
 
 
 class TextPart(BaseModel):
@@ -216,6 +232,7 @@ class ChatCompletionRequest(_Sampling):
 
     @property
     def max_output_tokens(self) -> int | None:
+        """None (both omitted or null): up to the context length."""
         return self.max_completion_tokens if self.max_completion_tokens is not None \
             else self.max_tokens
 

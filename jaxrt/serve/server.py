@@ -78,12 +78,12 @@ def _uvicorn_server(app, host: str, port: int, shutdown_timeout: float, on_ready
     return Server(config)
 
 
-def serve(engine, *, model_name: str, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, max_pending: int = 256, max_body_bytes: int = 8 << 20,
-          shutdown_timeout: float = 10.0, out=sys.stdout) -> None:
-    """Serve until SIGINT or SIGTERM (main thread). Prints one line once ready."""
-    app, _ = build_app(engine, model_name=model_name, api_key=api_key,
-                       max_pending=max_pending, max_body_bytes=max_body_bytes)
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), or SettingError (an unknown or foreign host, a port
+    out of range or in use). The CLI binds before loading the model, so a bad --host
+    fails at once instead of after the load and warm-up."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise SettingError(f"--port must be in [0, 65535], got {port}")
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -93,6 +93,19 @@ def serve(engine, *, model_name: str, host: str = "127.0.0.1", port: int = 8000,
         why = getattr(e, "strerror", None) or e
         raise SettingError(f"--host/--port: cannot listen on {host!r}:{port}: "
                            f"{why}") from None
+    return sock
+
+
+def serve(engine, *, model_name: str, host: str = "127.0.0.1", port: int = 8000,
+          api_key: str | None = None, max_pending: int = 256, max_body_bytes: int = 8 << 20,
+          shutdown_timeout: float = 10.0, out=sys.stdout,
+          sock: socket.socket | None = None) -> None:
+    """Serve until SIGINT or SIGTERM (main thread). Prints one line once ready. `sock`:
+    a socket from `bind_listener(host, port)` (else it is bound here)."""
+    app, _ = build_app(engine, model_name=model_name, api_key=api_key,
+                       max_pending=max_pending, max_body_bytes=max_body_bytes)
+    if sock is None:
+        sock = bind_listener(host, port)
     line = (f"jaxrt: serving {model_name} on http://{host}:{sock.getsockname()[1]}/v1 "
             f"(max_model_len {engine.max_model_len})")
     server = _uvicorn_server(app, host, port, shutdown_timeout,
