@@ -13,7 +13,8 @@ weight), and writes
         <W>.smooth   [in]  SmoothQuant's s_j = act_max_j^alpha / max|W_:j|^(1 - alpha),
                            the weight maximum over every linear reading the same input
     DIR/calibration.json          {format, model, arch, alpha, percentile, tokens, data,
-                                   seed, groups: the linears sharing one input}
+                                   seed, groups: the linears sharing one input,
+                                   data_sha256: the text's hash (with --data)}
 
 With `--gptq MODE` (int8-weight, fp8-weight, w8a8, fp8) the same pass also accumulates
 H = X^T X / n (float64) per group of linears reading one input, then runs GPTQ
@@ -85,13 +86,16 @@ class Calibration:
         return f"{weight}.act_max"
 
 
-def check_options(alpha: float, percentile: float, num_tokens: int | None) -> None:
+def check_options(alpha: float, percentile: float, num_tokens: int | None,
+                  seed: int = 0) -> None:
     if not 0.0 <= alpha <= 1.0:
         raise SettingError(f"--alpha must be in [0, 1], got {alpha}")
     if not 0.0 < percentile <= 100.0:
         raise SettingError(f"--percentile must be in (0, 100], got {percentile}")
     if num_tokens is not None and num_tokens < 2:
         raise SettingError(f"--num-tokens must be >= 2, got {num_tokens}")
+    if not isinstance(seed, int) or seed < 0:  # numpy's generators take none below 0
+        raise SettingError(f"--seed must be a non-negative integer, got {seed}")
 
 
 # ---- capture ------------------------------------------------------------------------------
@@ -173,7 +177,7 @@ def calibrate(model_spec: str, out_dir: str, *, data: str | None = None,
     `data`: the text itself (None: data-free), `data_name` where it came from; `gptq`:
     the quantize mode to write GPTQ codes for (None: none)."""
     from .frontends.sources import load_model, resolve_model
-    check_options(alpha, percentile, num_tokens)
+    check_options(alpha, percentile, num_tokens, seed)
     check_gptq_options(gptq, gptq_damp, gptq_block)
     if resolve_model(model_spec)[0] == "engine":
         raise InputError(f"{model_spec}: an engine directory; calibrate the model it was "
@@ -192,14 +196,21 @@ def calibrate_loaded(loaded, out_dir: str, *, data: str | None = None,
                      data_name: str = "", gptq: str | None = None,
                      gptq_damp: float = DEFAULT_DAMP, gptq_block: int = DEFAULT_BLOCK) -> dict:
     from .ir.weights import smooth_factors
-    check_options(alpha, percentile, num_tokens)
+    check_options(alpha, percentile, num_tokens, seed)
     check_gptq_options(gptq, gptq_damp, gptq_block)
     limit = loaded.config.max_position
+    if num_tokens is not None and num_tokens > limit:  # never quietly fewer
+        raise SettingError(f"--num-tokens {num_tokens} exceeds the model's context of "
+                           f"{limit} tokens")
     if data is None:
         n = min(num_tokens or DEFAULT_FREE_TOKENS, limit)
         ids = sample_ids(loaded, n, seed)
     else:
-        ids = loaded.tokenizer.encode_text(data)[:min(num_tokens or DEFAULT_TOKENS, limit)]
+        ids = loaded.tokenizer.encode_text(data)
+        if num_tokens is not None and len(ids) < num_tokens:
+            raise InputError(f"--num-tokens {num_tokens} exceeds the data text's "
+                             f"{len(ids)} tokens")
+        ids = ids[:min(num_tokens or DEFAULT_TOKENS, limit)]
         if len(ids) < 2:
             raise InputError(f"calibrate: the data text is {len(ids)} token(s); at least 2")
     hessians = Hessians() if gptq else None
@@ -215,12 +226,19 @@ def calibrate_loaded(loaded, out_dir: str, *, data: str | None = None,
             "alpha": alpha, "percentile": percentile, "tokens": len(ids),
             "data": "self-sampled" if data is None else (data_name or "text"), "seed": seed,
             "groups": groups}
+    if data is not None:  # what eval-ppl compares with the text it scores (data_sha256)
+        meta["data_sha256"] = data_sha256(data)
     if gptq:
         meta["gptq"] = gptq_calibration(loaded.weights, groups, hessians, gptq, gptq_damp,
                                         gptq_block, tensors)
         meta["gptq"]["tokens"] = len(ids)
     write_calibration(out_dir, tensors, meta)
     return meta
+
+
+def data_sha256(text: str) -> str:
+    """The content hash of a calibration text, as calibration.json records it."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def default_calibration(loaded) -> str:
@@ -306,6 +324,10 @@ def read_calibration(path: str) -> Calibration:
     try:
         header = read_safetensors_header(file)
     except ModelFormatError as e:
+        if not os.path.isdir(path):  # e.g. the text a calibration is made from
+            raise InputError(f"{path}: not a calibration: expected a directory from `jaxrt "
+                             f"calibrate MODEL [--data TEXT] -o DIR` (holding "
+                             f"{TENSORS_FILE}), got a file that is not one") from None
         raise InputError(f"{path}: not a calibration file: {e}") from None
     meta_path = os.path.join(os.path.dirname(file), META_FILE)
     try:

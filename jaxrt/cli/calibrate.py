@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from jaxrt.errors import InputError, read_text_file
+from jaxrt.errors import InputError, SettingError, read_text_file
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,22 +34,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-tokens", type=int, default=None, metavar="N",
                    help=f"tokens run through the model, at most its context (default "
                         f"{DEFAULT_TOKENS} of --data, {DEFAULT_FREE_TOKENS} sampled)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (data-free)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="sampling seed, >= 0 (data-free only; default 0)")
     p.add_argument("--gptq", default=None, metavar="MODE",
                    help="also choose the weight codes of quantize mode MODE (int8-weight, "
                         "fp8-weight, w8a8, fp8) by GPTQ, for -q MODE --gptq")
-    p.add_argument("--gptq-damp", type=float, default=DEFAULT_DAMP, metavar="D",
-                   help=f"GPTQ's damping, as a fraction of the mean of diag(X^T X) "
-                        f"(default {DEFAULT_DAMP})")
-    p.add_argument("--gptq-block", type=int, default=DEFAULT_BLOCK, metavar="B",
-                   help=f"columns per GPTQ lazy-update block (default {DEFAULT_BLOCK})")
+    # None: not given (an option given where it does nothing is refused, never ignored)
+    p.add_argument("--gptq-damp", type=float, default=None, metavar="D",
+                   help=f"with --gptq: GPTQ's damping, as a fraction of the mean of "
+                        f"diag(X^T X) (default {DEFAULT_DAMP})")
+    p.add_argument("--gptq-block", type=int, default=None, metavar="B",
+                   help=f"with --gptq: columns per GPTQ lazy-update block (default "
+                        f"{DEFAULT_BLOCK})")
 
 
 def run(args) -> int:
     from jaxrt.calibration import calibrate, check_options
-    from jaxrt.gptq import check_gptq_options
-    check_options(args.alpha, args.percentile, args.num_tokens)  # before any loading
-    check_gptq_options(args.gptq, args.gptq_damp, args.gptq_block)
+    from jaxrt.gptq import DEFAULT_BLOCK, DEFAULT_DAMP, check_gptq_options
+    if args.gptq is None:
+        for option, value in (("--gptq-damp", args.gptq_damp),
+                              ("--gptq-block", args.gptq_block)):
+            if value is not None:
+                raise SettingError(f"{option} tunes GPTQ; give --gptq MODE too")
+    if args.seed is not None and args.data is not None:
+        raise SettingError("--seed seeds the data-free sampling; with --data the text is "
+                           "the calibration and nothing is sampled")
+    seed = 0 if args.seed is None else args.seed
+    damp = DEFAULT_DAMP if args.gptq_damp is None else args.gptq_damp
+    block = DEFAULT_BLOCK if args.gptq_block is None else args.gptq_block
+    check_options(args.alpha, args.percentile, args.num_tokens, seed)  # before any loading
+    check_gptq_options(args.gptq, damp, block)
     data = None
     if args.data is not None:
         data = read_text_file(args.data, "a calibration text file (--data)")
@@ -57,10 +71,10 @@ def run(args) -> int:
             raise InputError(f"{args.data}: the calibration text file is empty")
     start = time.perf_counter()
     meta = calibrate(args.model, args.output, data=data, alpha=args.alpha,
-                     percentile=args.percentile, num_tokens=args.num_tokens, seed=args.seed,
-                     data_name=args.data or "", gptq=args.gptq, gptq_damp=args.gptq_damp,
-                     gptq_block=args.gptq_block)
-    source = f"{args.data}" if data is not None else f"self-sampled text (seed {args.seed})"
+                     percentile=args.percentile, num_tokens=args.num_tokens, seed=seed,
+                     data_name=args.data or "", gptq=args.gptq, gptq_damp=damp,
+                     gptq_block=block)
+    source = f"{args.data}" if data is not None else f"self-sampled text (seed {seed})"
     gptq = meta.get("gptq")
     codes = (f", GPTQ {gptq['dtype']} codes for {gptq['mode']} ({gptq['seconds']} s)"
              if gptq else "")

@@ -5,8 +5,11 @@ tokenizer's own BOS; the windows are at most --context tokens (default: the mode
 context) every --stride tokens (default: half a window), so every token after the first
 is scored once. `-q MODE` quantizes the model first (jaxrt/passes/quantize.py), or
 its KV cache (kv-int8, kv-fp8: jaxrt/passes/quantize_kv_cache.py). w8a8-smoothquant
-smooths with the calibration `--calib DIR` (jaxrt calibrate), else with a data-free one
-(jaxrt/calibration.py): never with the evaluated text.
+smooths with the calibration `--calib DIR` (jaxrt calibrate), or one made in a temporary
+directory on the text `--calib FILE` (as `jaxrt calibrate --data FILE`), else with a
+data-free one (jaxrt/calibration.py): never with the evaluated text (the same file, the
+same content, or a calibration directory made on it is refused). --json's `quantize` is
+what the model was compiled with (an engine directory's own, from its attributes).
 
 `--gptq` takes -q's weight codes from GPTQ (jaxrt/gptq.py) instead of rounding to
 nearest: calibrated in a temporary directory on the text `--calib FILE`, or data-free
@@ -38,10 +41,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "run time), or "
                         "the KV cache (kv-int8, kv-fp8: per token-head scales), or both "
                         "joined by +")
-    p.add_argument("--calib", default=None, metavar="DIR",
-                   help="calibration (jaxrt calibrate) for -q w8a8-smoothquant (default: "
-                        "data-free, the model's own samples); with --gptq, a text FILE to "
-                        "calibrate on, or a calibration DIR with GPTQ codes")
+    p.add_argument("--calib", default=None, metavar="DIR|FILE",
+                   help="for -q w8a8-smoothquant: a calibration DIR (jaxrt calibrate) or a "
+                        "text FILE to calibrate on (default: data-free, the model's own "
+                        "samples); with --gptq, a text FILE to calibrate on or a "
+                        "calibration DIR with GPTQ codes; never the --text itself")
     p.add_argument("--gptq", action="store_true",
                    help="choose -q's weight codes by GPTQ (int8-weight, fp8-weight, w8a8, "
                         "fp8), calibrated on --calib (default: data-free)")
@@ -77,25 +81,58 @@ def is_calibration(path: str) -> bool:
 
 
 @contextlib.contextmanager
-def gptq_calibration(loaded, mode: str, calib: str | None):
-    """A calibration directory with GPTQ codes for `mode`: `calib` itself when it is one,
-    else made in a temporary directory (removed afterwards) on the text file `calib`, or
-    data-free without one."""
+def calibration_dir(loaded, quantize: str | None, calib: str | None, gptq: str | None):
+    """The calibration directory to compile with: `calib` itself when it is one; else,
+    where -q needs one (w8a8-smoothquant, or GPTQ's codes for mode `gptq`), one made in a
+    temporary directory (removed afterwards) on the text file `calib`, as `jaxrt
+    calibrate --data FILE` makes it; without --calib, data-free for GPTQ and "" (the
+    cached data-free default, compile_loaded) for SmoothQuant."""
     from jaxrt.calibration import calibrate_loaded
+    from jaxrt.compiler import needs_calibration
     if calib and is_calibration(calib):
         yield calib
         return
-    data = None
-    if calib:
-        data = read_text_file(calib, "a calibration text file (--calib)")
-        if not data.strip():
-            raise InputError(f"{calib}: the calibration text file is empty")
-    out = tempfile.mkdtemp(prefix="jaxrt-gptq-")
+    if not calib and not gptq or not gptq and not needs_calibration(quantize or ""):
+        yield calib or ""  # a calib -q has no use for: compile refuses it in one line
+        return
+    data = read_calibration_text(calib) if calib else None
+    out = tempfile.mkdtemp(prefix="jaxrt-gptq-" if gptq else "jaxrt-calibration-")
     try:
-        calibrate_loaded(loaded, out, data=data, gptq=mode, data_name=calib or "")
+        calibrate_loaded(loaded, out, data=data, gptq=gptq, data_name=calib or "")
         yield out
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+def read_calibration_text(calib: str) -> str:
+    data = read_text_file(calib, "a calibration text file or directory (--calib)")
+    if not data.strip():
+        raise InputError(f"{calib}: the calibration text file is empty")
+    return data
+
+
+def check_calibration_source(calib: str, text_file: str, text: str) -> None:
+    """SettingError when `calib` (a text file, or a calibration directory made on one) is
+    the evaluated text: the same file, or the same content (the directory's
+    calibration.json records its text's data_sha256; one without it, its path)."""
+    from jaxrt.calibration import data_sha256, read_calibration
+    if not os.path.exists(calib):
+        raise InputError(f"{calib}: no such file or directory; --calib takes a calibration "
+                         f"directory (jaxrt calibrate) or a text file to calibrate on")
+    if is_calibration(calib):
+        meta = read_calibration(calib).meta
+        source = meta.get("data")
+        same = (meta["data_sha256"] == data_sha256(text) if "data_sha256" in meta else
+                isinstance(source, str) and os.path.isfile(source) and
+                os.path.samefile(source, text_file))
+        if same:
+            raise SettingError(f"--calib {calib}: the calibration was made on the evaluated "
+                               f"text (--text, {source}); calibrate on other text")
+        return
+    if os.path.isfile(calib) and (os.path.samefile(calib, text_file) or
+                                  read_calibration_text(calib) == text):
+        raise SettingError("--calib: the calibration text is the evaluated text (--text); "
+                           "calibrate on other text")
 
 
 def evaluate(model_spec: str, ids: list[int] | None = None, *, text: str | None = None,
@@ -103,7 +140,7 @@ def evaluate(model_spec: str, ids: list[int] | None = None, *, text: str | None 
              context: int | None = None,
              stride: int | None = None, dtype: str | None = None):
     """(Perplexity, compiled model) of `ids` (or `text`, tokenized here). `gptq`: -q's
-    weight codes by GPTQ, calibrated on `calib` (gptq_calibration)."""
+    weight codes by GPTQ; `calib`: a calibration directory or text (calibration_dir)."""
     from jaxrt.compiler import Target, compile_loaded, load_engine
     from jaxrt.frontends.sources import load_model, resolve_model
     from jaxrt.perplexity import perplexity, plan_windows
@@ -141,8 +178,7 @@ def evaluate(model_spec: str, ids: list[int] | None = None, *, text: str | None 
     plan_windows(len(ids), context, stride)  # refuse bad windows before compiling
     if kind == "engine":
         return perplexity(source.executable(), ids, context, stride), source
-    with (gptq_calibration(source, mode, calib) if gptq
-          else contextlib.nullcontext(calib)) as calib_dir:
+    with calibration_dir(source, quantize, calib, mode) as calib_dir:
         model = compile_loaded(source, target=Target.detect(dtype), max_model_len=window,
                                num_pages=math.ceil(window / PAGE_SIZE), page_size=PAGE_SIZE,
                                max_num_seqs=1, quantize=quantize or "", calib=calib_dir or "",
@@ -154,20 +190,22 @@ def run(args) -> int:
     text = read_text_file(args.text, "a text file (--text)")
     if not text.strip():
         raise InputError(f"{args.text}: the text file is empty")
-    if args.gptq and args.calib and os.path.isfile(args.calib) and \
-            os.path.samefile(args.calib, args.text):
-        raise SettingError("--gptq --calib: the calibration text is the evaluated text "
-                           "(--text); calibrate on other text")
+    if args.calib:
+        check_calibration_source(args.calib, args.text, text)
     start = time.perf_counter()
     result, model = evaluate(args.model, text=text, quantize=args.quantize, calib=args.calib,
                              gptq=args.gptq, context=args.context, stride=args.stride,
                              dtype=args.dtype)
     seconds = time.perf_counter() - start
+    # What the model was compiled with: -q, or what an engine directory fixed
+    from jaxrt.compiler import quantize_mode
+    quantize = quantize_mode(model.module) or None
+    gptq = model.module.attributes.get("quantization", {}).get("method") == "gptq"
     if args.json:
-        print(json.dumps({**result.to_json(), "quantize": args.quantize, "gptq": args.gptq,
+        print(json.dumps({**result.to_json(), "quantize": quantize, "gptq": gptq,
                           "seconds": round(seconds, 2)}))
     else:
-        q = f" ({args.quantize}{', GPTQ' if args.gptq else ''})" if args.quantize else ""
+        q = f" ({quantize}{', GPTQ' if gptq else ''})" if quantize else ""
         print(f"{args.model}{q}: perplexity {result.ppl:.4f}, nll {result.nll:.5f} nats/token "
               f"over {result.tokens} tokens in {result.windows} window(s), {seconds:.1f} s")
     return 0

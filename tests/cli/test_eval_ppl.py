@@ -114,6 +114,7 @@ def test_quantized_engine_directory_scores_as_the_model(tiny_dir, tmp_path, caps
     assert main(["eval-ppl", engine, "--text", str(text), "--json", "--stride", "5",
                  "--context", "8"]) == 0
     from_engine = json.loads(capsys.readouterr().out)
+    assert from_engine["quantize"] == "w8a8" and from_engine["gptq"] is False  # its own
     assert main(["eval-ppl", tiny_dir, "--text", str(text), "--json", "-q", "w8a8",
                  "--stride", "5", "--context", "8"]) == 0
     direct = json.loads(capsys.readouterr().out)
@@ -124,6 +125,22 @@ def test_quantized_engine_directory_scores_as_the_model(tiny_dir, tmp_path, caps
     assert main(["eval-ppl", engine, "--text", str(text), "-q", "fp8"]) == 2
     assert "is an engine directory" in capsys.readouterr().err
     assert main(["compile", tiny_dir, "-o", engine, "-q", "fp8", "-p", "dce"]) == 2
+
+
+def test_engine_directory_reports_its_quantization(tiny_dir, tmp_path, capsys):
+    """--json's quantize for an engine directory is what it was compiled with (its
+    module's quantization and kv_quantization attributes), not the absent -q (null); so
+    is the plain output's."""
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{(i * 5) % 61 + 3}" for i in range(12)))
+    engine = str(tmp_path / "engine")
+    assert main(["compile", tiny_dir, "-o", engine, "-q", "int8-weight+kv-int8"]) == 0
+    capsys.readouterr()
+    assert main(["eval-ppl", engine, "--text", str(text), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["quantize"] == "int8-weight+kv-int8" and out["gptq"] is False
+    assert main(["eval-ppl", engine, "--text", str(text)]) == 0
+    assert f"{engine} (int8-weight+kv-int8): perplexity" in capsys.readouterr().out
 
 
 ENGLISH = ("The old lighthouse stood at the end of a narrow spit of land, where the river met "
