@@ -11,8 +11,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help=".gguf file, Hugging Face directory or alias")
     p.add_argument("-o", "--output", required=True, help="engine directory to write")
     p.add_argument("-p", "--pipeline", default=None,
-                   help="pass pipeline (default: canonicalize,cse,dce[,cast-float],"
-                        "plan-kv-cache)")
+                   help="pass pipeline (default: the target's: canonicalize,cse,dce, the "
+                        "fusion passes, outline-layers on a CPU, cast-float to bf16 on a GPU, "
+                        "then plan-kv-cache; `jaxrt opt -p default-gpu|default-cpu` shows "
+                        "all but the plan)")
     p.add_argument("-q", "--quantize", default=None, metavar="MODE",
                    help="quantize the linear projections (per-channel scales) in the default "
                         "pipeline, or the KV cache (kv-int8, kv-fp8); with -p, write "
