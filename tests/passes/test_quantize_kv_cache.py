@@ -201,24 +201,8 @@ def test_attention_over_a_quantized_cache_is_within_the_format_bound(seed, dtype
 
 # ---- through the Engine -----------------------------------------------------------------------
 
-def test_kv_int8_engine_batched_equals_alone_and_caching_changes_nothing():
-    """Per (token, head) scales depend on that token's row alone, so a shared prefix is
-    written with the same codes and batching cannot change a row's scale; the near-tie
-    rule of test_engine_properties.py covers f32 summation order."""
-    from tests.runtime import test_engine_quantized as tq
-    from tests.runtime import test_engine_properties as props
-    from tests.runtime.conftest import FACTORIES, poisoned
-    f = FACTORIES["tiny-llama-kv-int8"]()
-    f.make = poisoned(f.make)
-    exe = f.make()
-    assert exe.kv_dtype == DType.int8
-    alone = props.one_at_a_time(f, tq.JOBS)
-    props.assert_same(f, props.batched(f, tq.JOBS, enable_prefix_caching=False, **tq.SMALL),
-                      alone, "batched vs alone")
-    e = props.engine(f, **tq.SMALL)
-    props.assert_same(f, e.generate(tq.PROMPTS, tq.PARAMS), alone, "caching (cold)")
-    props.assert_same(f, e.generate(tq.PROMPTS, tq.PARAMS), alone, "caching (warm)")
-    assert e.stats().prefix_cache_hit_rate > 0
+# (batched vs alone and caching on vs off for kv-int8, kv-fp8 and w8a8+kv-fp8:
+# tests/runtime/test_engine_quantized.py)
 
 
 def test_engine_directory_records_kv_quantization(tmp_path):

@@ -106,12 +106,15 @@ def _flax_llama() -> RunnerFactory:
                          vocab_size=256, prompt_tokens=range(3, 256), exact=False)
 
 
+# Every quantize mode, and one weight + KV cache combination.
+QUANTIZED_MODES = ("int8-weight", "fp8-weight", "w8a8", "fp8", "w8a8-smoothquant", "kv-int8",
+                   "kv-fp8", "w8a8+kv-fp8")
+
 FACTORIES: dict[str, Callable[[], RunnerFactory]] = {
     "fake": _fake, "tiny-llama": _tiny_llama, "smollm2": _smollm2, "flax-llama": _flax_llama,
-    # opt-in (not in the default list): test_engine_quantized.py runs them itself
+    # opt-in (not in the default list): test_engine_quantized.py runs each of them
     **{f"tiny-llama-{mode}": (lambda mode=mode: _tiny_llama(mode))
-       for mode in ("int8-weight", "fp8-weight", "w8a8", "fp8", "kv-int8", "kv-fp8",
-                    "w8a8-smoothquant")}}
+       for mode in QUANTIZED_MODES}}
 
 
 def _selected() -> list[str]:
