@@ -44,7 +44,20 @@ def test_kernel_matches_reference_with_splits_masks_and_empty_rows():
     _assert_close(out, ref, DType.bf16)
 
 
-@pytest.mark.parametrize("case", ["mixed", "window", "long-rows"])
+# page sizes the kernel covers (16..128: tiling a 64-token block, or whole blocks), GQA and
+# MQA, head_dim 128, and Gemma 3's query scaling (query_pre_attn_scalar 256: 1/16, not
+# 1/sqrt(head_dim)) with its sliding window
+PAGE_CASES = {
+    "pages-32-gqa": dict(ctx=[100, 33], new=[1, 9], page_size=32, heads=8, kvh=2,
+                         head_dim=64, attrs={}),
+    "pages-64-mqa-d128": dict(ctx=[130, 64], new=[3, 1], page_size=64, heads=4, kvh=1,
+                              head_dim=128, attrs={"softcap": 30.0}),
+    "pages-128-gemma3": dict(ctx=[300, 129], new=[1, 6], page_size=128, heads=4, kvh=1,
+                             head_dim=128, attrs={"scale": 256 ** -0.5, "window": 100}),
+}
+
+
+@pytest.mark.parametrize("case", ["mixed", "window", "long-rows", *PAGE_CASES])
 def test_rule_matches_reference_interpreter(case):
     # The pallas rule inside a lowered step: ragged rows (decode tokens, a prefill row of
     # 12 queries, a padding row and padding tokens), shuffled pages, a traced layer.
@@ -58,10 +71,17 @@ def test_rule_matches_reference_interpreter(case):
         step = make_step([80, 19, 5], [37, 19, 1], heads=8, kvh=1, head_dim=64, mp=6,
                          attrs={}, dtype=DType.bf16, seed=3)
         assert pallas.tile_queries(8, 1) == 8
-    else:
+    elif case == "window":
         step = make_step([90, 47], [5, 1], heads=4, kvh=1, head_dim=64, mp=6,
                          attrs={"window": 30, "softcap": 3.0, "layer": 0},
                          dtype=DType.bf16, base=1, seed=2)
+    else:
+        c = PAGE_CASES[case]
+        assert pallas.attention_kernel_applies("bfloat16", "bfloat16", c["heads"], c["kvh"],
+                                               c["head_dim"], c["page_size"], max(c["new"]))
+        step = make_step(c["ctx"], c["new"], page_size=c["page_size"], heads=c["heads"],
+                         kvh=c["kvh"], head_dim=c["head_dim"], mp=4, attrs=c["attrs"],
+                         dtype=DType.bf16, seed=4)
     heads, kvh, head_dim, num_pages, page_size = step["shape"]
     t = step["positions"].shape[0]
     s, mp = step["page_table"].shape

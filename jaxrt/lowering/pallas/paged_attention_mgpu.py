@@ -173,7 +173,11 @@ def paged_attention(q, kv, layer, page_table, context_lens, q_start, *, scale: f
                 else:  # the interpreter's wgmma takes no transposed operand
                     s = jnp.dot(q_smem[...], k_smem[slot].T,
                                 preferred_element_type=jnp.float32)
-                plgpu.barrier_arrive(k_free.at[slot])
+                refill = j + stages < n_blocks  # the memory side waits for that slot
+
+                @pl.when(refill)
+                def _k_free():
+                    plgpu.barrier_arrive(k_free.at[slot])
                 s = s * scale
                 if softcap is not None:
                     s = jnp.tanh(s * (1.0 / softcap)) * softcap
@@ -199,7 +203,10 @@ def paged_attention(q, kv, layer, page_table, context_lens, q_start, *, scale: f
                 else:  # nor an operand in registers
                     pv = jnp.dot(p16, v_smem[slot], preferred_element_type=jnp.float32)
                 acc = acc + pv
-                plgpu.barrier_arrive(v_free.at[slot])
+
+                @pl.when(refill)
+                def _v_free():
+                    plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l_i
 
             acc, m_i, l_i = lax.fori_loop(0, n_blocks, body, (acc, m_i, l_i))
