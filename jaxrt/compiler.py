@@ -391,7 +391,7 @@ def compile_loaded(loaded, *, pipeline: str | None = None, target: Target | None
             from .calibration import default_calibration
             plan_options["calib"] = default_calibration(loaded)  # data-free
         pipeline = default_pipeline(target, **plan_options)
-    pm = PassManager(pipeline, [VerifyHook()])
+    pm = PassManager(pipeline, [VerifyHook(every_pass=False)])  # (tests verify each pass)
     pm.run(module)
     # The weights the functions read, from the persistent cache when this model file and
     # pipeline were materialized before (jaxrt/weight_cache.py): no dequantization then.

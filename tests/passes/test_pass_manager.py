@@ -199,6 +199,26 @@ def test_verify_hook_names_the_pass_that_broke_the_ir():
         PassManager("cse,test-break-ir,dce", hooks=[VerifyHook()]).run(m)
 
 
+def test_verify_hook_once_at_the_end_names_the_pipeline():
+    """every_pass=False (a model load's): the broken result is still refused, once the
+    pipeline is done, naming the pipeline; an intact run verifies the input and the
+    result only."""
+    m = sample()
+    with pytest.raises(VerifyError, match=r"after the pipeline cse,test-break-ir,dce "):
+        PassManager("cse,test-break-ir,dce", hooks=[VerifyHook(every_pass=False)]).run(m)
+    from jaxrt.passes import manager
+    calls = []
+    real = manager.verify
+    manager.verify = lambda module: calls.append(module) or real(module)
+    try:
+        PassManager("canonicalize,cse,dce", hooks=[VerifyHook(every_pass=False)]).run(sample())
+        assert len(calls) == 2
+        PassManager("canonicalize,cse,dce", hooks=[VerifyHook()]).run(sample())
+        assert len(calls) == 2 + 4
+    finally:
+        manager.verify = real
+
+
 def test_verify_hook_checks_the_input():
     m = sample()
     m.functions["f"].ops.reverse()
