@@ -92,7 +92,7 @@ def calibration_dir(loaded, quantize: str | None, calib: str | None, gptq: str |
     if calib and is_calibration(calib):
         yield calib
         return
-    if not calib and not gptq or not gptq and not needs_calibration(quantize or ""):
+    if not gptq and not (calib and needs_calibration(quantize or "")):
         yield calib or ""  # a calib -q has no use for: compile refuses it in one line
         return
     data = read_calibration_text(calib) if calib else None
